@@ -1,0 +1,172 @@
+"""The `vecsearch` command: a thin typer layer over the library modules.
+
+Heavy imports (torch, numpy, SQLAlchemy, alembic) happen inside the commands that need them,
+so `vecsearch similar` starts in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from . import __version__, db, server
+from .config import Settings
+from .errors import DatabaseUnavailable, VecsearchError
+
+app = typer.Typer(
+    help="Image similarity search inside PostgreSQL (ResNet50 embeddings, pgvector HNSW).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+db_app = typer.Typer(help="Manage the database: start, stop, status, URL, psql, migrations.",
+                     no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"vecsearch {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    database_url: Annotated[str | None, typer.Option(
+        "--database-url", help="PostgreSQL URL (overrides VECSEARCH_DATABASE_URL; "
+        "default: the embedded server).", show_default=False)] = None,
+    home: Annotated[Path | None, typer.Option(
+        "--home", help="Data directory (overrides VECSEARCH_HOME).", show_default=False)] = None,
+    debug: Annotated[bool, typer.Option(
+        "--debug", help="Show tracebacks instead of one-line errors.")] = False,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    ctx.obj = Settings.from_env(database_url=database_url, home=home)
+
+
+def settings(ctx: typer.Context) -> Settings:
+    return ctx.find_root().obj
+
+
+def _embedded_only(s: Settings, what: str) -> None:
+    if not s.embedded:
+        raise VecsearchError(
+            f"`vecsearch db {what}` manages the embedded server, but VECSEARCH_DATABASE_URL "
+            "(or --database-url) points at another server: unset it to use the embedded one"
+        )
+
+
+# -- db -------------------------------------------------------------------------------------
+
+
+@db_app.command("start")
+def db_start(
+    ctx: typer.Context,
+    tcp: Annotated[bool, typer.Option(
+        "--tcp/--no-tcp", help="Also listen on 127.0.0.1 with a generated password "
+        "(for tools that cannot use a unix socket).", show_default=False)] = None,
+    port: Annotated[int, typer.Option(help="TCP port with --tcp.")] = 5433,
+) -> None:
+    """Start the embedded server (commands also start it on demand) and migrate the schema."""
+    s = settings(ctx)
+    _embedded_only(s, "start")
+    if tcp is not None:
+        server.configure_tcp(s.home, port if tcp else None)
+    db.connect(s).close()
+    out.print(db.database_url(s))
+
+
+@db_app.command("stop")
+def db_stop(ctx: typer.Context) -> None:
+    """Stop the embedded server."""
+    s = settings(ctx)
+    _embedded_only(s, "stop")
+    out.print("stopped" if server.stop(s.home) else "not running")
+
+
+@db_app.command("url")
+def db_url(
+    ctx: typer.Context,
+    tcp: Annotated[bool, typer.Option("--tcp", help="The TCP URL (after `db start --tcp`).")] = False,
+) -> None:
+    """Print a libpq URL for psql, Metabase, Grafana or a notebook."""
+    s = settings(ctx)
+    if not tcp:
+        print(db.database_url(s))
+        return
+    _embedded_only(s, "url --tcp")
+    url = server.tcp_url(s.home, server.ensure_running(s.home))
+    if url is None:
+        raise VecsearchError("TCP is off: run `vecsearch db start --tcp` first")
+    print(url)
+
+
+@db_app.command("psql", context_settings={"allow_extra_args": True,
+                                          "ignore_unknown_options": True})
+def db_psql(ctx: typer.Context) -> None:
+    """Open psql on the database (extra arguments go to psql)."""
+    s = settings(ctx)
+    db.connect(s).close()  # started and migrated first
+    url = db.database_url(s)
+    psql = str(server.bin_path("psql"))
+    os.execv(psql, [psql, url, *ctx.args])
+
+
+@db_app.command("migrate")
+def db_migrate(
+    ctx: typer.Context,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Apply schema migrations (commands also do this on first use)."""
+    db.upgrade(db.database_url(settings(ctx)), revision)
+    out.print(f"schema at {revision}")
+
+
+@db_app.command("status")
+def db_status(ctx: typer.Context) -> None:
+    """Server state, versions, schema revision, image count and index size."""
+    s = settings(ctx)
+    if s.embedded:
+        running = server.running(s.home)
+        state = f"running (pid {running.pid})" if running else "stopped"
+        out.print(f"server:    embedded, {state}")
+        out.print(f"data dir:  {server.pgdata(s.home)}")
+        if running is None:
+            return
+        if running.listen:
+            out.print(f"tcp:       {running.listen}:{running.port}")
+    else:
+        out.print(f"server:    {db.redact(s.database_url)}")
+    with db.connect(s) as conn:
+        for label, value in db.status(conn):
+            out.print(f"{label + ':':<10} {value}")
+
+
+def main() -> None:
+    """Console entry point: one-line errors with distinct exit codes (tracebacks with --debug)."""
+    debug = "--debug" in sys.argv[1:] or bool(os.environ.get("VECSEARCH_DEBUG"))
+    try:
+        app()
+    except VecsearchError as e:
+        if debug:
+            raise
+        err.print(f"error: {e}", markup=False)
+        sys.exit(e.exit_code)
+    except Exception as e:
+        import psycopg
+
+        if debug or not isinstance(e, psycopg.OperationalError):
+            raise
+        err.print(f"error: {DatabaseUnavailable(f'database connection lost: {e}')}", markup=False)
+        sys.exit(DatabaseUnavailable.exit_code)

@@ -1,0 +1,53 @@
+"""One settings object, read from the environment and overridden by CLI options."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+
+def _default_home() -> Path:
+    # platformdirs' own logic, without importing it on the query path (XDG on Linux).
+    xdg = os.environ.get("XDG_DATA_HOME")
+    if xdg:
+        return Path(xdg) / "vecsearch"
+    import sys
+
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "vecsearch"
+    if sys.platform == "win32":
+        from platformdirs import user_data_path
+
+        return user_data_path("vecsearch", appauthor=False)
+    return Path.home() / ".local" / "share" / "vecsearch"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the database is and how its index is built.
+
+    `database_url` set: use that Postgres (it must have pgvector). Unset: the embedded
+    server whose cluster lives in `home / "pg"`.
+    """
+
+    database_url: str | None
+    home: Path
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 64
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        env = os.environ
+        settings = cls(
+            database_url=env.get("VECSEARCH_DATABASE_URL") or None,
+            home=Path(env["VECSEARCH_HOME"]).expanduser() if env.get("VECSEARCH_HOME")
+            else _default_home(),
+            hnsw_m=int(env.get("VECSEARCH_HNSW_M", 16)),
+            hnsw_ef_construction=int(env.get("VECSEARCH_HNSW_EF_CONSTRUCTION", 64)),
+        )
+        return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None

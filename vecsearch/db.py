@@ -1,0 +1,140 @@
+"""Connections and schema: every command gets a psycopg connection to a migrated database.
+
+psycopg only, no SQLAlchemy: this is the query path, and alembic is imported only when the
+schema actually needs upgrading.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import psycopg
+
+from . import server
+from .config import Settings
+from .errors import DatabaseUnavailable, PgvectorMissing, SchemaMismatch
+
+# The alembic head this code expects; tests/test_migrations.py keeps it equal to migrations/.
+SCHEMA_REVISION = "0001"
+DIM = 2048
+# Every ANN query must order by this exact expression, or the planner cannot use the index
+# (pgvector indexes at most 2000 dimensions of `vector`, so the index is on a halfvec cast).
+ANN_EXPR = f"embedding::halfvec({DIM})"
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def database_url(settings: Settings) -> str:
+    """The URL to connect to, starting the embedded server if that is the one in use."""
+    if settings.database_url:
+        return settings.database_url
+    return server.ensure_running(settings.home).url()
+
+
+def redact(url: str) -> str:
+    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def connect(settings: Settings, *, migrate: bool = True, autocommit: bool = True,
+            **kwargs) -> psycopg.Connection:
+    """A connection to the vecsearch database, schema at head (upgraded if `migrate`)."""
+    url = database_url(settings)
+    try:
+        conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10, **kwargs)
+    except psycopg.OperationalError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        where = "VECSEARCH_DATABASE_URL" if settings.database_url else "the embedded server"
+        raise DatabaseUnavailable(
+            f"cannot connect to {redact(url)} ({reason}): check {where}, or run "
+            "`vecsearch db status`"
+        ) from e
+    try:
+        revision = schema_revision(conn)
+        if revision != SCHEMA_REVISION:
+            if revision is not None and revision > SCHEMA_REVISION:
+                raise SchemaMismatch(
+                    f"the database schema is at revision {revision}, newer than this vecsearch "
+                    f"({SCHEMA_REVISION}): upgrade vecsearch"
+                )
+            if not migrate:
+                raise SchemaMismatch(
+                    f"the database schema is at revision {revision or 'none'}, this vecsearch "
+                    f"needs {SCHEMA_REVISION}: run `vecsearch db migrate`"
+                )
+            upgrade(url)
+        register_vector(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def register_vector(conn: psycopg.Connection) -> None:
+    from pgvector.psycopg import register_vector as register
+
+    register(conn)
+
+
+def schema_revision(conn: psycopg.Connection) -> str | None:
+    try:
+        with conn.transaction():
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None
+    return row[0] if row else None
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["database_url"] = url
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Apply migrations; concurrent callers wait on an advisory lock inside env.py."""
+    from alembic import command
+
+    check_pgvector(url)
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str, revision: str) -> None:
+    from alembic import command
+
+    command.downgrade(alembic_config(url), revision)
+
+
+def check_pgvector(url: str) -> None:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        available = conn.execute(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
+        ).fetchone()
+    if available is None:
+        raise PgvectorMissing(
+            f"the server at {redact(url)} has no pgvector extension: install pgvector 0.8+ "
+            "there, or unset VECSEARCH_DATABASE_URL to use the embedded server"
+        )
+
+
+def sqlalchemy_url(url: str) -> str:
+    """The same database for SQLAlchemy's psycopg 3 dialect."""
+    return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg://", url)
+
+
+def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
+    """What `vecsearch db status` shows about a connected database."""
+    row = conn.execute("""
+        SELECT current_setting('server_version'),
+               (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
+               (SELECT version_num FROM alembic_version),
+               (SELECT count(*) FROM images),
+               pg_size_pretty(pg_total_relation_size('images')),
+               pg_size_pretty(pg_relation_size('images_embedding_hnsw')),
+               (SELECT format('%s, weights %s', name, weights) FROM embedding_model)
+    """).fetchone()
+    labels = ["postgres", "pgvector", "schema", "images", "table", "hnsw", "model"]
+    return [(label, "none" if value is None else str(value))
+            for label, value in zip(labels, row, strict=True)]

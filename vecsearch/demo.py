@@ -1,0 +1,74 @@
+"""`./dev demo`: a sample folder of real photos, loaded into the embedded database, queried.
+
+The photos are the ones scikit-image ships (astronaut, coffee, chelsea, rocket...), plus a
+few perturbed copies so that near-duplicates have something to find.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageFilter, ImageOps
+
+from . import db
+from .config import Settings
+
+# Perturbed copies made of these originals (file stem -> how).
+PERTURBED = {
+    "chelsea": "crop",
+    "coffee": "blur",
+    "astronaut": "mirror",
+    "rocket": "jpeg",
+}
+
+
+def sample_folder(dest: Path) -> list[Path]:
+    """Copy scikit-image's sample photos (colour and greyscale) into `dest`, plus perturbed copies."""
+    import skimage.data
+
+    src = Path(skimage.data.__file__).parent
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in sorted(src.iterdir()):
+        if path.suffix.lower() not in {".png", ".jpg", ".gif", ".tif"}:
+            continue
+        target = dest / path.name
+        if not target.exists():
+            target.write_bytes(path.read_bytes())
+        written.append(target)
+    for stem, how in PERTURBED.items():
+        original = next((p for p in written if p.stem == stem), None)
+        if original is None:
+            continue
+        target = dest / f"{stem}_{how}.jpg"
+        if not target.exists():
+            _perturb(Image.open(original).convert("RGB"), how).save(target, quality=70)
+        written.append(target)
+    return written
+
+
+def _perturb(img: Image.Image, how: str) -> Image.Image:
+    w, h = img.size
+    if how == "crop":
+        return img.crop((w // 10, h // 10, w - w // 10, h - h // 10)).resize((w, h))
+    if how == "blur":
+        return img.filter(ImageFilter.GaussianBlur(2))
+    if how == "mirror":
+        return ImageOps.mirror(img)
+    return img.resize((w // 2, h // 2))  # "jpeg": downscaled and re-encoded at quality 70
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    folder = settings.home / "demo-images"
+    photos = sample_folder(folder)
+    print(f"sample folder: {folder} ({len(photos)} images)")
+    with db.connect(settings) as conn:
+        for label, value in db.status(conn):
+            print(f"{label + ':':<10} {value}")
+    print("database ready; next: `vecsearch load` of this folder (issue #3)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

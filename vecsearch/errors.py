@@ -1,0 +1,37 @@
+"""Errors a user can act on. The CLI prints them as one line and exits with `exit_code`."""
+
+
+class VecsearchError(Exception):
+    """A failure with a message that says what is wrong and what to do."""
+
+    exit_code = 1
+
+
+class NotFound(VecsearchError):
+    """An image id, file or folder that does not exist."""
+
+    exit_code = 1
+
+
+class InvalidInput(VecsearchError):
+    """A malformed argument: a bad k, a broken arithmetic expression, an unreadable image."""
+
+    exit_code = 1
+
+
+class DatabaseUnavailable(VecsearchError):
+    """The database cannot be reached or started."""
+
+    exit_code = 3
+
+
+class PgvectorMissing(VecsearchError):
+    """The server has no pgvector extension."""
+
+    exit_code = 4
+
+
+class SchemaMismatch(VecsearchError):
+    """The database was built by another vecsearch schema version or another model."""
+
+    exit_code = 5
