@@ -133,6 +133,25 @@ def db_migrate(
     out.print(f"schema at {revision}")
 
 
+@db_app.command("backup")
+def db_backup(ctx: typer.Context, file: Annotated[Path, typer.Argument(help="Dump file to write.")]) -> None:
+    """Back up the database to FILE (pg_dump custom format)."""
+    from . import backup
+
+    backup.backup(settings(ctx), file)
+    out.print(f"backed up to {file}")
+
+
+@db_app.command("restore")
+def db_restore(ctx: typer.Context, file: Annotated[Path, typer.Argument(
+        help="A file written by `vecsearch db backup`.")]) -> None:
+    """Restore the database from FILE, replacing its vecsearch tables."""
+    from . import backup
+
+    backup.restore(settings(ctx), file)
+    out.print(f"restored from {file}")
+
+
 @db_app.command("status")
 def db_status(ctx: typer.Context) -> None:
     """Server state, versions, schema revision, image count and index size."""

@@ -160,8 +160,8 @@ def tcp_url(home: Path, server: Running, dbname: str = DBNAME) -> str | None:
 
 
 def run_binary(name: str, args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    """Run a PostgreSQL binary (pg_dump, psql, ...) as the server's user."""
-    return subprocess.run([*_as_server_user(), str(bin_path(name)), *args], **kwargs)
+    """Run a bundled PostgreSQL client (pg_dump, pg_restore, psql...) as the calling user."""
+    return subprocess.run([str(bin_path(name)), *args], **kwargs)
 
 
 @contextmanager
@@ -230,16 +230,15 @@ def _initdb(home: Path) -> None:
     # initdb into a scratch dir and rename: a killed initdb never leaves a half cluster behind.
     scratch = home / "pg.initdb"
     shutil.rmtree(scratch, ignore_errors=True)
-    result = run_binary(
-        "initdb",
-        ["-D", str(scratch), "-U", SUPERUSER, "--auth-local=trust", "--auth-host=scram-sha-256",
-         "-E", "UTF8", "--no-locale", "--no-instructions"],
+    result = subprocess.run(
+        [*_as_server_user(), str(bin_path("initdb")), "-D", str(scratch), "-U", SUPERUSER,
+         "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-locale",
+         "--no-instructions"],
         capture_output=True, text=True,
     )
     if result.returncode != 0:
-        raise DatabaseUnavailable(
-            f"initdb failed in {scratch}: {result.stderr.strip().splitlines()[-1:]}"
-        )
+        lines = result.stderr.strip().splitlines() or ["no output"]
+        raise DatabaseUnavailable(f"initdb failed in {scratch}: {lines[-1]}")
     with open(scratch / "postgresql.conf", "a") as conf:
         conf.write(_CONF)
     scratch.rename(pgdata(home))
