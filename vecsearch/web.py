@@ -1,0 +1,578 @@
+"""`vecsearch serve`: a web gallery over the images table, and a JSON API under /api.
+
+The pages are server-rendered (Jinja2) and call the same library functions as the CLI:
+`query.similar` for an image's neighbours, `embed.Embedder` + `query.similar_to` for an uploaded
+file, `expr.parse`/`expr.evaluate` for vector arithmetic.
+
+Security model:
+- binds 127.0.0.1 unless told otherwise, and then answers only to loopback Host names, so a web
+  page that rebinds its DNS name to 127.0.0.1 cannot read the gallery;
+- files are served by image id only, from the path stored in the images table: no URL carries a
+  path, so nothing outside the index can be read (`../`, absolute and encoded paths are 404);
+- uploads are capped in size before they are parsed, and decoded by the loader's own
+  decode-safe code; arithmetic terms that name server-side files are refused;
+- every error is a page or JSON with one clear message; tracebacks go to the server log only.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import psycopg
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from psycopg.rows import dict_row
+from pydantic import BaseModel
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import __version__, db, thumbs
+from .config import Settings
+from .errors import (
+    DatabaseUnavailable,
+    InvalidInput,
+    NotFound,
+    PgvectorMissing,
+    SchemaMismatch,
+    VecsearchError,
+)
+
+log = logging.getLogger("vecsearch.web")
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+PER_PAGE = 48
+MAX_PER_PAGE = 200
+DEFAULT_K = 12
+MAX_K = 100
+LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
+MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
+        "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+# Strict for the gallery; the OpenAPI page (Swagger UI) loads its script from a CDN.
+CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+
+
+class UploadTooLarge(InvalidInput):
+    """An upload over the server's size limit."""
+
+
+class Rendition(StrEnum):
+    thumb = "thumb"
+    preview = "preview"
+    original = "original"
+
+
+# -- JSON shapes (they are also the OpenAPI schema) -------------------------------------------
+
+
+class ImageInfo(BaseModel):
+    id: int
+    path: str
+    sha256: str
+    bytes: int
+    width: int
+    height: int
+    format: str
+    mtime: datetime
+    loaded_at: datetime
+    page_url: str
+    thumb_url: str
+    preview_url: str
+    original_url: str
+
+
+class ImagePage(BaseModel):
+    total: int
+    page: int
+    per_page: int
+    pages: int
+    path_contains: str | None
+    images: list[ImageInfo]
+
+
+class NeighbourOut(BaseModel):
+    rank: int
+    id: int
+    path: str
+    distance: float
+    similarity: float
+    page_url: str
+    thumb_url: str
+
+
+class SimilarOut(BaseModel):
+    query: dict[str, Any]
+    k: int
+    results: list[NeighbourOut]
+
+
+# -- catalogue queries (browse and metadata; neighbours come from vecsearch.query) ------------
+
+_COLUMNS = "id, path, sha256, bytes, width, height, format, mtime, loaded_at"
+
+
+def _contains_clause(contains: str | None) -> tuple[str, list[str]]:
+    if not contains:
+        return "", []
+    escaped = contains.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return "WHERE path ILIKE '%%' || %s || '%%'", [escaped]
+
+
+def count_images(conn: psycopg.Connection, contains: str | None = None) -> int:
+    """How many images there are, or how many whose path contains `contains` (any case)."""
+    where, params = _contains_clause(contains)
+    return conn.execute(f"SELECT count(*) FROM images {where}", params).fetchone()[0]
+
+
+def list_images(conn: psycopg.Connection, contains: str | None = None, *, limit: int = PER_PAGE,
+                offset: int = 0) -> list[dict[str, Any]]:
+    """One page of images in id order (load order), optionally filtered by path substring."""
+    where, params = _contains_clause(contains)
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(f"SELECT {_COLUMNS} FROM images {where} ORDER BY id LIMIT %s OFFSET %s",
+                           [*params, limit, offset]).fetchall()
+
+
+def get_image(conn: psycopg.Connection, image_id: int) -> dict[str, Any]:
+    """The metadata row of one image; NotFound if there is no such id."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(f"SELECT {_COLUMNS} FROM images WHERE id = %s", [image_id]).fetchone()
+    if row is None:
+        raise NotFound(f"no image with id {image_id}")
+    return row
+
+
+def _urls(image_id: int) -> dict[str, str]:
+    return {"page_url": f"/images/{image_id}", "thumb_url": f"/media/{image_id}/thumb",
+            "preview_url": f"/media/{image_id}/preview", "original_url": f"/media/{image_id}/original"}
+
+
+def _info(row: dict[str, Any]) -> ImageInfo:
+    return ImageInfo(**row, **_urls(row["id"]))
+
+
+def _neighbours(neighbours) -> list[NeighbourOut]:
+    out = []
+    for rank, n in enumerate(neighbours, 1):
+        urls = _urls(n.id)
+        out.append(NeighbourOut(rank=rank, id=n.id, path=n.path, distance=float(n.distance),
+                                similarity=float(n.similarity), page_url=urls["page_url"],
+                                thumb_url=urls["thumb_url"]))
+    return out
+
+
+# -- the model, loaded once per process on the first search ------------------------------------
+
+
+class LazyModel:
+    """The embedder of the model the database records, built on first use and then kept.
+
+    One forward pass at a time: a ResNet50 forward already uses every core, and parallel ones
+    would only multiply memory. If the database is re-embedded with another model while the
+    server runs, the next search notices the new record and loads that model instead.
+    """
+
+    def __init__(self, weights: str | None = None):
+        self.weights = weights
+        self.loads = 0
+        self._lock = threading.Lock()
+        self._record: Any = None
+        self._embedder: Any = None
+
+    def embed_file(self, record: Any, path: str | Path):
+        with self._lock:
+            if self._embedder is None or record != self._record:
+                from .embed import Embedder
+
+                self._embedder = Embedder.from_record(record, weights=self.weights)
+                self._record = record
+                self.loads += 1
+            return self._embedder.embed_file(path)
+
+
+def recorded_model(conn: psycopg.Connection):
+    from .models import recorded_model as read
+
+    record = read(conn)
+    if record is None:
+        raise NotFound("the database has no images (and so no model) yet: load some first with "
+                       "`vecsearch load DIR`")
+    return record
+
+
+def _refuse_file(path: str):
+    raise InvalidInput(f"file terms such as {path!r} are not allowed in the web app: use image ids, "
+                       "or search by uploading the file")
+
+
+# -- app state: settings, a connection pool, the model ------------------------------------------
+
+
+class State:
+    def __init__(self, settings: Settings, weights: str | None, max_upload_bytes: int,
+                 pool_size: int):
+        self.settings = settings
+        self.model = LazyModel(weights)
+        self.max_upload_bytes = max_upload_bytes
+        self.pool_size = pool_size
+        self.pool = None
+
+    def open(self) -> None:
+        from psycopg_pool import ConnectionPool
+
+        db.connect(self.settings).close()  # starts the embedded server, migrates, checks pgvector
+        self.pool = ConnectionPool(
+            db.database_url(self.settings), min_size=1, max_size=self.pool_size, open=True,
+            kwargs={"autocommit": True, "connect_timeout": 10}, configure=db.register_vector,
+            check=ConnectionPool.check_connection, reset=lambda c: c.execute("RESET ALL"),
+            timeout=30, name="vecsearch-web",
+        )
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    @contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection for one request (never one connection shared across threads)."""
+        from psycopg_pool import PoolTimeout
+
+        if self.pool is None:
+            raise DatabaseUnavailable("the web app's database pool is not open")
+        try:
+            with self.pool.connection() as conn:
+                yield conn
+        except PoolTimeout as e:
+            raise DatabaseUnavailable(f"no database connection available: {e}") from e
+        except psycopg.OperationalError as e:
+            raise DatabaseUnavailable(f"database connection lost: {e}") from e
+
+
+# -- middleware ----------------------------------------------------------------------------------
+
+
+class _UploadLimit:
+    """Refuses request bodies over the limit before anything parses or spools them."""
+
+    def __init__(self, app: ASGIApp, limit: int, respond):
+        self.app, self.limit, self.respond = app, limit, respond
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            response = self.respond(Request(scope), 413, self.message())
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:  # chunked upload without a Content-Length
+                raise HTTPException(413, self.message())
+            return message
+
+        await self.app(scope, limited, send)
+
+    def message(self) -> str:
+        return (f"the upload is larger than the server's limit of {self.limit // (1024 * 1024)} MB "
+                "(`vecsearch serve --max-upload-mb`)")
+
+
+class _SecurityHeaders:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        docs = scope["path"].startswith("/api/docs")
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = message.setdefault("headers", [])
+                headers += [(b"x-content-type-options", b"nosniff"),
+                            (b"referrer-policy", b"same-origin"),
+                            (b"x-frame-options", b"DENY")]
+                if not docs:
+                    headers.append((b"content-security-policy", CSP.encode()))
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+# -- the app -------------------------------------------------------------------------------------
+
+
+def allowed_hosts_for(host: str) -> list[str] | None:
+    """Host names to answer to when bound to `host`: loopback names only when bound to loopback."""
+    if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+        return [*LOOPBACK_NAMES, host]
+    return None
+
+
+def create_app(settings: Settings, *, weights: str | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, host: str = "127.0.0.1",
+               pool_size: int = 4) -> FastAPI:
+    """The web gallery and JSON API over the database of `settings`.
+
+    `weights` overrides where the recorded model's weights come from ("random", a state-dict
+    FILE); the model is loaded on the first search. `host` is the address the server binds:
+    on a loopback address the app answers only to loopback Host names.
+    """
+    state = State(settings, weights, max_upload_bytes, pool_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(state.open)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state.close)
+
+    app = FastAPI(
+        title="vecsearch", version=__version__, lifespan=lifespan,
+        description="Image similarity search inside PostgreSQL: browse, neighbours, search by "
+                    "upload, vector arithmetic.",
+        docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json",
+    )
+    app.state.vs = state
+    templates = Jinja2Templates(directory=HERE / "templates")
+    templates.env.globals.update(version=__version__, max_upload_bytes=max_upload_bytes,
+                                 default_k=DEFAULT_K, max_k=MAX_K)
+    templates.env.filters["basename"] = lambda p: os.path.basename(p)
+    templates.env.filters["filesize"] = _filesize
+
+    def respond(request: Request, status: int, message: str) -> Response:
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": message, "status": status}, status_code=status)
+        return templates.TemplateResponse(request, "error.html",
+                                          {"status": status, "message": message},
+                                          status_code=status)
+
+    app.add_middleware(_UploadLimit, limit=max_upload_bytes, respond=respond)
+    app.add_middleware(_SecurityHeaders)
+    allowed = allowed_hosts_for(host)
+    if allowed is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    _add_error_handlers(app, respond)
+
+    def page(request: Request, name: str, **context) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, context)
+
+    K = Annotated[int, Query(ge=1, le=MAX_K, description="How many neighbours.")]
+    Contains = Annotated[str | None, Query(max_length=1000, description="Path substring filter.")]
+    PageNo = Annotated[int, Query(ge=1)]
+    PerPage = Annotated[int, Query(ge=1, le=MAX_PER_PAGE)]
+
+    # -- shared request logic (pages and API return the same data) ----------------------------
+
+    def browse_data(q: str | None, page_no: int, per_page: int) -> ImagePage:
+        with state.connection() as conn:
+            total = count_images(conn, q)
+            rows = list_images(conn, q, limit=per_page, offset=(page_no - 1) * per_page)
+        return ImagePage(total=total, page=page_no, per_page=per_page,
+                         pages=max(1, math.ceil(total / per_page)), path_contains=q or None,
+                         images=[_info(r) for r in rows])
+
+    def similar_data(image_id: int, k: int, exact: bool = False,
+                     ef_search: int | None = None) -> tuple[ImageInfo, SimilarOut]:
+        from .query import similar
+
+        with state.connection() as conn:
+            info = _info(get_image(conn, image_id))
+            found = similar(conn, image_id, k=k, ef_search=ef_search, exact=exact)
+        return info, SimilarOut(query={"id": image_id}, k=k, results=_neighbours(found))
+
+    def upload_data(data: bytes, filename: str | None, k: int) -> tuple[SimilarOut, str | None]:
+        from .query import similar_to
+
+        if len(data) > state.max_upload_bytes:
+            raise UploadTooLarge(_UploadLimit(None, state.max_upload_bytes, None).message())
+        if not data:
+            raise InvalidInput("the uploaded file is empty: choose an image file")
+        with state.connection() as conn:
+            record = recorded_model(conn)
+        fd, tmp = tempfile.mkstemp(prefix="vecsearch-upload-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            vector = state.model.embed_file(record, tmp)
+            preview = _data_uri_thumbnail(tmp)
+        finally:
+            os.unlink(tmp)
+        with state.connection() as conn:
+            found = similar_to(conn, vector, k=k)
+        query = {"filename": filename, "bytes": len(data)}
+        return SimilarOut(query=query, k=k, results=_neighbours(found)), preview
+
+    def arithmetic_data(text: str, k: int) -> SimilarOut:
+        from .expr import evaluate, parse
+        from .query import similar_to
+
+        terms = parse(text)
+        with state.connection() as conn:
+            vector, exclude = evaluate(conn, terms, _refuse_file)
+            found = similar_to(conn, vector, k=k, exclude=exclude)
+        return SimilarOut(query={"expr": text, "exclude": sorted(exclude)}, k=k,
+                          results=_neighbours(found))
+
+    # -- HTML pages ---------------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def browse_page(request: Request, q: Contains = None, page_no: Annotated[
+            int, Query(alias="page", ge=1)] = 1, per_page: PerPage = PER_PAGE):
+        data = browse_data(q, page_no, per_page)
+        return page(request, "browse.html", data=data, q=q or "")
+
+    @app.get("/images/{image_id}", response_class=HTMLResponse, include_in_schema=False)
+    def image_page(request: Request, image_id: int, k: K = DEFAULT_K):
+        info, result = similar_data(image_id, k)
+        return page(request, "image.html", image=info, result=result, k=k)
+
+    @app.get("/search", response_class=HTMLResponse, include_in_schema=False)
+    def search_form(request: Request):
+        return page(request, "search.html", result=None, preview=None, k=DEFAULT_K)
+
+    @app.post("/search", response_class=HTMLResponse, include_in_schema=False)
+    def search_page(request: Request, file: Annotated[UploadFile, File()],
+                    k: Annotated[int, Form(ge=1, le=MAX_K)] = DEFAULT_K):
+        result, preview = upload_data(file.file.read(state.max_upload_bytes + 1), file.filename, k)
+        return page(request, "search.html", result=result, preview=preview, k=k)
+
+    @app.get("/arithmetic", response_class=HTMLResponse, include_in_schema=False)
+    def arithmetic_page(request: Request, expr: Annotated[str, Query(max_length=2000)] = "",
+                        k: K = DEFAULT_K):
+        result = arithmetic_data(expr, k) if expr.strip() else None
+        return page(request, "arithmetic.html", expr=expr, result=result, k=k)
+
+    @app.get("/media/{image_id}/{rendition}", include_in_schema=False)
+    def media(image_id: int, rendition: Rendition):
+        with state.connection() as conn:
+            row = get_image(conn, image_id)
+        path = row["path"]
+        if rendition is Rendition.original:
+            if not os.path.isfile(path):
+                raise NotFound(f"the file of image {image_id} is gone: {path}")
+            mime = MIME.get(row["format"].upper())
+            return FileResponse(path, media_type=mime or "application/octet-stream",
+                                content_disposition_type="inline" if mime else "attachment",
+                                filename=os.path.basename(path))
+        thumb = thumbs.thumbnail(settings.home, path, thumbs.SIZES[rendition.value])
+        return FileResponse(thumb, media_type="image/jpeg",
+                            headers={"cache-control": "private, max-age=86400"})
+
+    # -- JSON API -----------------------------------------------------------------------------
+
+    @app.get("/api/images", response_model=ImagePage, tags=["images"])
+    def api_images(q: Contains = None, page_no: Annotated[int, Query(alias="page", ge=1)] = 1,
+                   per_page: PerPage = PER_PAGE) -> ImagePage:
+        """A page of images in load order, optionally only those whose path contains `q`."""
+        return browse_data(q, page_no, per_page)
+
+    @app.get("/api/images/{image_id}", response_model=ImageInfo, tags=["images"])
+    def api_image(image_id: int) -> ImageInfo:
+        """An image's metadata (path, size, format, dimensions, hashes) and its URLs."""
+        with state.connection() as conn:
+            return _info(get_image(conn, image_id))
+
+    @app.get("/api/images/{image_id}/similar", response_model=SimilarOut, tags=["search"])
+    def api_similar(image_id: int, k: K = 10, exact: bool = False,
+                    ef_search: Annotated[int | None, Query(ge=1, le=10000)] = None) -> SimilarOut:
+        """The k nearest images to image `image_id` (itself excluded), as `vecsearch similar`."""
+        return similar_data(image_id, k, exact=exact, ef_search=ef_search)[1]
+
+    @app.post("/api/search", response_model=SimilarOut, tags=["search"])
+    def api_search(file: Annotated[UploadFile, File(description="An image file.")],
+                   k: Annotated[int, Form(ge=1, le=MAX_K)] = 10) -> SimilarOut:
+        """The k nearest images to an uploaded image file, as `vecsearch search FILE`."""
+        return upload_data(file.file.read(state.max_upload_bytes + 1), file.filename, k)[0]
+
+    @app.get("/api/arithmetic", response_model=SimilarOut, tags=["search"])
+    def api_arithmetic(expr: Annotated[str, Query(min_length=1, max_length=2000, description=(
+            "Weighted sum of image ids, e.g. `12 + 40*0.5 - 7`"))], k: K = 10) -> SimilarOut:
+        """The k nearest images to a sum of weighted image vectors (query ids excluded)."""
+        return arithmetic_data(expr, k)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI, respond) -> None:
+    statuses = [(UploadTooLarge, 413), (NotFound, 404), (InvalidInput, 400),
+                (DatabaseUnavailable, 503), (PgvectorMissing, 503), (SchemaMismatch, 409)]
+
+    @app.exception_handler(VecsearchError)
+    async def vecsearch_error(request: Request, exc: VecsearchError) -> Response:
+        status = next((s for cls, s in statuses if isinstance(exc, cls)), 500)
+        return respond(request, status, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404 and exc.detail == "Not Found":
+            return respond(request, 404, f"no such page: {request.url.path}")
+        return respond(request, exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        # A path that does not name an image (`/media/../x`, `/images/abc`) is not found.
+        if any(e.get("loc", ("",))[0] == "path" for e in errors):
+            return respond(request, 404, f"no such page: {request.url.path}")
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+                            for e in errors)
+        return respond(request, 400, f"invalid request: {message}")
+
+    @app.exception_handler(psycopg.OperationalError)
+    async def database_error(request: Request, exc: psycopg.OperationalError) -> Response:
+        log.warning("database error on %s: %s", request.url.path, exc)
+        return respond(request, 503, f"database unavailable: {str(exc).strip() or type(exc).__name__}")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        log.exception("internal error on %s", request.url.path)
+        return respond(request, 500, "internal error: the server log has the details")
+
+
+def _filesize(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _data_uri_thumbnail(path: str, px: int = 256) -> str | None:
+    """The uploaded image, small, as a data: URI for the results page (it is never stored)."""
+    from .images import open_image
+
+    try:
+        img = open_image(path)
+    except VecsearchError:
+        return None
+    img.thumbnail((px, px))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
