@@ -172,6 +172,34 @@ def db_status(ctx: typer.Context) -> None:
             out.print(f"{label + ':':<10} {value}")
 
 
+# -- serve ----------------------------------------------------------------------------------
+
+
+@app.command("serve")
+def serve_command(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(
+        "--host", help="Address to listen on. Anything but loopback lets everyone who can reach "
+        "this machine browse and download your indexed images.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one).")] = 8000,
+    weights: Annotated[str | None, typer.Option(
+        "--weights", help="Weights of the recorded model for search by upload: a state-dict FILE, "
+        "or 'random' for a database loaded with --weights random (default: the recorded model's "
+        "own). Loaded on the first upload.", show_default=False)] = None,
+    max_upload_mb: Annotated[int, typer.Option(
+        "--max-upload-mb", min=1, help="Largest image upload accepted, in MB.")] = 20,
+) -> None:
+    """Web gallery: browse thumbnails, click for neighbours, search by upload or arithmetic; JSON API."""
+    from . import web
+
+    def announce(line: str) -> None:
+        out.print(line, markup=False)
+        sys.stdout.flush()
+
+    web.serve(settings(ctx), host=host, port=port, weights=weights,
+              max_upload_bytes=max_upload_mb * 1024 * 1024, announce=announce)
+
+
 def main() -> None:
     """Console entry point: one-line errors with distinct exit codes (tracebacks with --debug)."""
     debug = "--debug" in sys.argv[1:] or bool(os.environ.get("VECSEARCH_DEBUG"))

@@ -385,7 +385,7 @@ def create_app(settings: Settings, *, weights: str | None = None,
 
     K = Annotated[int, Query(ge=1, le=MAX_K, description="How many neighbours.")]
     Contains = Annotated[str | None, Query(max_length=1000, description="Path substring filter.")]
-    PageNo = Annotated[int, Query(ge=1)]
+    PageNo = Annotated[int, Query(alias="page", ge=1)]
     PerPage = Annotated[int, Query(ge=1, le=MAX_PER_PAGE)]
 
     # -- shared request logic (pages and API return the same data) ----------------------------
@@ -443,8 +443,8 @@ def create_app(settings: Settings, *, weights: str | None = None,
     # -- HTML pages ---------------------------------------------------------------------------
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def browse_page(request: Request, q: Contains = None, page_no: Annotated[
-            int, Query(alias="page", ge=1)] = 1, per_page: PerPage = PER_PAGE):
+    def browse_page(request: Request, q: Contains = None, page_no: PageNo = 1,
+                    per_page: PerPage = PER_PAGE):
         data = browse_data(q, page_no, per_page)
         return page(request, "browse.html", data=data, q=q or "")
 
@@ -488,8 +488,7 @@ def create_app(settings: Settings, *, weights: str | None = None,
     # -- JSON API -----------------------------------------------------------------------------
 
     @app.get("/api/images", response_model=ImagePage, tags=["images"])
-    def api_images(q: Contains = None, page_no: Annotated[int, Query(alias="page", ge=1)] = 1,
-                   per_page: PerPage = PER_PAGE) -> ImagePage:
+    def api_images(q: Contains = None, page_no: PageNo = 1, per_page: PerPage = PER_PAGE) -> ImagePage:
         """A page of images in load order, optionally only those whose path contains `q`."""
         return browse_data(q, page_no, per_page)
 
@@ -576,3 +575,36 @@ def _data_uri_thumbnail(path: str, px: int = 256) -> str | None:
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, weights: str | None = None,
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, announce=print) -> None:
+    """Run the gallery with uvicorn until Ctrl-C; fails fast with one-line errors before that."""
+    import socket
+
+    import uvicorn
+
+    if weights not in (None, "default", "random") and not Path(weights).is_file():
+        raise InvalidInput(f"--weights {weights}: no such file (give a state-dict file, or 'random')")
+    db.connect(settings).close()
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as e:
+        raise InvalidInput(f"--host {host}: {e.strerror}") from e
+    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(info[4])
+    except OSError as e:
+        sock.close()
+        raise VecsearchError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port") from e
+    sock.listen(2048)  # connections queue from now on, so the announced URL works at once
+    app = create_app(settings, weights=weights, max_upload_bytes=max_upload_bytes, host=host)
+    bound = sock.getsockname()[1]
+    if allowed_hosts_for(host) is None:
+        announce(f"warning: listening on {host}: anyone who can reach this machine on port {bound} "
+                 "can browse and download your indexed images")
+    shown = f"[{host}]" if ":" in host else host
+    announce(f"vecsearch gallery on http://{shown}:{bound}/ (API docs at /api/docs); Ctrl-C stops it")
+    config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False)
+    uvicorn.Server(config).run(sockets=[sock])
