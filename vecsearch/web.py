@@ -71,6 +71,13 @@ CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src '
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
+# Query parameters shared by pages and API (module level: annotations are resolved by name).
+K = Annotated[int, Query(ge=1, le=MAX_K, description="How many neighbours.")]
+Contains = Annotated[str | None, Query(max_length=1000, description="Only paths containing this (any case).")]
+PageNo = Annotated[int, Query(alias="page", ge=1)]
+PerPage = Annotated[int, Query(ge=1, le=MAX_PER_PAGE)]
+
+
 class UploadTooLarge(InvalidInput):
     """An upload over the server's size limit."""
 
@@ -382,11 +389,6 @@ def create_app(settings: Settings, *, weights: str | None = None,
 
     def page(request: Request, name: str, **context) -> HTMLResponse:
         return templates.TemplateResponse(request, name, context)
-
-    K = Annotated[int, Query(ge=1, le=MAX_K, description="How many neighbours.")]
-    Contains = Annotated[str | None, Query(max_length=1000, description="Path substring filter.")]
-    PageNo = Annotated[int, Query(alias="page", ge=1)]
-    PerPage = Annotated[int, Query(ge=1, le=MAX_PER_PAGE)]
 
     # -- shared request logic (pages and API return the same data) ----------------------------
 
