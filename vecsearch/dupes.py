@@ -1,0 +1,302 @@
+"""Near-duplicate groups found with the HNSW index, never with an all-pairs matrix.
+
+Each image asks the index for its k nearest neighbours (set-based: one LATERAL query per
+chunk of images, the ids streamed from a server-side cursor); only the pairs closer than the
+threshold come back to the client, where union-find joins them into groups. Files with the
+same sha256 are joined at distance 0 whatever k is. Client memory grows with the number of
+duplicates, not with the number of images: this is what lets it run on 100k+ images where a
+dense n x n similarity matrix (imagededup's approach) runs out of memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from .db import ANN_EXPR
+from .errors import InvalidInput
+
+# Cosine distance under which two images count as near-duplicates, for the pretrained
+# ResNet50. A judgement, not a measurement made here (no pretrained weights can be
+# downloaded on the build machine): imagededup's CNN default is cosine similarity 0.9
+# (distance 0.1) on MobileNetV3 features, and meant to catch crops and rotations too; we
+# take half of it, favouring precision because a false duplicate risks a photo being
+# deleted. Re-encodes and resizes sit far below it. Measure your own set with
+# `vecsearch eval perturb`, which prints the distances its copies actually get.
+DEFAULT_THRESHOLD = 0.05
+DEFAULT_K = 10
+DEFAULT_EF_SEARCH = 40
+MAX_K = 1000
+CHUNK = 256
+
+COLUMNS = ["group", "role", "id", "distance", "resolution", "bytes", "path"]
+
+
+@dataclass(frozen=True)
+class Member:
+    id: int
+    path: str
+    width: int
+    height: int
+    bytes: int
+    format: str
+    sha256: str
+    distance: float  # cosine distance to the group's keeper (0 for the keeper itself)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Near-duplicate images; the suggested keeper (largest resolution, then file) first."""
+
+    members: list[Member]
+
+    @property
+    def keeper(self) -> Member:
+        return self.members[0]
+
+
+@dataclass
+class DupesResult:
+    groups: list[Group]
+    threshold: float
+    images: int  # images searched (after --under)
+    pairs: int = 0  # near pairs returned by the index (each found from both ends counts twice)
+    exact_copy_sets: int = 0  # sets of files with one sha256
+    seconds: float = 0.0
+    truncated: list[int] = field(default_factory=list)  # ids still saturated at MAX_K
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per image, for vecsearch.output.render."""
+        return [
+            {"group": n, "role": "keep" if i == 0 else "dupe", "id": m.id, "distance": m.distance,
+             "resolution": f"{m.width}x{m.height}", "bytes": m.bytes, "path": m.path}
+            for n, group in enumerate(self.groups, 1) for i, m in enumerate(group.members)
+        ]
+
+
+class UnionFind:
+    """Disjoint sets over ids, with path halving and union by size."""
+
+    def __init__(self) -> None:
+        self.parent: dict[int, int] = {}
+        self.size: dict[int, int] = {}
+
+    def find(self, x: int) -> int:
+        parent = self.parent
+        if x not in parent:
+            parent[x] = x
+            self.size[x] = 1
+            return x
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if self.size[ra] < self.size[rb]:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.size[ra] += self.size.pop(rb)
+
+    def groups(self) -> list[list[int]]:
+        out: dict[int, list[int]] = {}
+        for x in self.parent:
+            out.setdefault(self.find(x), []).append(x)
+        return [sorted(members) for members in out.values() if len(members) > 1]
+
+
+def under_prefix(under: str | os.PathLike | None) -> str | None:
+    """The absolute path prefix that `--under DIR` matches (paths are stored absolute)."""
+    if under is None:
+        return None
+    prefix = str(Path(under).expanduser().resolve())
+    return prefix if prefix.endswith(os.sep) else prefix + os.sep
+
+
+def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHOLD, *,
+                    under: str | os.PathLike | None = None, k: int = DEFAULT_K,
+                    ef_search: int = DEFAULT_EF_SEARCH, chunk: int = CHUNK,
+                    progress: Callable[[int, int], None] | None = None) -> DupesResult:
+    """Groups of images closer than `threshold` (cosine distance), plus exact copies (sha256).
+
+    `k` neighbours are asked per image; an image whose k neighbours all fall under the
+    threshold is asked again with a larger k (up to MAX_K), so big groups are not cut.
+    `progress(done, total)` is called after each chunk.
+    """
+    if not 0 <= threshold < 2:
+        raise InvalidInput(f"threshold {threshold} is not a cosine distance in [0, 2)")
+    if k < 1 or ef_search < 1 or chunk < 1:
+        raise InvalidInput("k, ef_search and chunk must be positive")
+    started = time.perf_counter()
+    prefix = under_prefix(under)
+    where_q = "starts_with(q.path, %(prefix)s)" if prefix else "true"
+    where_c = "AND starts_with(c.path, %(prefix)s)" if prefix else ""
+    params: dict[str, Any] = {"prefix": prefix, "threshold": threshold}
+    # A chunk of query images against the index. Candidates with the query's own sha256 are
+    # skipped (those copies are joined below), so they do not use up the k slots. The
+    # distance filter stays outside the LATERAL: inside it, an iterative scan would walk the
+    # graph far past k for every image that has no duplicate at all.
+    neighbours_sql = f"""
+        SELECT q.id, n.id
+        FROM images q
+        CROSS JOIN LATERAL (
+            SELECT c.id, c.embedding <=> q.embedding AS distance
+            FROM images c
+            WHERE c.sha256 <> q.sha256 {where_c}
+            ORDER BY c.{ANN_EXPR} <=> q.{ANN_EXPR}
+            LIMIT %(k)s
+        ) n
+        WHERE q.id = ANY(%(ids)s) AND n.distance < %(threshold)s
+    """
+    sets = UnionFind()
+    result = DupesResult(groups=[], threshold=threshold, images=0)
+    with conn.transaction():
+        # iterative scans: `--under` (and the sha256 filter) still get k rows from the index.
+        conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+        total = conn.execute(f"SELECT count(DISTINCT sha256), count(*) FROM images q WHERE {where_q}",
+                             params).fetchone()
+        result.images = total[1]
+        # Exact copies: one sha256 under several paths, distance 0 whatever k is.
+        with conn.cursor(name="vecsearch_dupes_sha") as cur:
+            cur.execute(f"SELECT array_agg(id) FROM images q WHERE {where_q} "
+                        "GROUP BY sha256 HAVING count(*) > 1", params)
+            for (ids,) in cur:
+                result.exact_copy_sets += 1
+                for other in ids[1:]:
+                    sets.union(ids[0], other)
+        # One query image per distinct content, streamed.
+        done = 0
+        saturated: list[int] = []
+        with conn.cursor(name="vecsearch_dupes_ids") as ids_cur:
+            ids_cur.itersize = chunk
+            ids_cur.execute(f"SELECT min(id) FROM images q WHERE {where_q} GROUP BY sha256 ORDER BY 1",
+                            params)
+            while batch := [row[0] for row in ids_cur.fetchmany(chunk)]:
+                saturated += _search(conn, neighbours_sql, params, batch, k, ef_search, sets, result)
+                done += len(batch)
+                if progress:
+                    progress(done, total[0])
+        # Images whose k nearest all were duplicates: ask again with a larger k.
+        while saturated and k < MAX_K:
+            k = min(MAX_K, k * 8)
+            again: list[int] = []
+            for start in range(0, len(saturated), chunk):
+                again += _search(conn, neighbours_sql, params, saturated[start:start + chunk],
+                                 k, ef_search, sets, result)
+            saturated = again
+        result.truncated = saturated
+        result.groups = _describe(conn, sets.groups())
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _search(conn: psycopg.Connection, sql: str, params: dict[str, Any], ids: list[int], k: int,
+            ef_search: int, sets: UnionFind, result: DupesResult) -> list[int]:
+    """Union the near pairs of `ids`; return the ids whose k neighbours were all near."""
+    # ef_search caps the rows one index scan returns, so it must cover the LIMIT.
+    conn.execute(f"SET LOCAL hnsw.ef_search = {max(int(ef_search), int(k))}")
+    counts: dict[int, int] = {}
+    # Never prepared: after five runs PostgreSQL may switch a prepared statement to a generic
+    # plan, which does not know LIMIT k and sorts the whole table instead of using the index.
+    for qid, nid in conn.execute(sql, {**params, "ids": ids, "k": k}, prepare=False):
+        sets.union(qid, nid)
+        counts[qid] = counts.get(qid, 0) + 1
+        result.pairs += 1
+    return [qid for qid, n in counts.items() if n >= k]
+
+
+def _describe(conn: psycopg.Connection, groups: list[list[int]]) -> list[Group]:
+    """Members' metadata and distance to the keeper (largest resolution, then largest file)."""
+    if not groups:
+        return []
+    ids = [i for g in groups for i in g]
+    numbers = [n for n, g in enumerate(groups) for _ in g]
+    rows = conn.execute("""
+        WITH m AS (
+            SELECT g.grp, i.id, i.path, i.width, i.height, i.bytes, i.format, i.sha256,
+                   first_value(i.id) OVER (PARTITION BY g.grp ORDER BY i.width::bigint * i.height DESC,
+                                           i.bytes DESC, i.id) AS keeper
+            FROM unnest(%s::bigint[], %s::int[]) AS g(id, grp) JOIN images i USING (id)
+        )
+        SELECT m.grp, m.id, m.path, m.width, m.height, m.bytes, m.format, m.sha256,
+               CASE WHEN m.id = m.keeper THEN 0 ELSE i.embedding <=> k.embedding END
+        FROM m JOIN images i ON i.id = m.id JOIN images k ON k.id = m.keeper
+        ORDER BY m.grp, m.id <> m.keeper, 9, m.id
+    """, [ids, numbers]).fetchall()
+    by_group: dict[int, list[Member]] = {}
+    for grp, *fields in rows:
+        by_group.setdefault(grp, []).append(Member(*fields[:-1], distance=float(fields[-1])))
+    out = [Group(members) for members in by_group.values()]
+    out.sort(key=lambda g: (-len(g.members), g.keeper.path))
+    return out
+
+
+# -- contact sheet ---------------------------------------------------------------------------
+
+_PAGE_HEAD = """<!doctype html>
+<html><head><meta charset="utf-8"><title>vecsearch dupes</title>
+<style>
+body {{ font: 13px system-ui, sans-serif; margin: 1em; }}
+section {{ border-top: 1px solid #ccc; padding: .5em 0; }}
+figure {{ display: inline-block; vertical-align: top; margin: .3em; width: {px}px; }}
+figure img {{ max-width: {px}px; max-height: {px}px; display: block; }}
+figure.keep img {{ outline: 3px solid #2a2; }}
+figcaption {{ word-break: break-all; color: #333; }}
+.missing {{ width: {px}px; height: {px}px; background: #eee; color: #a00; }}
+</style></head><body>
+<h1>Near-duplicate groups</h1>
+<p>{summary}</p>
+"""
+
+
+def write_contact_sheet(result: DupesResult, path: Path, thumb_px: int = 160,
+                        groups: Iterable[Group] | None = None) -> int:
+    """An HTML page with each group's thumbnails (inline JPEGs, keeper outlined in green).
+
+    Streams to `path`, one thumbnail in memory at a time; returns the number of groups written.
+    """
+    summary = (f"{len(result.groups)} groups among {result.images} images, cosine distance "
+               f"&lt; {result.threshold:g}; the suggested keeper (largest resolution, then file) first.")
+    written = 0
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(_PAGE_HEAD.format(px=thumb_px, summary=summary))
+        for n, group in enumerate(result.groups if groups is None else groups, 1):
+            out.write(f"<section><h2>group {n} ({len(group.members)} images)</h2>\n")
+            for i, m in enumerate(group.members):
+                caption = (f"{'keep' if i == 0 else 'dupe'} #{m.id} &middot; d={m.distance:.4f} "
+                           f"&middot; {m.width}x{m.height} &middot; {m.bytes:,} B<br>{html.escape(m.path)}")
+                out.write(f'<figure class="{"keep" if i == 0 else "dupe"}">{_thumbnail(m.path, thumb_px)}'
+                          f"<figcaption>{caption}</figcaption></figure>\n")
+            out.write("</section>\n")
+            written += 1
+        out.write("</body></html>\n")
+    return written
+
+
+def _thumbnail(path: str, px: int) -> str:
+    from PIL import Image
+
+    from .images import open_image
+
+    try:
+        img = open_image(path)
+        img.thumbnail((px, px), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=70)
+    except Exception as e:  # a vanished or unreadable file must not stop the page
+        reason = html.escape(f"{type(e).__name__}: {e}"[:200])
+        return f'<div class="missing">cannot read: {reason}</div>'
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    return f'<img alt="" src="data:image/jpeg;base64,{data}">'
