@@ -35,3 +35,13 @@ class SchemaMismatch(VecsearchError):
     """The database was built by another vecsearch schema version or another model."""
 
     exit_code = 5
+
+
+class UnreadableImage(InvalidInput):
+    """A file that is not a decodable image (empty, truncated, not an image, too many pixels)."""
+
+
+class WeightsUnavailable(VecsearchError):
+    """The pretrained weights cannot be downloaded or loaded."""
+
+    exit_code = 1
