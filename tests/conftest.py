@@ -10,6 +10,8 @@ import itertools
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,19 +37,27 @@ def pg_home(tmp_path_factory) -> Path:
     server.stop(home)
 
 
-@pytest.fixture
-def settings(pg_home, monkeypatch) -> Settings:
-    """Settings pointing at a fresh, migrated, empty database of the session server."""
+@contextmanager
+def fresh_database(pg_home: Path) -> Iterator[str]:
+    """The URL of a new database cloned from the migrated template, dropped afterwards."""
     running = server.ensure_running(pg_home)
     name = f"t_{os.getpid()}_{next(_counter)}"
     with server.psql_connection(running) as conn:
         conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-    url = running.url(name)
-    monkeypatch.setenv("VECSEARCH_DATABASE_URL", url)
-    monkeypatch.setenv("VECSEARCH_HOME", str(pg_home))
-    yield Settings(database_url=url, home=pg_home)
-    with server.psql_connection(running) as conn:
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    try:
+        yield running.url(name)
+    finally:
+        with server.psql_connection(running) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def settings(pg_home, monkeypatch) -> Settings:
+    """Settings pointing at a fresh, migrated, empty database of the session server."""
+    with fresh_database(pg_home) as url:
+        monkeypatch.setenv("VECSEARCH_DATABASE_URL", url)
+        monkeypatch.setenv("VECSEARCH_HOME", str(pg_home))
+        yield Settings(database_url=url, home=pg_home)
 
 
 @pytest.fixture
