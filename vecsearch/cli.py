@@ -226,7 +226,7 @@ def dupes_command(
         err.print(f"warning: {len(result.truncated)} images have more than {dupes.MAX_K} near "
                   "neighbours; their groups may be incomplete (lower --threshold)", markup=False)
     if html is not None:
-        dupes.write_contact_sheet(result, html)
+        dupes.write_contact_sheet(result, html, s.home)
         err.print(f"contact sheet: {html}", markup=False)
 
 

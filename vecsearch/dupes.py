@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -22,8 +21,10 @@ from typing import Any
 
 import psycopg
 
+from . import thumbs
 from .db import ANN_EXPR
 from .errors import InvalidInput
+from .query import under_prefix
 
 # Cosine distance under which two images count as near-duplicates, for the pretrained
 # ResNet50. A judgement, not a measurement made here (no pretrained weights can be
@@ -117,14 +118,6 @@ class UnionFind:
         return [sorted(members) for members in out.values() if len(members) > 1]
 
 
-def under_prefix(under: str | os.PathLike | None) -> str | None:
-    """The absolute path prefix that `--under DIR` matches (paths are stored absolute)."""
-    if under is None:
-        return None
-    prefix = str(Path(under).expanduser().resolve())
-    return prefix if prefix.endswith(os.sep) else prefix + os.sep
-
-
 def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHOLD, *,
                     under: str | os.PathLike | None = None, k: int = DEFAULT_K,
                     ef_search: int = DEFAULT_EF_SEARCH, chunk: int = CHUNK,
@@ -140,7 +133,7 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
     if k < 1 or ef_search < 1 or chunk < 1:
         raise InvalidInput("k, ef_search and chunk must be positive")
     started = time.perf_counter()
-    prefix = under_prefix(under)
+    prefix = under_prefix(under) if under is not None else None
     where_q = "starts_with(q.path, %(prefix)s)" if prefix else "true"
     where_c = "AND starts_with(c.path, %(prefix)s)" if prefix else ""
     params: dict[str, Any] = {"prefix": prefix, "threshold": threshold}
@@ -261,23 +254,26 @@ figcaption {{ word-break: break-all; color: #333; }}
 """
 
 
-def write_contact_sheet(result: DupesResult, path: Path, thumb_px: int = 160,
+def write_contact_sheet(result: DupesResult, path: Path, home: Path,
                         groups: Iterable[Group] | None = None) -> int:
     """An HTML page with each group's thumbnails (inline JPEGs, keeper outlined in green).
 
-    Streams to `path`, one thumbnail in memory at a time; returns the number of groups written.
+    Thumbnails come from the web gallery's cache under `home` (vecsearch.thumbs). Streams to
+    `path`, one thumbnail in memory at a time; returns the number of groups written.
     """
+    px = thumbs.SIZES["thumb"]
     summary = (f"{len(result.groups)} groups among {result.images} images, cosine distance "
                f"&lt; {result.threshold:g}; the suggested keeper (largest resolution, then file) first.")
     written = 0
     with open(path, "w", encoding="utf-8") as out:
-        out.write(_PAGE_HEAD.format(px=thumb_px, summary=summary))
+        out.write(_PAGE_HEAD.format(px=px * 5 // 8, summary=summary))
         for n, group in enumerate(result.groups if groups is None else groups, 1):
             out.write(f"<section><h2>group {n} ({len(group.members)} images)</h2>\n")
             for i, m in enumerate(group.members):
-                caption = (f"{'keep' if i == 0 else 'dupe'} #{m.id} &middot; d={m.distance:.4f} "
-                           f"&middot; {m.width}x{m.height} &middot; {m.bytes:,} B<br>{html.escape(m.path)}")
-                out.write(f'<figure class="{"keep" if i == 0 else "dupe"}">{_thumbnail(m.path, thumb_px)}'
+                role = "keep" if i == 0 else "dupe"
+                caption = (f"{role} #{m.id} &middot; d={m.distance:.4f} &middot; {m.width}x{m.height} "
+                           f"&middot; {m.bytes:,} B<br>{html.escape(m.path)}")
+                out.write(f'<figure class="{role}">{_thumbnail(home, m.path, px)}'
                           f"<figcaption>{caption}</figcaption></figure>\n")
             out.write("</section>\n")
             written += 1
@@ -285,18 +281,10 @@ def write_contact_sheet(result: DupesResult, path: Path, thumb_px: int = 160,
     return written
 
 
-def _thumbnail(path: str, px: int) -> str:
-    from PIL import Image
-
-    from .images import open_image
-
+def _thumbnail(home: Path, path: str, px: int) -> str:
     try:
-        img = open_image(path)
-        img.thumbnail((px, px), Image.Resampling.BILINEAR)
-        buf = io.BytesIO()
-        img.convert("RGB").save(buf, "JPEG", quality=70)
+        data = thumbs.thumbnail(home, path, px).read_bytes()
     except Exception as e:  # a vanished or unreadable file must not stop the page
         reason = html.escape(f"{type(e).__name__}: {e}"[:200])
         return f'<div class="missing">cannot read: {reason}</div>'
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f'<img alt="" src="data:image/jpeg;base64,{data}">'
+    return f'<img alt="" src="data:image/jpeg;base64,{base64.b64encode(data).decode("ascii")}">'
