@@ -47,7 +47,7 @@ def thumbnail(home: Path, path: str, px: int) -> Path:
 
     from .images import open_image
 
-    img = open_image(path)
+    img = open_image(path, draft=px)  # a big JPEG decodes at 1/2..1/8 scale, still >= px
     img.thumbnail((px, px), Image.Resampling.LANCZOS, reducing_gap=3.0)
     cache_dir(home).mkdir(parents=True, exist_ok=True, mode=0o700)
     target.parent.mkdir(exist_ok=True, mode=0o700)

@@ -387,8 +387,8 @@ def create_app(settings: Settings, *, weights: str | None = None,
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _add_error_handlers(app, respond)
 
-    def page(request: Request, name: str, **context) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, context)
+    def page(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, context, status_code=status_code)
 
     # -- shared request logic (pages and API return the same data) ----------------------------
 
@@ -462,13 +462,21 @@ def create_app(settings: Settings, *, weights: str | None = None,
     @app.post("/search", response_class=HTMLResponse, include_in_schema=False)
     def search_page(request: Request, file: Annotated[UploadFile, File()],
                     k: Annotated[int, Form(ge=1, le=MAX_K)] = DEFAULT_K):
-        result, preview = upload_data(file.file.read(state.max_upload_bytes + 1), file.filename, k)
+        try:
+            result, preview = upload_data(file.file.read(state.max_upload_bytes + 1), file.filename, k)
+        except (InvalidInput, NotFound) as e:  # shown above the form, to try another file
+            return page(request, "search.html", result=None, preview=None, k=k, error=str(e),
+                        status_code=_status_of(e))
         return page(request, "search.html", result=result, preview=preview, k=k)
 
     @app.get("/arithmetic", response_class=HTMLResponse, include_in_schema=False)
     def arithmetic_page(request: Request, expr: Annotated[str, Query(max_length=2000)] = "",
                         k: K = DEFAULT_K):
-        result = arithmetic_data(expr, k) if expr.strip() else None
+        try:
+            result = arithmetic_data(expr, k) if expr.strip() else None
+        except (InvalidInput, NotFound) as e:  # shown under the expression, to fix it
+            return page(request, "arithmetic.html", expr=expr, result=None, k=k, error=str(e),
+                        status_code=_status_of(e))
         return page(request, "arithmetic.html", expr=expr, result=result, k=k)
 
     @app.get("/media/{image_id}/{rendition}", include_in_schema=False)
@@ -521,14 +529,18 @@ def create_app(settings: Settings, *, weights: str | None = None,
     return app
 
 
-def _add_error_handlers(app: FastAPI, respond) -> None:
-    statuses = [(UploadTooLarge, 413), (NotFound, 404), (InvalidInput, 400),
-                (DatabaseUnavailable, 503), (PgvectorMissing, 503), (SchemaMismatch, 409)]
+_STATUSES = [(UploadTooLarge, 413), (NotFound, 404), (InvalidInput, 400),
+             (DatabaseUnavailable, 503), (PgvectorMissing, 503), (SchemaMismatch, 409)]
 
+
+def _status_of(exc: VecsearchError) -> int:
+    return next((s for cls, s in _STATUSES if isinstance(exc, cls)), 500)
+
+
+def _add_error_handlers(app: FastAPI, respond) -> None:
     @app.exception_handler(VecsearchError)
     async def vecsearch_error(request: Request, exc: VecsearchError) -> Response:
-        status = next((s for cls, s in statuses if isinstance(exc, cls)), 500)
-        return respond(request, status, str(exc))
+        return respond(request, _status_of(exc), str(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
@@ -570,7 +582,7 @@ def _data_uri_thumbnail(path: str, px: int = 256) -> str | None:
     from .images import open_image
 
     try:
-        img = open_image(path)
+        img = open_image(path, draft=px)
     except VecsearchError:
         return None
     img.thumbnail((px, px))
