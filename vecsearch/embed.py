@@ -1,0 +1,275 @@
+"""The embedder: torchvision ResNet50 without its classifier, 2048-d L2-normalised vectors.
+
+The only module that imports torch/torchvision, and only inside functions: constructing an
+Embedder is cheap (it validates its arguments and computes its model record), the network is
+built on first use. So `vecsearch load` of an unchanged folder never imports torch at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from . import models
+from .errors import InvalidInput, NotFound, SchemaMismatch, WeightsUnavailable
+from .images import model_input, open_image
+
+DEFAULT_BATCH_SIZE = 16
+DOWNLOAD_TIMEOUT = 30  # seconds without data before a download is given up
+PRECISIONS = ("fp32",)  # bf16 autocast measured on this CPU: see README "Loading"
+FILE_PREFIX = "file:sha256="
+
+
+class RandomWeightsWarning(UserWarning):
+    """`--weights random`: the vectors come from an untrained network."""
+
+
+def _sha256_file(path: Path) -> str:
+    from .images import sha256_of
+
+    with open(path, "rb") as f:
+        return sha256_of(f)
+
+
+class Embedder:
+    """ResNet50 (fc = identity) in eval mode, inference_mode, channels_last.
+
+    weights: "default" (torchvision's IMAGENET1K_V2, downloaded once into TORCH_HOME), a path to
+    a local state-dict file (air-gapped machines), or "random" (seeded, zero_init_residual: for
+    smoke tests and CI only; warns, and is recorded as another model).
+    """
+
+    def __init__(self, weights: str = "default", device: str = "auto",
+                 batch_size: int = DEFAULT_BATCH_SIZE, precision: str = "fp32") -> None:
+        if batch_size < 1:
+            raise InvalidInput(f"--batch-size must be at least 1, not {batch_size}")
+        if precision not in PRECISIONS:
+            raise InvalidInput(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+            raise InvalidInput(f"--device must be auto, cpu or cuda, not {device!r}")
+        self.weights = weights
+        self.device_name = device
+        self.batch_size = batch_size
+        self.precision = precision
+        self.images_embedded = 0  # images that went through the network (tests count model work)
+        self._model = None
+        self._device = None
+        self._weights_file: Path | None = None
+        if weights == "default":
+            label = models.DEFAULT_WEIGHTS
+        elif weights == "random":
+            label = models.RANDOM_WEIGHTS
+            warnings.warn("--weights random: an untrained, seeded network for smoke tests and CI; "
+                          "its neighbours and distances mean little", RandomWeightsWarning, stacklevel=2)
+        else:
+            path = Path(weights).expanduser()
+            if not path.is_file():
+                raise NotFound(f"weights file {path} does not exist: give a ResNet50 state dict "
+                               "(`--weights FILE`), `--weights default` or `--weights random`")
+            self._weights_file = path.resolve()
+            digest = _sha256_file(self._weights_file)
+            # torchvision's own checkpoint file is the default model, wherever it came from.
+            label = (models.DEFAULT_WEIGHTS if digest.startswith(models.DEFAULT_WEIGHTS_SHA256_PREFIX)
+                     else FILE_PREFIX + digest)
+        self.record = models.record_for(label)
+
+    @classmethod
+    def from_record(cls, record: models.ModelRecord, weights: str | None = None, *,
+                    device: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE) -> Embedder:
+        """The embedder that produced a database whose model record is `record`.
+
+        A record made with a weights file needs that file again (`weights`); its sha256 must match.
+        """
+        if weights is None:
+            if record.weights == models.DEFAULT_WEIGHTS:
+                weights = "default"
+            elif record.weights == models.RANDOM_WEIGHTS:
+                weights = "random"
+            elif record.weights.startswith(FILE_PREFIX):
+                raise InvalidInput(
+                    f"the database was embedded with a weights file (sha256 "
+                    f"{record.weights[len(FILE_PREFIX):][:16]}...): pass that file with `--weights FILE`")
+            else:
+                raise SchemaMismatch(f"the database's vectors were made by {record.describe()}, "
+                                     "which this vecsearch cannot compute: reload with `--reembed`")
+        embedder = cls(weights, device=device, batch_size=batch_size)
+        if embedder.record != record:
+            raise SchemaMismatch(models.mismatch_message(record, embedder.record))
+        return embedder
+
+    # -- the network ---------------------------------------------------------------------------
+
+    def prepare(self) -> Embedder:
+        """Build the network now (import torch, fetch or read the weights). Idempotent."""
+        if self._model is not None:
+            return self
+        import torch
+        from torchvision.models import resnet50
+
+        if self.device_name == "auto":
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            device = torch.device(self.device_name)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise InvalidInput("--device cuda: no CUDA device is available here; use --device cpu")
+        if self.weights == "random":
+            # Seeded without disturbing the caller's RNG. zero_init_residual spreads embeddings out
+            # (plain random init maps every image into a cone of cosine >= 0.997).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(models.RANDOM_SEED)
+                model = resnet50(weights=None, zero_init_residual=True)
+        else:
+            model = resnet50(weights=None)
+            state = self._default_state_dict() if self._weights_file is None else self._file_state_dict()
+            state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            model.fc = torch.nn.Identity()
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                source = self._weights_file or "the downloaded file"
+                first = str(e).strip().splitlines()[1:2] or [str(e)]
+                raise WeightsUnavailable(f"{source} is not a torchvision ResNet50 state dict "
+                                         f"({first[0].strip()})") from e
+        model.fc = torch.nn.Identity()
+        model.eval().requires_grad_(False)
+        self._model = model.to(device, memory_format=torch.channels_last)
+        self._device = device
+        mean = torch.tensor(models.MEAN, device=device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(models.STD, device=device).view(1, 3, 1, 1) * 255
+        self._mean, self._std = mean, std
+        return self
+
+    def _default_state_dict(self) -> dict:
+        import torch.hub
+        from torchvision.models import ResNet50_Weights
+
+        weights = ResNet50_Weights.IMAGENET1K_V2
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # a blocked network fails instead of hanging
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # torch.hub prints "Downloading..." on stdout
+                return weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
+        except Exception as e:
+            reason = str(getattr(e, "reason", None) or e).strip().splitlines()[0] or type(e).__name__
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[1]
+            raise WeightsUnavailable(
+                f"the pretrained ResNet50 weights ({models.DEFAULT_WEIGHTS}) could not be downloaded "
+                f"from {weights.url} ({reason}): copy that file to {cache}, or pass `--weights FILE` "
+                "(a local copy of it), or `--weights random` for a smoke test (its neighbours mean little)"
+            ) from e
+        finally:
+            socket.setdefaulttimeout(previous)
+
+    def _file_state_dict(self) -> dict:
+        import torch
+
+        try:
+            state = torch.load(self._weights_file, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise WeightsUnavailable(f"cannot read weights file {self._weights_file}: "
+                                     f"{str(e).strip().splitlines()[0]}") from e
+        for key in ("state_dict", "model"):  # common checkpoint wrappers
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict):
+            raise WeightsUnavailable(f"{self._weights_file} holds no state dict")
+        return {k.removeprefix("module."): v for k, v in state.items()}
+
+    @property
+    def device(self) -> str:
+        self.prepare()
+        return str(self._device)
+
+    def state_dict(self) -> dict:
+        """The network's parameters (fc excluded): save with torch.save for `--weights FILE`."""
+        return self.prepare()._model.state_dict()
+
+    # -- embedding -----------------------------------------------------------------------------
+
+    def embed_arrays(self, pixels: np.ndarray) -> np.ndarray:
+        """n x 224 x 224 x 3 uint8 (from images.model_input) -> n x 2048 float32, L2-normalised."""
+        import torch
+
+        self.prepare()
+        out = np.empty((len(pixels), models.DIM), dtype=np.float32)
+        for start in range(0, len(pixels), self.batch_size):
+            chunk = torch.from_numpy(np.ascontiguousarray(pixels[start:start + self.batch_size]))
+            with torch.inference_mode():
+                # NHWC -> NCHW view: already channels_last in memory, no copy.
+                x = chunk.to(self._device, non_blocking=True).permute(0, 3, 1, 2).float()
+                x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
+                features = self._model(x).float()
+                features = torch.nn.functional.normalize(features, dim=1)
+            out[start:start + len(chunk)] = features.cpu().numpy()
+            self.images_embedded += len(chunk)
+        return out
+
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """RGB Pillow images (as from images.open_image) -> n x 2048 float32, L2-normalised."""
+        out = np.empty((len(images), models.DIM), dtype=np.float32)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            out[start:start + len(chunk)] = self.embed_arrays(np.stack([model_input(i) for i in chunk]))
+        return out
+
+    def embed_file(self, path: str | os.PathLike) -> np.ndarray:
+        """One image file, decoded exactly as `vecsearch load` decodes it -> (2048,) float32."""
+        return self.embed_images([open_image(path)])[0]
+
+
+# -- parallel decoding -------------------------------------------------------------------------
+
+
+class _Mapped:
+    """A map-style dataset: item i is fn(items[i]), computed in a DataLoader worker."""
+
+    def __init__(self, items: Sequence[Any], fn: Callable[[Any], Any]) -> None:
+        self.items, self.fn = items, fn
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.fn(self.items[i])
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+def default_workers() -> int:
+    """Decode processes: all cores but the one the main process feeds the model from (max 8)."""
+    return min(8, max(1, (os.cpu_count() or 2) - 1))
+
+
+def map_batches(fn: Callable[[Any], Any], items: Sequence[Any], *, batch_size: int,
+                workers: int) -> Iterator[list]:
+    """[fn(x) for x in items] in order, in lists of `batch_size`, computed by `workers` processes.
+
+    A torch DataLoader: each worker prepares up to two batches ahead, so decoding runs while the
+    caller embeds and writes the previous batch, and memory stays bounded by batches in flight.
+    `fn` must return picklable values (numpy arrays, not tensors: no torch in the workers).
+    workers=0 maps in this process (no overlap; for debugging).
+    """
+    if workers <= 0:
+        for start in range(0, len(items), batch_size):
+            yield [fn(x) for x in items[start:start + batch_size]]
+        return
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(_Mapped(items, fn), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_as_list, prefetch_factor=2, shuffle=False)
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        del iterator  # shuts the workers down now, also on an early exit
