@@ -220,7 +220,8 @@ def dupes_command(
     output.render(result.rows(), dupes.COLUMNS, fmt,
                   title=f"near-duplicates (cosine distance < {threshold:g})")
     members = sum(len(g.members) for g in result.groups)
-    err.print(f"{len(result.groups)} groups ({members} images, {members - len(result.groups)} "
+    groups = f"{len(result.groups)} group{'' if len(result.groups) == 1 else 's'}"
+    err.print(f"{groups} ({members} images, {members - len(result.groups)} "
               f"removable) among {result.images} images in {result.seconds:.1f} s", markup=False)
     if result.truncated:
         err.print(f"warning: {len(result.truncated)} images have more than {dupes.MAX_K} near "
@@ -266,6 +267,113 @@ def serve_command(
 
     web.serve(settings(ctx), host=host, port=port, weights=weights,
               max_upload_bytes=max_upload_mb * 1024 * 1024, announce=announce)
+
+
+# -- queries: similar, search, db reader -----------------------------------------------------
+
+_K = Annotated[int, typer.Option("--k", "-k", help="How many neighbours (1-1000).")]
+_EF_SEARCH = Annotated[int | None, typer.Option(
+    "--ef-search", help="HNSW candidates per query, 1-1000 (default 100): higher is slower and "
+    "closer to exact.", show_default=False)]
+_EXACT = Annotated[bool, typer.Option(
+    "--exact", help="Exact scan instead of the HNSW index (slow on large tables).")]
+_UNDER = Annotated[Path | None, typer.Option(
+    "--under", help="Only images whose path is under DIR.", show_default=False)]
+_FORMAT = Annotated[str, typer.Option(
+    "--format", "-f", help="table, json, csv, or paths (one per line, for pipes).")]
+_WEIGHTS = Annotated[str | None, typer.Option(
+    "--weights", help="Weights file of the recorded model, for a database loaded with --weights FILE "
+    "(only used to embed image files).", show_default=False)]
+
+
+@app.command("similar")
+def similar_command(
+    ctx: typer.Context,
+    query_text: Annotated[str, typer.Argument(
+        metavar="QUERY", help="An image id; or arithmetic on ids and image files, e.g. "
+        "'12 + 40*0.5 - 7' or './beach.jpg + 40' (weighted sum of unit vectors; the ids in it "
+        "are excluded from the results).")],
+    k: _K = 10,
+    ef_search: _EF_SEARCH = None,
+    exact: _EXACT = False,
+    under: _UNDER = None,
+    fmt: _FORMAT = "table",
+    weights: _WEIGHTS = None,
+) -> None:
+    """The k images nearest to an image id (itself excluded) or to an arithmetic expression."""
+    from . import expr, query
+
+    fmt = _output_format(fmt)
+    terms = expr.parse(query_text)
+    query.check_args(k, ef_search)
+    options = {"ef_search": ef_search, "exact": exact, "under": under}
+    with db.connect(settings(ctx)) as conn:
+        if len(terms) == 1 and isinstance(terms[0].ref, int) and terms[0].weight == 1:
+            image_id = terms[0].ref
+            neighbours = query.similar(conn, image_id, k, **options)
+            title = None
+            if fmt == "table":
+                title = f"neighbours of {image_id}: " + conn.execute(
+                    "SELECT path FROM images WHERE id = %s", [image_id]).fetchone()[0]
+        else:
+            vector, exclude = expr.evaluate(conn, terms, query.file_embedder(conn, weights))
+            neighbours = query.similar_to(conn, vector, k, exclude=exclude, **options)
+            title = f"neighbours of {query_text}"
+    _print_neighbours(neighbours, fmt, title)
+
+
+@app.command("search")
+def search_command(
+    ctx: typer.Context,
+    file: Annotated[Path, typer.Argument(help="An image file; it need not be in the database.")],
+    k: _K = 10,
+    ef_search: _EF_SEARCH = None,
+    exact: _EXACT = False,
+    under: _UNDER = None,
+    fmt: _FORMAT = "table",
+    weights: _WEIGHTS = None,
+) -> None:
+    """The k images nearest to an image file, embedded with the model the database records."""
+    from . import query
+
+    fmt = _output_format(fmt)
+    with db.connect(settings(ctx)) as conn:
+        neighbours = query.search_file(conn, file, k, weights=weights, ef_search=ef_search,
+                                       exact=exact, under=under)
+    _print_neighbours(neighbours, fmt, f"neighbours of {file}")
+
+
+def _print_neighbours(neighbours, fmt: str, title: str | None) -> None:
+    from . import output, query
+
+    output.render(query.rows(neighbours), query.COLUMNS, fmt, title=title)
+
+
+@db_app.command("reader")
+def db_reader(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Login name for the tool, e.g. metabase.")],
+    drop: Annotated[bool, typer.Option("--drop", help="Drop this reader login instead.")] = False,
+) -> None:
+    """Create a read-only login for an analytics tool and print its URL (again: new password).
+
+    The login can SELECT the tables and call vecsearch_similar()/vecsearch_similar_to(), nothing
+    else. Tools that cannot use a unix socket need `vecsearch db start --tcp` first.
+    """
+    from . import reader
+
+    s = settings(ctx)
+    with db.connect(s) as conn:
+        if drop:
+            reader.drop(conn, name)
+            out.print(f"dropped {name}")
+            return
+        password = reader.create(conn, name)
+        url = reader.url(s, conn, name, password)
+    print(url)
+    if "?host=/" in url:
+        err.print("note: a unix-socket URL; for tools in a container or on another machine run "
+                  "`vecsearch db start --tcp`, then this command again", markup=False)
 
 
 def main() -> None:

@@ -38,6 +38,8 @@ DEFAULT_K = 10
 DEFAULT_EF_SEARCH = 40
 MAX_K = 1000
 CHUNK = 256
+# Exact comparison within the --under subset when subset^2 < EXACT_FACTOR * k * all images.
+EXACT_FACTOR = 3
 
 COLUMNS = ["group", "role", "id", "distance", "resolution", "bytes", "path"]
 
@@ -135,24 +137,7 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
     started = time.perf_counter()
     prefix = under_prefix(under) if under is not None else None
     where_q = "starts_with(q.path, %(prefix)s)" if prefix else "true"
-    where_c = "AND starts_with(c.path, %(prefix)s)" if prefix else ""
     params: dict[str, Any] = {"prefix": prefix, "threshold": threshold}
-    # A chunk of query images against the index. Candidates with the query's own sha256 are
-    # skipped (those copies are joined below), so they do not use up the k slots. The
-    # distance filter stays outside the LATERAL: inside it, an iterative scan would walk the
-    # graph far past k for every image that has no duplicate at all.
-    neighbours_sql = f"""
-        SELECT q.id, n.id
-        FROM images q
-        CROSS JOIN LATERAL (
-            SELECT c.id, c.embedding <=> q.embedding AS distance
-            FROM images c
-            WHERE c.sha256 <> q.sha256 {where_c}
-            ORDER BY c.{ANN_EXPR} <=> q.{ANN_EXPR}
-            LIMIT %(k)s
-        ) n
-        WHERE q.id = ANY(%(ids)s) AND n.distance < %(threshold)s
-    """
     sets = UnionFind()
     result = DupesResult(groups=[], threshold=threshold, images=0)
     with conn.transaction():
@@ -161,6 +146,15 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
         total = conn.execute(f"SELECT count(DISTINCT sha256), count(*) FROM images q WHERE {where_q}",
                              params).fetchone()
         result.images = total[1]
+        everything = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+        # A small subset under --under: walking the graph past all the rows outside it costs more
+        # than comparing the subset's images with each other.
+        exact = result.images ** 2 < EXACT_FACTOR * k * everything
+        neighbours = neighbours_sql(under=prefix is not None, exact=exact)
+        if not exact:
+            # The planner costs 2048-d distances and TOAST reads as nearly free and may pick a
+            # sequential scan per image on tables of a few thousand rows.
+            conn.execute("SET LOCAL enable_seqscan = off")
         # Exact copies: one sha256 under several paths, distance 0 whatever k is.
         with conn.cursor(name="vecsearch_dupes_sha") as cur:
             cur.execute(f"SELECT array_agg(id) FROM images q WHERE {where_q} "
@@ -177,7 +171,7 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
             ids_cur.execute(f"SELECT min(id) FROM images q WHERE {where_q} GROUP BY sha256 ORDER BY 1",
                             params)
             while batch := [row[0] for row in ids_cur.fetchmany(chunk)]:
-                saturated += _search(conn, neighbours_sql, params, batch, k, ef_search, sets, result)
+                saturated += _search(conn, neighbours, params, batch, k, ef_search, sets, result)
                 done += len(batch)
                 if progress:
                     progress(done, total[0])
@@ -186,13 +180,36 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
             k = min(MAX_K, k * 8)
             again: list[int] = []
             for start in range(0, len(saturated), chunk):
-                again += _search(conn, neighbours_sql, params, saturated[start:start + chunk],
+                again += _search(conn, neighbours, params, saturated[start:start + chunk],
                                  k, ef_search, sets, result)
             saturated = again
         result.truncated = saturated
         result.groups = _describe(conn, sets.groups())
     result.seconds = time.perf_counter() - started
     return result
+
+
+def neighbours_sql(*, under: bool = False, exact: bool = False) -> str:
+    """A chunk of query images (%(ids)s) joined to their %(k)s nearest, closer than %(threshold)s.
+
+    Candidates with the query's own sha256 are skipped (those copies are joined separately), so
+    they do not use up the k slots. The distance filter stays outside the LATERAL: inside it,
+    an iterative index scan would walk the graph far past k for every image that has no
+    duplicate at all. `exact` orders by the full-precision distance, which no index serves.
+    """
+    order = "c.embedding <=> q.embedding" if exact else f"c.{ANN_EXPR} <=> q.{ANN_EXPR}"
+    return f"""
+        SELECT q.id, n.id
+        FROM images q
+        CROSS JOIN LATERAL (
+            SELECT c.id, c.embedding <=> q.embedding AS distance
+            FROM images c
+            WHERE c.sha256 <> q.sha256 {"AND starts_with(c.path, %(prefix)s)" if under else ""}
+            ORDER BY {order}
+            LIMIT %(k)s
+        ) n
+        WHERE q.id = ANY(%(ids)s) AND n.distance < %(threshold)s
+    """
 
 
 def _search(conn: psycopg.Connection, sql: str, params: dict[str, Any], ids: list[int], k: int,
