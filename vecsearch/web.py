@@ -21,7 +21,6 @@ import io
 import logging
 import math
 import os
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -205,7 +204,8 @@ class LazyModel:
         self._record: Any = None
         self._embedder: Any = None
 
-    def embed_file(self, record: Any, path: str | Path):
+    def embed_image(self, record: Any, img):
+        """The vector of a decoded image, as `Embedder.embed_file` computes it for a file."""
         with self._lock:
             if self._embedder is None or record != self._record:
                 from .embed import Embedder
@@ -213,7 +213,7 @@ class LazyModel:
                 self._embedder = Embedder.from_record(record, weights=self.weights)
                 self._record = record
                 self.loads += 1
-            return self._embedder.embed_file(path)
+            return self._embedder.embed_images([img])[0]
 
 
 def recorded_model(conn: psycopg.Connection):
@@ -418,14 +418,9 @@ def create_app(settings: Settings, *, weights: str | None = None,
             raise InvalidInput("the uploaded file is empty: choose an image file")
         with state.connection() as conn:
             record = recorded_model(conn)
-        fd, tmp = tempfile.mkstemp(prefix="vecsearch-upload-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            vector = state.model.embed_file(record, tmp)
-            preview = _data_uri_thumbnail(tmp)
-        finally:
-            os.unlink(tmp)
+        img = decode_upload(data, filename)  # in memory: an upload never touches the disk
+        vector = state.model.embed_image(record, img)
+        preview = _data_uri_thumbnail(img)
         with state.connection() as conn:
             found = similar_to(conn, vector, k=k)
         query = {"filename": filename, "bytes": len(data)}
@@ -577,14 +572,22 @@ def _filesize(n: int) -> str:
     return f"{n} B"
 
 
-def _data_uri_thumbnail(path: str, px: int = 256) -> str | None:
-    """The uploaded image, small, as a data: URI for the results page (it is never stored)."""
+def decode_upload(data: bytes, filename: str | None):
+    """An uploaded file decoded like `vecsearch load` decodes files (same pixel limit, same
+    EXIF orientation and RGB conversion); UnreadableImage names the upload, not a server path."""
+    from .errors import UnreadableImage
     from .images import open_image
 
     try:
-        img = open_image(path, draft=px)
-    except VecsearchError:
-        return None
+        return open_image(io.BytesIO(data))
+    except UnreadableImage as e:
+        name = os.path.basename(filename or "")[:200] or "the upload"
+        raise UnreadableImage(f"{name}: {str(e).removeprefix('image: ')}") from e
+
+
+def _data_uri_thumbnail(img, px: int = 256) -> str:
+    """The uploaded image, small, as a data: URI for the results page (it is never stored)."""
+    img = img.copy()
     img.thumbnail((px, px))
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=80)
@@ -600,7 +603,6 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, weig
 
     if weights not in (None, "default", "random") and not Path(weights).is_file():
         raise InvalidInput(f"--weights {weights}: no such file (give a state-dict file, or 'random')")
-    db.connect(settings).close()
     try:
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
@@ -612,6 +614,11 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, weig
     except OSError as e:
         sock.close()
         raise VecsearchError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port") from e
+    try:
+        db.connect(settings).close()  # database errors now, as one line, not at the first request
+    except BaseException:
+        sock.close()
+        raise
     sock.listen(2048)  # connections queue from now on, so the announced URL works at once
     app = create_app(settings, weights=weights, max_upload_bytes=max_upload_bytes, host=host)
     bound = sock.getsockname()[1]
@@ -621,4 +628,8 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, weig
     shown = f"[{host}]" if ":" in host else host
     announce(f"vecsearch gallery on http://{shown}:{bound}/ (API docs at /api/docs); Ctrl-C stops it")
     config = uvicorn.Config(app, log_level="warning", access_log=False, server_header=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
+    announce("stopped")
