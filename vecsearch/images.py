@@ -154,6 +154,16 @@ def resized_size(width: int, height: int, resize: int = RESIZE) -> tuple[int, in
     return (new_short, new_long) if width <= height else (new_long, new_short)
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded file: RGB pixels (maybe at JPEG draft scale) and the file's own pixel size."""
+
+    image: Image.Image
+    format: str
+    width: int  # full resolution, as displayed (EXIF orientation applied)
+    height: int
+
+
 def open_image(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESIZE) -> Image.Image:
     """Decode an image file into an RGB Pillow image, the same way everywhere.
 
@@ -162,35 +172,56 @@ def open_image(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESI
     smallest 1/2, 1/4 or 1/8 scale whose short side stays >= `draft` pixels (None: full size).
     Raises UnreadableImage with a one-line reason.
     """
-    name = display_path(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else "image"
+    return open_decoded(source, draft=draft).image
+
+
+def open_decoded(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESIZE) -> Decoded:
+    """open_image, plus the format and full pixel size (for the images row)."""
+    if not isinstance(source, (str, os.PathLike)):
+        return _decode(source, draft)
+    try:
+        return _decode(source, draft)
+    except UnreadableImage as e:
+        raise UnreadableImage(f"{display_path(os.fspath(source))}: {e}") from e.__cause__
+
+
+def _decode(source: str | os.PathLike | BinaryIO, draft: int | None) -> Decoded:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(source)
         with img:
+            fmt, (width, height) = img.format or "unknown", img.size
+            if _orientation(img) in (5, 6, 7, 8):
+                width, height = height, width
             if draft and img.format == "JPEG":
                 img.draft(None, resized_size(*img.size, draft))
             w, h = img.size
             if w * h > MAX_PIXELS:
-                raise Image.DecompressionBombError(f"{w} x {h} pixels")
+                raise Image.DecompressionBombError(f"Image size ({w * h} pixels)")
             img.load()
-            return _to_rgb(_oriented(img))
-    except UnreadableImage:
-        raise
+            return Decoded(_to_rgb(_oriented(img)), fmt, width, height)
     except FileNotFoundError as e:
-        raise UnreadableImage(f"{name}: file not found") from e
+        raise UnreadableImage("file not found") from e
     except Image.DecompressionBombError as e:
         raise UnreadableImage(
-            f"{name}: decompression bomb? {_pixels(e)} is over the limit of {MAX_PIXELS} pixels") from e
+            f"decompression bomb? {_pixels(e)} is over the limit of {MAX_PIXELS} pixels") from e
     except UnidentifiedImageError as e:
-        raise UnreadableImage(f"{name}: not an image (no image format recognised in its content)") from e
+        raise UnreadableImage("not an image (no image format recognised in its content)") from e
     except MemoryError as e:
-        raise UnreadableImage(f"{name}: out of memory while decoding") from e
+        raise UnreadableImage("out of memory while decoding") from e
     except Exception as e:  # Pillow raises many types on corrupt data (OSError, ValueError, SyntaxError...)
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if isinstance(e, OSError) and "truncated" in message:
-            raise UnreadableImage(f"{name}: truncated file ({message})") from e
-        raise UnreadableImage(f"{name}: cannot decode ({message})") from e
+            raise UnreadableImage(f"truncated file ({message})") from e
+        raise UnreadableImage(f"cannot decode ({message})") from e
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:
+        return 1
 
 
 def _pixels(e: Exception) -> str:
@@ -198,7 +229,7 @@ def _pixels(e: Exception) -> str:
     text = str(e)
     if "Image size (" in text:
         return text.split("Image size (", 1)[1].split(")", 1)[0]
-    return text
+    return text or "too many pixels"
 
 
 def _oriented(img: Image.Image) -> Image.Image:
