@@ -101,3 +101,15 @@ def make_image(path: Path, seed: int, size: tuple[int, int] = (320, 240),
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format=fmt)
     return path
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """One `--weights random` Embedder for the whole session (torch import + build: ~5-8 s)."""
+    import warnings
+
+    from vecsearch.embed import Embedder, RandomWeightsWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        return Embedder(weights="random").prepare()
