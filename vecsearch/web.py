@@ -36,6 +36,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from fastapi_offline import FastAPIOffline
 from psycopg.rows import dict_row
 from pydantic import BaseModel
 from starlette.datastructures import Headers
@@ -65,9 +66,11 @@ MAX_K = 100
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
 MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
         "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
-# Strict for the gallery; the OpenAPI page (Swagger UI) loads its script from a CDN.
+# Strict for the gallery; the OpenAPI page (Swagger UI) needs its inline script and styles.
 CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
        "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+            "script-src 'self' 'unsafe-inline'; object-src 'none'; frame-ancestors 'none'")
 
 
 # Query parameters shared by pages and API (module level: annotations are resolved by name).
@@ -323,8 +326,7 @@ class _SecurityHeaders:
                 headers += [(b"x-content-type-options", b"nosniff"),
                             (b"referrer-policy", b"same-origin"),
                             (b"x-frame-options", b"DENY")]
-                if not docs:
-                    headers.append((b"content-security-policy", CSP.encode()))
+                headers.append((b"content-security-policy", (DOCS_CSP if docs else CSP).encode()))
             await send(message)
 
         await self.app(scope, receive, with_headers)
@@ -359,11 +361,14 @@ def create_app(settings: Settings, *, weights: str | None = None,
         finally:
             await run_in_threadpool(state.close)
 
-    app = FastAPI(
+    # FastAPIOffline: the OpenAPI page's Swagger UI is served from the package, not a CDN, so
+    # it works on an offline machine too.
+    app = FastAPIOffline(
         title="vecsearch", version=__version__, lifespan=lifespan,
         description="Image similarity search inside PostgreSQL: browse, neighbours, search by "
                     "upload, vector arithmetic.",
         docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json",
+        static_url="/api/docs-assets", swagger_ui_oauth2_redirect_url="/api/docs/oauth2-redirect",
     )
     app.state.vs = state
     templates = Jinja2Templates(directory=HERE / "templates")
