@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -113,3 +114,39 @@ def embedder():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         return Embedder(weights="random").prepare()
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """A database of a few real pictures, loaded through `vecsearch.load` (the web tests' data)."""
+
+    settings: Settings
+    folder: Path
+    ids: dict[str, int]  # path relative to `folder` -> image id
+
+
+@pytest.fixture(scope="module")
+def web_gallery(pg_home, embedder, tmp_path_factory) -> Iterator[Gallery]:
+    """Eight images: a..d, a near-copy of a, an EXIF-rotated JPEG, a name that needs HTML
+    escaping, one in a sub-folder. Its own database and home (for the thumbnail cache)."""
+    from PIL import ImageFilter
+
+    from vecsearch.load import load
+
+    folder = tmp_path_factory.mktemp("gallery")
+    for seed, name in enumerate("abcd", start=1):
+        make_image(folder / f"{name}.png", seed=seed)
+    Image.open(folder / "a.png").filter(ImageFilter.GaussianBlur(1)).save(folder / "a_copy.jpg", quality=85)
+    landscape = Image.open(make_image(tmp_path_factory.mktemp("src") / "r.png", seed=6, size=(320, 160)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display (portrait)
+    landscape.save(folder / "rotated.jpg", exif=exif.tobytes())
+    make_image(folder / "odd <name> & 'q'.png", seed=7)
+    make_image(folder / "sub" / "b_sub.png", seed=8)
+    with fresh_database(pg_home) as url:
+        settings = Settings(database_url=url, home=tmp_path_factory.mktemp("webhome"))
+        summary = load(settings, folder, embedder, workers=0)
+        assert summary.failed == [] and summary.new == 8, summary.describe()
+        with db.connect(settings) as conn:
+            rows = conn.execute("SELECT path, id FROM images").fetchall()
+        yield Gallery(settings, folder, {str(Path(p).relative_to(folder)): i for p, i in rows})
