@@ -104,6 +104,27 @@ def make_image(path: Path, seed: int, size: tuple[int, int] = (320, 240),
     return path
 
 
+def insert_vectors(conn: psycopg.Connection, vectors: np.ndarray,
+                   paths: list[str] | None = None) -> list[int]:
+    """Bulk-insert embeddings with COPY, rebuilding the HNSW index afterwards (much faster than
+    inserting into a live graph); returns the new ids in order. Other columns get dummy values."""
+    paths = paths or [f"/synthetic/{i}.jpg" for i in range(len(vectors))]
+    definition = conn.execute("SELECT pg_get_indexdef('images_embedding_hnsw'::regclass)").fetchone()[0]
+    conn.execute("DROP INDEX images_embedding_hnsw")
+    with conn.cursor().copy(
+        "COPY images (path, sha256, bytes, width, height, format, mtime, embedding) FROM STDIN"
+    ) as copy:
+        for i, (path, v) in enumerate(zip(paths, vectors, strict=True)):
+            copy.write_row([path, f"{i:064x}", 1000 + i, 64, 48, "JPEG", "2026-01-01", v])
+    conn.execute("SET maintenance_work_mem = '512MB'")
+    conn.execute(definition)
+    conn.execute("RESET maintenance_work_mem")
+    conn.execute("ANALYZE images")
+    rows = conn.execute("SELECT id, path FROM images WHERE path = ANY(%s)", [paths]).fetchall()
+    by_path = dict((p, i) for i, p in rows)
+    return [by_path[p] for p in paths]
+
+
 @pytest.fixture(scope="session")
 def embedder():
     """One `--weights random` Embedder for the whole session (torch import + build: ~5-8 s)."""

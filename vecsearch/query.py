@@ -1,0 +1,187 @@
+"""Neighbour queries: the k images nearest to an image id or to any vector.
+
+Both call the SQL functions of migration 0002 (`vecsearch_similar`, `vecsearch_similar_to`), so
+the CLI, the web app and an analyst in psql get the same answers: HNSW candidates on
+`embedding::halfvec(2048)`, re-ranked by the exact full-precision distance, with iterative index
+scans under filters and an exact scan when the index cannot supply k rows.
+
+This is the `vecsearch similar` path: psycopg only. A query by id sends no vector at all (the
+database reads the query vector itself); numpy and torch are never imported here.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+from . import db
+from .errors import InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    import numpy as np
+
+MAX_K = 1000
+COLUMNS = ("rank", "id", "similarity", "path")
+# Index candidates per query (hnsw.ef_search): recall@10 0.992 at 100k CNN-like vectors
+# (../shared/NOTES.md, bench/ann.py). hnsw.ef_search accepts 1..1000.
+DEFAULT_EF_SEARCH = 100
+MAX_EF_SEARCH = 1000
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    id: int
+    path: str
+    distance: float  # cosine distance, 0 (same direction) .. 2
+
+    @property
+    def similarity(self) -> float:
+        return 1.0 - self.distance
+
+
+def similar(conn: psycopg.Connection, image_id: int, k: int = 10, *, ef_search: int | None = None,
+            exact: bool = False, under: str | Path | None = None) -> list[Neighbor]:
+    """The k images nearest to image `image_id` by cosine distance, itself excluded."""
+    params = _params(k, ef_search, under)
+    rows = conn.execute(
+        "SELECT id, path, distance FROM vecsearch_similar(%s::bigint, k => %s::integer, "
+        "ef_search => %s::integer, under => %s::text, exact => %s::boolean)",
+        [image_id, k, params["ef_search"], params["under"], exact],
+    ).fetchall()
+    if not rows:
+        _explain_empty(conn, image_id=image_id, under=under)
+    return [Neighbor(*row) for row in rows]
+
+
+def similar_to(conn: psycopg.Connection, vector: Any, k: int = 10, *, exclude: Sequence[int] = (),
+               ef_search: int | None = None, exact: bool = False, under: str | Path | None = None
+               ) -> list[Neighbor]:
+    """The k images nearest to `vector` (floats, numpy array or pgvector Vector), `exclude` left out."""
+    params = _params(k, ef_search, under)
+    try:
+        rows = conn.execute(
+            "SELECT id, path, distance FROM vecsearch_similar_to(%s::vector, k => %s::integer, "
+            "ef_search => %s::integer, under => %s::text, exact => %s::boolean, "
+            "exclude => %s::bigint[])",
+            [_as_vector(vector), k, params["ef_search"], params["under"], exact,
+             [int(i) for i in exclude]],
+        ).fetchall()
+    except psycopg.errors.DataException as e:  # e.g. a vector with NaN
+        raise InvalidInput(f"invalid query vector: {e.diag.message_primary or e}") from e
+    if not rows:
+        _explain_empty(conn, under=under)
+    return [Neighbor(*row) for row in rows]
+
+
+def search_file(conn: psycopg.Connection, path: str | Path, k: int = 10, *, weights: str | None = None,
+                ef_search: int | None = None, exact: bool = False, under: str | Path | None = None
+                ) -> list[Neighbor]:
+    """Neighbours of an image file, embedded with the model the database records.
+
+    A row for the very same file (same absolute path) is left out: the query never finds itself.
+    """
+    file = absolute(path)
+    check_args(k, ef_search)  # fail on bad arguments before loading a model
+    vector = file_embedder(conn, weights)(file)
+    return similar_to(conn, vector, k, exclude=ids_of_paths(conn, [file]), ef_search=ef_search,
+                      exact=exact, under=under)
+
+
+def file_embedder(conn: psycopg.Connection, weights: str | None = None
+                  ) -> Callable[[Path], np.ndarray]:
+    """A function embedding image files with the recorded model, loaded on its first call only."""
+    def embed_file(path: Path) -> np.ndarray:
+        if not Path(path).is_file():
+            raise NotFound(f"no such image file: {path}")
+        from . import models
+
+        record = models.recorded_model(conn)
+        if record is None:
+            raise NotFound("the database has no images yet, so no model to embed with: "
+                           "run `vecsearch load DIR` first")
+        return _embedder(record, weights).embed_file(Path(path))
+
+    return embed_file
+
+
+@functools.lru_cache(maxsize=2)
+def _embedder(record, weights: str | None):
+    """One network per model and process (building it takes seconds; torch is imported here)."""
+    from . import embed
+
+    return embed.Embedder.from_record(record, weights=weights)
+
+
+def ids_of_paths(conn: psycopg.Connection, paths: Sequence[Path | str]) -> list[int]:
+    """Ids of the rows stored under these (absolute) paths, if any."""
+    if not paths:
+        return []
+    rows = conn.execute("SELECT id FROM images WHERE path = ANY(%s::text[])",
+                        [[str(p) for p in paths]]).fetchall()
+    return [r[0] for r in rows]
+
+
+def absolute(path: str | Path) -> Path:
+    """Absolute and normalised, symlinks kept: the form in which paths are stored."""
+    return Path(os.path.abspath(os.path.expanduser(str(path))))
+
+
+def under_prefix(directory: str | Path) -> str:
+    """The path prefix of the files under `directory` (absolute, with a trailing separator)."""
+    prefix = str(absolute(directory))
+    return prefix if prefix.endswith(os.sep) else prefix + os.sep
+
+
+def check_args(k: int, ef_search: int | None = None) -> int:
+    """Validate k and ef_search (before any slow work); returns the ef_search to use."""
+    if not 1 <= k <= MAX_K:
+        raise InvalidInput(f"k must be between 1 and {MAX_K}, not {k}")
+    if ef_search is None:
+        return DEFAULT_EF_SEARCH
+    if not 1 <= ef_search <= MAX_EF_SEARCH:
+        raise InvalidInput(f"ef-search must be between 1 and {MAX_EF_SEARCH}, not {ef_search}")
+    return ef_search
+
+
+def rows(neighbours: Sequence[Neighbor]) -> list[dict[str, Any]]:
+    """Neighbours as output rows with COLUMNS (for output.render and JSON APIs)."""
+    return [{"rank": rank, "id": n.id, "similarity": n.similarity, "path": n.path}
+            for rank, n in enumerate(neighbours, 1)]
+
+
+def _params(k: int, ef_search: int | None, under: str | Path | None) -> dict[str, Any]:
+    return {"ef_search": check_args(k, ef_search),
+            "under": under_prefix(under) if under is not None else None}
+
+
+def _as_vector(vector: Any) -> Any:
+    from pgvector import Vector  # no numpy import: pgvector checks sys.modules for it
+
+    if not isinstance(vector, Vector):
+        is_array = type(vector).__module__ == "numpy"
+        vector = Vector(vector.ravel() if is_array else [float(x) for x in vector])
+    if vector.dimensions() != db.DIM:
+        raise InvalidInput(f"the query vector has {vector.dimensions()} dimensions, the database "
+                           f"stores {db.DIM}")
+    return vector
+
+
+def _explain_empty(conn: psycopg.Connection, *, image_id: int | None = None,
+                   under: str | Path | None = None) -> None:
+    """No rows came back: raise the error that says why, or return if there simply are none."""
+    has_images, has_id = conn.execute(
+        "SELECT EXISTS (SELECT FROM images), EXISTS (SELECT FROM images WHERE id = %s::bigint)",
+        [image_id if image_id is not None else -1]).fetchone()
+    if not has_images:
+        raise NotFound("the database has no images: run `vecsearch load DIR` first")
+    if image_id is not None and not has_id:
+        raise NotFound(f"no image with id {image_id}: ids are listed by `vecsearch db psql -c "
+                       "'SELECT id, path FROM images'`")
+    if under is not None:
+        raise NotFound(f"no other images under {under_prefix(under)}")
