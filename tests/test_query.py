@@ -309,11 +309,9 @@ def test_similar_never_imports_torch_or_numpy(loaded):
 
 
 @pytest.fixture(scope="module")
-def photos(pg_home, tmp_path_factory):
+def photos(pg_home, embedder, tmp_path_factory):
     """Eight distinct pictures and a blurred, resized JPEG copy of picture 0, loaded."""
-    import warnings
-
-    from vecsearch import embed, models
+    from vecsearch import models
 
     folder = tmp_path_factory.mktemp("photos")
     files = [make_image(folder / f"p{seed}.png", seed) for seed in range(8)]
@@ -321,9 +319,6 @@ def photos(pg_home, tmp_path_factory):
     Image.open(files[0]).filter(ImageFilter.GaussianBlur(1)).resize((300, 225)).save(copy, quality=80)
     outside = tmp_path_factory.mktemp("outside") / "p0_other_copy.jpg"
     Image.open(files[0]).resize((280, 210)).save(outside, quality=70)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", embed.RandomWeightsWarning)
-        embedder = embed.Embedder("random")
     files.append(copy)
     vectors = np.stack([embedder.embed_file(f) for f in files])
     with fresh_database(pg_home) as url:
@@ -332,8 +327,7 @@ def photos(pg_home, tmp_path_factory):
             models.ensure_model(conn, embedder.record)
             ids = insert_vectors(conn, vectors, [str(f) for f in files])
         yield {"settings": settings, "files": files, "ids": ids, "vectors": vectors, "copy": copy,
-               "outside": outside, "embedder": embedder,
-               "env": {"VECSEARCH_DATABASE_URL": url, "VECSEARCH_HOME": str(pg_home)}}
+               "outside": outside, "env": {"VECSEARCH_DATABASE_URL": url, "VECSEARCH_HOME": str(pg_home)}}
 
 
 def test_neighbours_of_a_near_copy_image_come_first(photos):
@@ -342,14 +336,27 @@ def test_neighbours_of_a_near_copy_image_come_first(photos):
         assert query.similar(conn, photos["ids"][-1], 3)[0].id == photos["ids"][0]
 
 
-def test_search_file_embeds_with_the_recorded_model(photos):
+def test_search_file_embeds_with_the_recorded_model(photos, embedder):
     with db.connect(photos["settings"]) as conn:
         # A file outside the database: its original and the other copy come first.
-        found = query.search_file(conn, photos["outside"], 3)
+        found = query.search_file(conn, photos["outside"], 3, embedder=embedder)
         assert {n.id for n in found[:2]} == {photos["ids"][0], photos["ids"][-1]}
         # A file that is in the database does not find itself.
-        found = query.search_file(conn, photos["files"][0], 3)
+        found = query.search_file(conn, photos["files"][0], 3, embedder=embedder)
         assert photos["ids"][0] not in [n.id for n in found] and found[0].id == photos["ids"][-1]
+
+
+def test_search_file_refuses_another_model(photos, embedder):
+    from vecsearch import models
+    from vecsearch.errors import SchemaMismatch
+
+    with db.connect(photos["settings"]) as conn:
+        conn.execute("UPDATE embedding_model SET weights = %s", [models.DEFAULT_WEIGHTS])
+        try:
+            with pytest.raises(SchemaMismatch, match="IMAGENET1K_V2"):
+                query.search_file(conn, photos["outside"], 3, embedder=embedder)
+        finally:
+            conn.execute("UPDATE embedding_model SET weights = %s", [embedder.record.weights])
 
 
 def test_cli_search_file(photos):
@@ -358,8 +365,8 @@ def test_cli_search_file(photos):
     assert set(result.stdout.split()) == {str(photos["files"][0]), str(photos["copy"])}
 
 
-def test_arithmetic_with_a_file_term(photos):
-    ids, vectors, embedder = photos["ids"], photos["vectors"], photos["embedder"]
+def test_arithmetic_with_a_file_term(photos, embedder):
+    ids, vectors = photos["ids"], photos["vectors"]
     with db.connect(photos["settings"]) as conn:
         terms = expr.parse(f"'{photos['files'][0]}' + {ids[3]}*0.5 - {ids[5]}")
         vector, exclude = expr.evaluate(conn, terms, embedder.embed_file)

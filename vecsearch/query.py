@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 
 from . import db
-from .errors import InvalidInput, NotFound
+from .errors import InvalidInput, NotFound, SchemaMismatch
 
 if TYPE_CHECKING:
     import numpy as np
@@ -80,22 +80,25 @@ def similar_to(conn: psycopg.Connection, vector: Any, k: int = 10, *, exclude: S
 
 
 def search_file(conn: psycopg.Connection, path: str | Path, k: int = 10, *, weights: str | None = None,
-                ef_search: int | None = None, exact: bool = False, under: str | Path | None = None
-                ) -> list[Neighbor]:
+                embedder: Any = None, ef_search: int | None = None, exact: bool = False,
+                under: str | Path | None = None) -> list[Neighbor]:
     """Neighbours of an image file, embedded with the model the database records.
 
-    A row for the very same file (same absolute path) is left out: the query never finds itself.
+    `embedder`: an embed.Embedder to use (it must be the recorded model), else one is built
+    (`weights`: the weights file, for a database loaded with one). A row for the very same file
+    (same absolute path) is left out: the query never finds itself.
     """
     file = absolute(path)
     check_args(k, ef_search)  # fail on bad arguments before loading a model
-    vector = file_embedder(conn, weights)(file)
+    vector = file_embedder(conn, weights, embedder=embedder)(file)
     return similar_to(conn, vector, k, exclude=ids_of_paths(conn, [file]), ef_search=ef_search,
                       exact=exact, under=under)
 
 
-def file_embedder(conn: psycopg.Connection, weights: str | None = None
+def file_embedder(conn: psycopg.Connection, weights: str | None = None, *, embedder: Any = None
                   ) -> Callable[[Path], np.ndarray]:
-    """A function embedding image files with the recorded model, loaded on its first call only."""
+    """A function embedding image files with the recorded model (built on first use, then cached)."""
+
     def embed_file(path: Path) -> np.ndarray:
         if not Path(path).is_file():
             raise NotFound(f"no such image file: {path}")
@@ -105,7 +108,11 @@ def file_embedder(conn: psycopg.Connection, weights: str | None = None
         if record is None:
             raise NotFound("the database has no images yet, so no model to embed with: "
                            "run `vecsearch load DIR` first")
-        return _embedder(record, weights).embed_file(Path(path))
+        if embedder is None:
+            return _embedder(record, weights).embed_file(Path(path))
+        if embedder.record != record:
+            raise SchemaMismatch(models.mismatch_message(record, embedder.record))
+        return embedder.embed_file(Path(path))
 
     return embed_file
 
