@@ -333,6 +333,17 @@ def _truncated_png() -> bytes:
     return buf.getvalue()[: len(buf.getvalue()) // 2]
 
 
+def test_upload_with_weights_other_than_the_recorded_model_is_refused(web_gallery, tmp_path):
+    other = tmp_path / "other-weights.pt"
+    other.write_bytes(os.urandom(1024))
+    app = web.create_app(web_gallery.settings, weights=str(other))
+    with TestClient(app, base_url=BASE) as c:
+        query = (web_gallery.folder / "a.png").read_bytes()
+        response = c.post("/api/search", files={"file": ("a.png", query)})
+    assert response.status_code == 409
+    assert "random(seed=0)" in response.json()["error"] and "--reembed" in response.json()["error"]
+
+
 @pytest.mark.parametrize("content,message", [
     (b"", "the uploaded file is empty"),
     (b"just some text, not a picture", "x.jpg: not an image"),

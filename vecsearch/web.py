@@ -53,6 +53,7 @@ from .errors import (
     PgvectorMissing,
     SchemaMismatch,
     VecsearchError,
+    WeightsUnavailable,
 )
 
 log = logging.getLogger("vecsearch.web")
@@ -245,6 +246,9 @@ class State:
         self.max_upload_bytes = max_upload_bytes
         self.pool_size = pool_size
         self.pool = None
+        # Decodes at once (thumbnails, uploads): a 90-megapixel PNG takes 270 MB to decode, and
+        # a grid page asks for dozens of thumbnails in parallel.
+        self.decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
     def open(self) -> None:
         from psycopg_pool import ConnectionPool
@@ -423,7 +427,8 @@ def create_app(settings: Settings, *, weights: str | None = None,
             raise InvalidInput("the uploaded file is empty: choose an image file")
         with state.connection() as conn:
             record = recorded_model(conn)
-        img = decode_upload(data, filename)  # in memory: an upload never touches the disk
+        with state.decode_slots:
+            img = decode_upload(data, filename)  # in memory: an upload never touches the disk
         vector = state.model.embed_image(record, img)
         preview = _data_uri_thumbnail(img)
         with state.connection() as conn:
@@ -491,7 +496,8 @@ def create_app(settings: Settings, *, weights: str | None = None,
             return FileResponse(path, media_type=mime or "application/octet-stream",
                                 content_disposition_type="inline" if mime else "attachment",
                                 filename=os.path.basename(path))
-        thumb = thumbs.thumbnail(settings.home, path, thumbs.SIZES[rendition.value])
+        with state.decode_slots:
+            thumb = thumbs.thumbnail(settings.home, path, thumbs.SIZES[rendition.value])
         return FileResponse(thumb, media_type="image/jpeg",
                             headers={"cache-control": "private, max-age=86400"})
 
@@ -530,7 +536,8 @@ def create_app(settings: Settings, *, weights: str | None = None,
 
 
 _STATUSES = [(UploadTooLarge, 413), (NotFound, 404), (InvalidInput, 400),
-             (DatabaseUnavailable, 503), (PgvectorMissing, 503), (SchemaMismatch, 409)]
+             (DatabaseUnavailable, 503), (PgvectorMissing, 503), (SchemaMismatch, 409),
+             (WeightsUnavailable, 503)]
 
 
 def _status_of(exc: VecsearchError) -> int:
