@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import numpy as np
@@ -96,6 +97,17 @@ def test_scratch_schema_mirrors_the_tables_and_is_dropped(conn):
             indexes["images_embedding_hnsw"]
         assert _schemas(conn) == [schema]
     assert _schemas(conn) == []
+    # A run killed with SIGKILL leaves its schema; the next run on this machine drops it.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = f"{evaluate.SCRATCH_PREFIX}{evaluate._host_tag()}_{dead.pid}_0000"
+    other_host = "ffffff" if evaluate._host_tag() != "ffffff" else "000000"
+    elsewhere = f"{evaluate.SCRATCH_PREFIX}{other_host}_{dead.pid}_0000"  # not ours to judge
+    for name in (left, elsewhere):
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
+    with evaluate.scratch_schema(conn) as schema:
+        assert sorted(_schemas(conn)) == sorted([schema, elsewhere])
+    conn.execute(sql.SQL("DROP SCHEMA {}").format(sql.Identifier(elsewhere)))
     with pytest.raises(RuntimeError), evaluate.scratch_schema(conn):
         raise RuntimeError("a failed run drops its schema too")
     assert _schemas(conn) == []

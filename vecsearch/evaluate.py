@@ -15,10 +15,12 @@ Metrics, per query, then averaged over queries (macro average):
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -261,9 +263,10 @@ def scratch_schema(conn: psycopg.Connection) -> Iterator[str]:
 
     Every table, index (under the same names: a load that drops and rebuilds
     `images_embedding_hnsw` with `search_path = scratch, public` must find the scratch one)
-    and storage option is copied.
+    and storage option is copied. Schemas left by killed runs on this machine are dropped first.
     """
-    name = f"{SCRATCH_PREFIX}{os.getpid()}_{secrets.token_hex(4)}"
+    drop_stale_scratch_schemas(conn)
+    name = f"{SCRATCH_PREFIX}{_host_tag()}_{os.getpid()}_{secrets.token_hex(4)}"
     schema = sql.Identifier(name)
     try:
         with conn.transaction():
@@ -305,14 +308,20 @@ def _copy_index_names(conn: psycopg.Connection, schema: str, table: str) -> None
                 sql.Identifier(schema), sql.Identifier(have), sql.Identifier(wanted)))
 
 
-def stale_scratch_schemas(conn: psycopg.Connection) -> list[str]:
-    """Scratch schemas left behind by an eval that was killed (its process gone)."""
-    names = [r[0] for r in conn.execute(
-        "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, %s)", [SCRATCH_PREFIX])]
+def _host_tag() -> str:
+    """Six hex digits of this machine's name: a pid only says something about its own host."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+
+
+def drop_stale_scratch_schemas(conn: psycopg.Connection) -> list[str]:
+    """Drop the scratch schemas of evals on this machine that were killed (their process gone)."""
+    mine = f"{SCRATCH_PREFIX}{_host_tag()}_"
     stale = []
-    for name in names:
-        pid = name.removeprefix(SCRATCH_PREFIX).split("_", 1)[0]
+    for (name,) in conn.execute("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, %s)",
+                                [mine]).fetchall():
+        pid = name.removeprefix(mine).split("_", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
             stale.append(name)
     return stale
 
@@ -325,13 +334,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def drop_stale_scratch_schemas(conn: psycopg.Connection) -> list[str]:
-    stale = stale_scratch_schemas(conn)
-    for name in stale:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-    return stale
 
 
 # -- neighbours in the scratch schema --------------------------------------------------------
