@@ -117,6 +117,8 @@ def test_api_images_lists_pages_in_id_order(client, web_gallery):
     assert [img["id"] for img in body["images"]] == ids[3:6]
     assert client.get("/api/images", params={"q": "odd <name>"}).json()["total"] == 1
     assert client.get("/api/images", params={"per_page": 0}).status_code == 400
+    assert client.get("/api/images", params={"page": 10**20}).status_code == 400
+    assert client.get("/api/images", params={"page": 10**9}).json()["images"] == []
     bad = client.get("/api/images", params={"page": "x"})
     assert bad.status_code == 400 and "page" in bad.json()["error"]
 
@@ -258,6 +260,9 @@ TRAVERSALS = [
     "/media/-1/original",
     "/media/1.5/thumb",
     "/media/987654/original",
+    "/media/99999999999999999999/original",
+    "/api/images/99999999999999999999/similar",
+    "/media/0/thumb",
     "/static/../web.py",
     "/static/../../pyproject.toml",
     "/static/%2e%2e/web.py",

@@ -31,6 +31,7 @@ from typing import Annotated, Any
 
 import psycopg
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -77,7 +78,9 @@ DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-
 # Query parameters shared by pages and API (module level: annotations are resolved by name).
 K = Annotated[int, Query(ge=1, le=MAX_K, description="How many neighbours.")]
 Contains = Annotated[str | None, Query(max_length=1000, description="Only paths containing this (any case).")]
-PageNo = Annotated[int, Query(alias="page", ge=1)]
+PageNo = Annotated[int, Query(alias="page", ge=1, le=10**9)]
+# Out of range is "no such image" (404), not a database error.
+ImageId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 PerPage = Annotated[int, Query(ge=1, le=MAX_PER_PAGE)]
 
 
@@ -456,7 +459,7 @@ def create_app(settings: Settings, *, weights: str | None = None,
         return page(request, "browse.html", data=data, q=q or "")
 
     @app.get("/images/{image_id}", response_class=HTMLResponse, include_in_schema=False)
-    def image_page(request: Request, image_id: int, k: K = DEFAULT_K):
+    def image_page(request: Request, image_id: ImageId, k: K = DEFAULT_K):
         info, result = similar_data(image_id, k)
         return page(request, "image.html", image=info, result=result, k=k)
 
@@ -485,7 +488,7 @@ def create_app(settings: Settings, *, weights: str | None = None,
         return page(request, "arithmetic.html", expr=expr, result=result, k=k)
 
     @app.get("/media/{image_id}/{rendition}", include_in_schema=False)
-    def media(image_id: int, rendition: Rendition):
+    def media(image_id: ImageId, rendition: Rendition):
         with state.connection() as conn:
             row = get_image(conn, image_id)
         path = row["path"]
@@ -509,13 +512,13 @@ def create_app(settings: Settings, *, weights: str | None = None,
         return browse_data(q, page_no, per_page)
 
     @app.get("/api/images/{image_id}", response_model=ImageInfo, tags=["images"])
-    def api_image(image_id: int) -> ImageInfo:
+    def api_image(image_id: ImageId) -> ImageInfo:
         """An image's metadata (path, size, format, dimensions, hashes) and its URLs."""
         with state.connection() as conn:
             return _info(get_image(conn, image_id))
 
     @app.get("/api/images/{image_id}/similar", response_model=SimilarOut, tags=["search"])
-    def api_similar(image_id: int, k: K = 10, exact: bool = False,
+    def api_similar(image_id: ImageId, k: K = 10, exact: bool = False,
                     ef_search: Annotated[int | None, Query(ge=1, le=10000)] = None) -> SimilarOut:
         """The k nearest images to image `image_id` (itself excluded), as `vecsearch similar`."""
         return similar_data(image_id, k, exact=exact, ef_search=ef_search)[1]
