@@ -223,7 +223,7 @@ class LazyModel:
             return self._embedder.embed_images([img])[0]
 
 
-def recorded_model(conn: psycopg.Connection):
+def _recorded_model(conn: psycopg.Connection):
     from .models import recorded_model as read
 
     record = read(conn)
@@ -299,7 +299,7 @@ class _UploadLimit:
             return await self.app(scope, receive, send)
         length = Headers(scope=scope).get("content-length", "")
         if length.isdigit() and int(length) > self.limit:
-            response = self.respond(Request(scope), 413, self.message())
+            response = self.respond(Request(scope), 413, _too_large(self.limit))
             return await response(scope, receive, send)
         seen = 0
 
@@ -308,14 +308,15 @@ class _UploadLimit:
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:  # chunked upload without a Content-Length
-                raise HTTPException(413, self.message())
+                raise HTTPException(413, _too_large(self.limit))
             return message
 
         await self.app(scope, limited, send)
 
-    def message(self) -> str:
-        return (f"the upload is larger than the server's limit of {self.limit // (1024 * 1024)} MB "
-                "(`vecsearch serve --max-upload-mb`)")
+
+def _too_large(limit: int) -> str:
+    return (f"the upload is larger than the server's limit of {limit / (1024 * 1024):g} MB "
+            "(`vecsearch serve --max-upload-mb`)")
 
 
 class _SecurityHeaders:
@@ -425,11 +426,11 @@ def create_app(settings: Settings, *, weights: str | None = None,
         from .query import similar_to
 
         if len(data) > state.max_upload_bytes:
-            raise UploadTooLarge(_UploadLimit(None, state.max_upload_bytes, None).message())
+            raise UploadTooLarge(_too_large(state.max_upload_bytes))
         if not data:
             raise InvalidInput("the uploaded file is empty: choose an image file")
         with state.connection() as conn:
-            record = recorded_model(conn)
+            record = _recorded_model(conn)
         with state.decode_slots:
             img = decode_upload(data, filename)  # in memory: an upload never touches the disk
         vector = state.model.embed_image(record, img)
