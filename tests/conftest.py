@@ -125,6 +125,26 @@ def insert_vectors(conn: psycopg.Connection, vectors: np.ndarray,
     return [by_path[p] for p in paths]
 
 
+def clustered(n: int, seed: int, clusters: int = 40, noise: float = 0.8) -> np.ndarray:
+    """Non-negative, clustered, L2-normalised float32 vectors, like ResNet features."""
+    rng = np.random.default_rng(seed)
+    centres = np.abs(rng.normal(size=(clusters, db.DIM)))
+    v = np.maximum(centres[rng.integers(0, clusters, n)] + rng.normal(scale=noise, size=(n, db.DIM)), 0)
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def exact_neighbours(vectors: np.ndarray, ids: list[int], q: np.ndarray, k: int, exclude=(),
+                     mask=None) -> list[tuple[int, float]]:
+    """numpy reference: [(id, cosine distance)] of the k nearest, in float64."""
+    v = vectors.astype(np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    d = 1 - v @ q / (np.linalg.norm(v, axis=1) * np.linalg.norm(q))
+    excluded = set(exclude)
+    keep = np.array([i not in excluded for i in ids]) & (mask if mask is not None else True)
+    order = [j for j in np.argsort(d, kind="stable") if keep[j]][:k]
+    return [(ids[j], d[j]) for j in order]
+
+
 @pytest.fixture(scope="session")
 def embedder():
     """One `--weights random` Embedder for the whole session (torch import + build: ~5-8 s)."""

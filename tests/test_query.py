@@ -15,30 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fresh_database, insert_vectors, make_image, run_cli
+from conftest import clustered, exact_neighbours, fresh_database, insert_vectors, make_image, run_cli
 from PIL import Image, ImageFilter
 
 from vecsearch import db, expr, query
 from vecsearch.config import Settings
 from vecsearch.errors import InvalidInput, NotFound
-
-
-def clustered(n: int, seed: int, clusters: int = 40, noise: float = 0.8) -> np.ndarray:
-    """Non-negative, clustered, L2-normalised float32 vectors, like ResNet features."""
-    rng = np.random.default_rng(seed)
-    centres = np.abs(rng.normal(size=(clusters, db.DIM)))
-    v = np.maximum(centres[rng.integers(0, clusters, n)] + rng.normal(scale=noise, size=(n, db.DIM)), 0)
-    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
-
-
-def exact(vectors: np.ndarray, ids: list[int], q: np.ndarray, k: int, exclude=(), mask=None):
-    """numpy reference: [(id, cosine distance)] of the k nearest, in float64."""
-    v = vectors.astype(np.float64)
-    q = np.asarray(q, dtype=np.float64)
-    d = 1 - v @ q / (np.linalg.norm(v, axis=1) * np.linalg.norm(q))
-    keep = np.array([i not in set(exclude) for i in ids]) & (mask if mask is not None else True)
-    order = [j for j in np.argsort(d, kind="stable") if keep[j]][:k]
-    return [(ids[j], d[j]) for j in order]
 
 
 def assert_same(neighbours: list[query.Neighbor], reference) -> None:
@@ -83,12 +65,12 @@ def test_similar_by_id_matches_exact_reference_and_excludes_itself(loaded, lconn
     hits = 0
     for j in (0, 1, 500, 1234, 2499):
         image_id = loaded.ids[j]
-        reference = exact(loaded.vectors, loaded.ids, loaded.vectors[j], 10, exclude=[image_id])
+        reference = exact_neighbours(loaded.vectors, loaded.ids, loaded.vectors[j], 10, exclude=[image_id])
         ann = query.similar(lconn, image_id, 10)
         assert image_id not in [n.id for n in ann]
         assert [n.distance for n in ann] == sorted(n.distance for n in ann)
         # Re-ranked: every distance returned is the exact full-precision one.
-        by_id = {i: d for i, d in exact(loaded.vectors, loaded.ids, loaded.vectors[j], 2500)}
+        by_id = {i: d for i, d in exact_neighbours(loaded.vectors, loaded.ids, loaded.vectors[j], 2500)}
         np.testing.assert_allclose([n.distance for n in ann], [by_id[n.id] for n in ann], atol=1e-6)
         hits += len({n.id for n in ann} & {i for i, _ in reference})
         assert_same(query.similar(lconn, image_id, 10, exact=True), reference)
@@ -100,7 +82,7 @@ def test_ann_equals_exact_on_a_small_set(conn):
     ids = insert_vectors(conn, vectors)
     for j in range(0, 400, 20):
         ann = query.similar(conn, ids[j], 10)
-        assert_same(ann, exact(vectors, ids, vectors[j], 10, exclude=[ids[j]]))
+        assert_same(ann, exact_neighbours(vectors, ids, vectors[j], 10, exclude=[ids[j]]))
         assert ann == query.similar(conn, ids[j], 10, exact=True)
 
 
@@ -119,7 +101,7 @@ def test_under_filter_returns_k_rows_when_k_match(loaded, lconn):
         image_id = loaded.ids[j]
         ann = query.similar(lconn, image_id, k, under=prefix)
         directory = query.under_prefix(prefix)
-        reference = exact(loaded.vectors, loaded.ids, loaded.vectors[j], k, exclude=[image_id],
+        reference = exact_neighbours(loaded.vectors, loaded.ids, loaded.vectors[j], k, exclude=[image_id],
                           mask=loaded.mask(directory))
         assert len(ann) == k
         assert all(n.path.startswith(directory) for n in ann)  # /photos/ab/ is not under /photos/a
@@ -131,7 +113,8 @@ def test_under_filter_returns_k_rows_when_k_match(loaded, lconn):
 def test_under_filter_with_fewer_matches_than_k_returns_them_all(loaded, lconn):
     ann = query.similar(lconn, loaded.ids[0], 50, under="/photos/rare/")
     assert len(ann) == loaded.mask("/photos/rare/").sum() < 50
-    reference = exact(loaded.vectors, loaded.ids, loaded.vectors[0], 50, mask=loaded.mask("/photos/rare/"))
+    reference = exact_neighbours(loaded.vectors, loaded.ids, loaded.vectors[0], 50,
+                                 mask=loaded.mask("/photos/rare/"))
     assert_same(ann, reference)
 
 
@@ -146,7 +129,7 @@ def test_ef_search_and_large_k(loaded, lconn):
     # k above the default ef_search: ef_search is raised to k, so all k rows come back.
     big = query.similar(lconn, image_id, 300)
     assert len(big) == 300 and len({n.id for n in big}) == 300
-    reference = exact(loaded.vectors, loaded.ids, loaded.vectors[5], 10, exclude=[image_id])
+    reference = exact_neighbours(loaded.vectors, loaded.ids, loaded.vectors[5], 10, exclude=[image_id])
     low = query.similar(lconn, image_id, 10, ef_search=10)
     high = query.similar(lconn, image_id, 10, ef_search=400)
     recall = [len({n.id for n in r} & {i for i, _ in reference}) for r in (low, high)]
@@ -157,7 +140,7 @@ def test_similar_to_vector_list_and_exclude(loaded, lconn):
     q = clustered(1, seed=99)[0]
     exclude = [n.id for n in query.similar_to(lconn, q, 3, exact=True)]
     result = query.similar_to(lconn, q.tolist(), 10, exclude=exclude, exact=True)
-    assert_same(result, exact(loaded.vectors, loaded.ids, q, 10, exclude=exclude))
+    assert_same(result, exact_neighbours(loaded.vectors, loaded.ids, q, 10, exclude=exclude))
     with pytest.raises(InvalidInput, match="512 dimensions"):
         query.similar_to(lconn, [0.1] * 512)
 
@@ -230,7 +213,7 @@ def test_arithmetic_matches_numpy_reference(loaded, lconn):
     np.testing.assert_allclose(vector, reference, atol=1e-6)
     assert sorted(exclude) == sorted([a, b, c])
     result = query.similar_to(lconn, vector, 10, exclude=exclude, exact=True)
-    assert_same(result, exact(loaded.vectors, loaded.ids, reference, 10, exclude=[a, b, c]))
+    assert_same(result, exact_neighbours(loaded.vectors, loaded.ids, reference, 10, exclude=[a, b, c]))
     # The same through the CLI.
     out = run_cli("similar", f"{a} + {b}*0.5 - {c}", "-k", "10", "--exact", "-f", "json",
                   env=loaded.env, check=True)
@@ -375,4 +358,4 @@ def test_arithmetic_with_a_file_term(photos, embedder):
         # The file is in the database: its row is excluded like the ids.
         assert sorted(exclude) == sorted([ids[0], ids[3], ids[5]])
         result = query.similar_to(conn, vector, 4, exclude=exclude)
-        assert_same(result, exact(vectors, ids, reference, 4, exclude=exclude))
+        assert_same(result, exact_neighbours(vectors, ids, reference, 4, exclude=exclude))

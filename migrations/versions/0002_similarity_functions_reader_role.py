@@ -16,9 +16,10 @@ How a query runs (see ../shared/NOTES.md for the measurements behind each choice
   plan (LIMIT of unknown size) could pick a sequential scan and keep it; the candidate query
   runs with enable_seqscan off, because the planner costs 2048-d distances and TOAST reads as
   nearly free and prefers a sequential scan on tables of thousands of rows;
-- if the index scan still yields fewer than k rows (a filter so selective that the scan gave up
-  after hnsw.max_scan_tuples), the exact scan over the filtered rows answers instead, so a
-  filter returns k rows whenever k matching rows exist.
+- a path prefix (`under`) matching fewer than 2000 rows is answered by an exact scan of those
+  rows (cheaper than walking the graph past all the others); and if the index scan still yields
+  fewer than k rows (the scan gave up after hnsw.max_scan_tuples), the exact scan over the
+  filtered rows answers instead, so a filter returns k rows whenever k matching rows exist.
 
 Roles are cluster-wide: `vecsearch_reader` is created once per server (if missing), and each
 migrated database grants it read access.
@@ -37,6 +38,8 @@ depends_on = None
 # The same limits as vecsearch.query (hnsw.ef_search itself accepts 1..1000).
 MAX_K = 1000
 DEFAULT_EF_SEARCH = 100
+# A path prefix matching fewer rows than this is answered by an exact scan of those rows.
+EXACT_BELOW = 2000
 
 SIMILAR_TO = f"""
 CREATE FUNCTION vecsearch_similar_to(
@@ -54,7 +57,11 @@ SET hnsw.ef_search = {DEFAULT_EF_SEARCH}
 SET enable_seqscan = on
 AS $fn$
 DECLARE
-    where_under text := CASE WHEN under IS NULL THEN '' ELSE ' AND starts_with(i.path, $4)' END;
+    -- Exact scans filter with starts_with(), which a btree on path serves (C collation); the
+    -- candidate query uses a form no btree serves, so the filter cannot pull it off the HNSW index.
+    where_under   text := CASE WHEN under IS NULL THEN '' ELSE ' AND starts_with(i.path, $4)' END;
+    ann_under     text := CASE WHEN under IS NULL THEN '' ELSE ' AND left(i.path, length($4)) = $4' END;
+    matching      bigint;
     ann_ids       bigint[];
     ann_paths     text[];
     ann_distances double precision[];
@@ -71,6 +78,13 @@ BEGIN
         RETURN;
     END IF;
     exclude := coalesce(exclude, '{{}}');
+    IF NOT exact AND under IS NOT NULL THEN
+        -- Few rows under the prefix: scanning them exactly is faster than walking the graph
+        -- past all the others (and exact).
+        EXECUTE 'SELECT count(*) FROM (SELECT FROM images i WHERE starts_with(i.path, $1) LIMIT $2) s'
+            INTO matching USING under, {EXACT_BELOW};
+        exact := matching < {EXACT_BELOW};
+    END IF;
     IF NOT exact THEN
         -- Scoped to this call by the SET clauses above (a SET LOCAL inside such a function is
         -- undone when it returns). The planner costs a sequential scan as if 2048-d distances
@@ -93,7 +107,7 @@ BEGIN
                 ) a
                 ORDER BY 3, 1
                 LIMIT $2
-            ) c $q$, where_under)
+            ) c $q$, ann_under)
             INTO ann_ids, ann_paths, ann_distances
             USING q, k, greatest(k, ef_search), under, exclude;
         PERFORM set_config('enable_seqscan', 'on', true);
@@ -103,6 +117,7 @@ BEGIN
         END IF;
         -- Fewer than k: a filter so selective that the index scan gave up (hnsw.max_scan_tuples),
         -- or a table of fewer than k rows. The exact scan of the filtered rows answers.
+        -- (The rows just fetched went into variables, never into the result.)
     END IF;
     -- Exact: the full-precision distance, which no index serves.
     RETURN QUERY EXECUTE format($q$
