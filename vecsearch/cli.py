@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -446,7 +447,8 @@ def similar_command(
                 title = f"neighbours of {image_id}: " + conn.execute(
                     "SELECT path FROM images WHERE id = %s", [image_id]).fetchone()[0]
         else:
-            vector, exclude = expr.evaluate(conn, terms, query.file_embedder(conn, weights))
+            with _warnings_as_lines():
+                vector, exclude = expr.evaluate(conn, terms, query.file_embedder(conn, weights))
             neighbours = query.similar_to(conn, vector, k, exclude=exclude, **options)
             title = f"neighbours of {query_text}"
     _print_neighbours(neighbours, fmt, title)
@@ -467,10 +469,22 @@ def search_command(
     from . import query
 
     fmt = _output_format(fmt)
-    with db.connect(settings(ctx)) as conn:
+    with db.connect(settings(ctx)) as conn, _warnings_as_lines():
         neighbours = query.search_file(conn, file, k, weights=weights, ef_search=ef_search,
                                        exact=exact, under=under)
     _print_neighbours(neighbours, fmt, f"neighbours of {file}")
+
+
+@contextmanager
+def _warnings_as_lines():
+    """Python warnings (e.g. the random-weights test model) as one `warning: ...` line each."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}",
+                                                                           markup=False)
+        yield
 
 
 def _print_neighbours(neighbours, fmt: str, title: str | None) -> None:
