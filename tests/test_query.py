@@ -346,6 +346,7 @@ def test_cli_search_file(photos):
     result = run_cli("search", str(photos["outside"]), "-k", "2", "-f", "paths", env=photos["env"],
                      check=True)
     assert set(result.stdout.split()) == {str(photos["files"][0]), str(photos["copy"])}
+    assert result.stderr.startswith("warning: --weights random") and "Traceback" not in result.stderr
 
 
 def test_arithmetic_with_a_file_term(photos, embedder):
