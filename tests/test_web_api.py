@@ -434,6 +434,11 @@ def test_openapi_documents_every_api_endpoint(client):
     assert set(spec["paths"]) == {"/api/images", "/api/images/{image_id}",
                                   "/api/images/{image_id}/similar", "/api/search", "/api/arithmetic"}
     assert "post" in spec["paths"]["/api/search"]
+    for operations in spec["paths"].values():  # errors documented as they are sent: 400 {error, status}
+        for operation in operations.values():
+            assert "422" not in operation["responses"]
+            assert operation["responses"]["400"]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/ErrorOut"}
     docs = client.get("/api/docs")
     assert docs.status_code == 200 and "/api/openapi.json" in docs.text
 

@@ -138,6 +138,19 @@ class SimilarOut(BaseModel):
     results: list[NeighbourOut]
 
 
+class ErrorOut(BaseModel):
+    error: str
+    status: int
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorOut, "description": "Invalid input (the message says what to change)"},
+    404: {"model": ErrorOut, "description": "No such image or page"},
+    413: {"model": ErrorOut, "description": "Upload over the size limit"},
+    503: {"model": ErrorOut, "description": "Database or model weights unavailable"},
+}
+
+
 # -- catalogue queries (browse and metadata; neighbours come from vecsearch.query) ------------
 
 _COLUMNS = "id, path, sha256, bytes, width, height, format, mtime, loaded_at"
@@ -379,6 +392,7 @@ def create_app(settings: Settings, *, weights: str | None = None,
         static_url="/api/docs-assets", swagger_ui_oauth2_redirect_url="/api/docs/oauth2-redirect",
     )
     app.state.vs = state
+    _openapi_without_422(app)
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.globals.update(version=__version__, max_upload_bytes=max_upload_bytes,
                                  default_k=DEFAULT_K, max_k=MAX_K)
@@ -507,30 +521,35 @@ def create_app(settings: Settings, *, weights: str | None = None,
 
     # -- JSON API -----------------------------------------------------------------------------
 
-    @app.get("/api/images", response_model=ImagePage, tags=["images"])
+    @app.get("/api/images", response_model=ImagePage, tags=["images"], summary="List images",
+             responses=_ERRORS)
     def api_images(q: Contains = None, page_no: PageNo = 1, per_page: PerPage = PER_PAGE) -> ImagePage:
         """A page of images in load order, optionally only those whose path contains `q`."""
         return browse_data(q, page_no, per_page)
 
-    @app.get("/api/images/{image_id}", response_model=ImageInfo, tags=["images"])
+    @app.get("/api/images/{image_id}", response_model=ImageInfo, tags=["images"],
+             summary="Image metadata", responses=_ERRORS)
     def api_image(image_id: ImageId) -> ImageInfo:
         """An image's metadata (path, size, format, dimensions, hashes) and its URLs."""
         with state.connection() as conn:
             return _info(get_image(conn, image_id))
 
-    @app.get("/api/images/{image_id}/similar", response_model=SimilarOut, tags=["search"])
+    @app.get("/api/images/{image_id}/similar", response_model=SimilarOut, tags=["search"],
+             summary="Neighbours of an image", responses=_ERRORS)
     def api_similar(image_id: ImageId, k: K = 10, exact: bool = False,
                     ef_search: Annotated[int | None, Query(ge=1, le=10000)] = None) -> SimilarOut:
         """The k nearest images to image `image_id` (itself excluded), as `vecsearch similar`."""
         return similar_data(image_id, k, exact=exact, ef_search=ef_search)[1]
 
-    @app.post("/api/search", response_model=SimilarOut, tags=["search"])
+    @app.post("/api/search", response_model=SimilarOut, tags=["search"],
+              summary="Search by an uploaded image", responses=_ERRORS)
     def api_search(file: Annotated[UploadFile, File(description="An image file.")],
                    k: Annotated[int, Form(ge=1, le=MAX_K)] = 10) -> SimilarOut:
         """The k nearest images to an uploaded image file, as `vecsearch search FILE`."""
         return upload_data(file.file.read(state.max_upload_bytes + 1), file.filename, k)[0]
 
-    @app.get("/api/arithmetic", response_model=SimilarOut, tags=["search"])
+    @app.get("/api/arithmetic", response_model=SimilarOut, tags=["search"],
+             summary="Vector arithmetic", responses=_ERRORS)
     def api_arithmetic(expr: Annotated[str, Query(min_length=1, max_length=2000, description=(
             "Weighted sum of image ids, e.g. `12 + 40*0.5 - 7`"))], k: K = 10) -> SimilarOut:
         """The k nearest images to a sum of weighted image vectors (query ids excluded)."""
@@ -578,6 +597,23 @@ def _add_error_handlers(app: FastAPI, respond) -> None:
     async def internal_error(request: Request, exc: Exception) -> Response:
         log.exception("internal error on %s", request.url.path)
         return respond(request, 500, "internal error: the server log has the details")
+
+
+def _openapi_without_422(app: FastAPI) -> None:
+    """Validation errors here are 400 {error, status} (see _ERRORS), not FastAPI's 422."""
+    default = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = default()
+            for operations in schema["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _filesize(n: int) -> str:
