@@ -520,6 +520,67 @@ def db_reader(
                   "`vecsearch db start --tcp`, then this command again", markup=False)
 
 
+# -- load -----------------------------------------------------------------------------------
+
+
+@app.command("load")
+def load_command(
+    ctx: typer.Context,
+    folder: Annotated[Path, typer.Argument(
+        help="Folder of images, searched recursively.", show_default=False)],
+    weights: Annotated[str, typer.Option(
+        "--weights", help="default: torchvision's ImageNet weights (IMAGENET1K_V2, downloaded once into "
+        "TORCH_HOME); FILE: a local ResNet50 state dict (air-gapped machines); random: a seeded "
+        "untrained network, for smoke tests only.")] = "default",
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model forward.")] = 16,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", help="Decode processes [default: CPU cores - 1; 0 decodes in the main process].",
+        show_default=False)] = None,
+    precision: Annotated[str, typer.Option(
+        "--precision", help="fp32, or bf16: autocast, used only if on the first batch it keeps cosine >= "
+        "0.999 to fp32 and is faster (else fp32, with a warning).")] = "fp32",
+    prune: Annotated[bool, typer.Option(
+        "--prune", help="Delete rows under FOLDER whose files are gone.")] = False,
+    reembed: Annotated[bool, typer.Option(
+        "--reembed", help="Re-embed every image in the database (the way to switch models).")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Print only skipped files and errors.")] = False,
+    errors: Annotated[Path | None, typer.Option(
+        "--errors", help="Write the skipped files to this CSV (path, reason).", show_default=False)] = None,
+) -> None:
+    """Embed the images under FOLDER into the database; unchanged files are not read again.
+
+    Exit code 0: everything loaded; 2: some files were skipped as unreadable (each listed with its
+    reason); 1: a fatal error; 130: interrupted (what was committed stays; a re-run completes it).
+    """
+    import warnings
+
+    from . import load as loader
+    from . import progress
+    from .embed import Embedder
+
+    def show(message, category, *args, **kwargs) -> None:
+        if not quiet:
+            err.print(f"warning: {message}", markup=False)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        try:
+            embedder = Embedder(weights, device=device, batch_size=batch_size, precision=precision)
+            summary = loader.load(settings(ctx), folder, embedder, prune=prune, reembed=reembed,
+                                  progress=progress.for_terminal(err, quiet), errors_csv=errors,
+                                  workers=workers)
+        except KeyboardInterrupt:
+            err.print("interrupted: rows committed so far are kept; run the same load again to finish",
+                      markup=False)
+            raise typer.Exit(130) from None
+    if not quiet:
+        out.print(summary.describe(), markup=False)
+    raise typer.Exit(summary.exit_code)
+
+
 def main() -> None:
     """Console entry point: one-line errors with distinct exit codes (tracebacks with --debug)."""
     debug = "--debug" in sys.argv[1:] or bool(os.environ.get("VECSEARCH_DEBUG"))
