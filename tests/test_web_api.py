@@ -27,6 +27,8 @@ from vecsearch.expr import evaluate, parse
 from vecsearch.query import similar, similar_to
 
 BASE = "http://127.0.0.1"
+# The server embeds uploads with the recorded model, here `--weights random`, which warns.
+pytestmark = pytest.mark.filterwarnings("ignore::vecsearch.embed.RandomWeightsWarning")
 
 
 @pytest.fixture(scope="module")
