@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from conftest import make_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -428,7 +429,19 @@ def test_arithmetic_errors_point_at_the_bad_token(client, web_gallery):
     assert client.get("/api/arithmetic").status_code == 400
 
 
-# -- the rest: docs, errors, headers, hosts ------------------------------------------------------
+# -- the rest: empty database, docs, errors, headers, hosts --------------------------------------
+
+
+def test_empty_database_says_what_to_do(settings, tmp_path):
+    app = web.create_app(settings)
+    with TestClient(app, base_url=BASE) as c:
+        page = c.get("/")
+        assert page.status_code == 200 and "0 images" in page.text and "vecsearch load DIR" in page.text
+        query = make_image(tmp_path / "q.png", seed=1).read_bytes()
+        upload = c.post("/api/search", files={"file": ("q.png", query)})
+        assert upload.status_code == 404 and "vecsearch load DIR" in upload.json()["error"]
+        assert c.get("/api/images").json() == {"total": 0, "page": 1, "per_page": 48, "pages": 1,
+                                               "path_contains": None, "images": []}
 
 
 def test_openapi_documents_every_api_endpoint(client):

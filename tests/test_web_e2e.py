@@ -191,3 +191,10 @@ def test_serve_refuses_a_busy_port_in_one_line(served, web_gallery):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"error: cannot listen on 127.0.0.1:{port} (Address already in use): choose another --port"]
+
+
+def test_serve_refuses_a_missing_weights_file(tmp_path):
+    result = run_cli("serve", "--port", "0", "--weights", str(tmp_path / "nope.pt"), timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: --weights {tmp_path / 'nope.pt'}: no such file (give a state-dict file, or 'random')"]
