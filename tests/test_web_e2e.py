@@ -163,6 +163,12 @@ def test_arithmetic_box_and_its_errors(page, served, web_gallery):
     results = _card_ids(page, ".neighbours .card")
     assert len(results) == 3 and not {ids["a.png"], ids["b.png"]} & set(results)
 
+    page.goto(served + f"/images/{ids['c.png']}")  # the box in the header, on any page
+    page.fill('#arith-box input[name="expr"]', f"{ids['c.png']} - {ids['d.png']}*0.5")
+    page.press('#arith-box input[name="expr"]', "Enter")
+    page.wait_for_url("**/arithmetic?expr=*")
+    assert not {ids["c.png"], ids["d.png"]} & set(_card_ids(page, ".neighbours .card"))
+
     page.fill('#arithmetic-form input[name="expr"]', "1 + * 2")
     page.click('#arithmetic-form button')
     expect(page.locator("#search-error")).to_contain_text("bad expression at position")

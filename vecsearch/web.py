@@ -476,7 +476,8 @@ def create_app(settings: Settings, *, weights: str | None = None,
     @app.get("/images/{image_id}", response_class=HTMLResponse, include_in_schema=False)
     def image_page(request: Request, image_id: ImageId, k: K = DEFAULT_K):
         info, result = similar_data(image_id, k)
-        return page(request, "image.html", image=info, result=result, k=k)
+        return page(request, "image.html", image=info, result=result, k=k,
+                    arith_hint=f"{image_id} + 40*0.5 - 7")
 
     @app.get("/search", response_class=HTMLResponse, include_in_schema=False)
     def search_form(request: Request):
