@@ -33,6 +33,10 @@ app.add_typer(db_app, name="db")
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
+# A usage error (bad option value, unknown option) is bad input: exit 1 like InvalidInput, not
+# click's 2, which `vecsearch load` means as "finished, some files skipped".
+next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError").exit_code = 1
+
 
 def _version(value: bool) -> None:
     if value:

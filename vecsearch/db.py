@@ -41,6 +41,11 @@ def connect(settings: Settings, *, migrate: bool = True, autocommit: bool = True
     url = database_url(settings)
     try:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10, **kwargs)
+    except psycopg.ProgrammingError as e:  # not a libpq URL at all
+        raise DatabaseUnavailable(
+            f"{redact(url)} is not a PostgreSQL URL ({str(e).strip()}): give "
+            "postgresql://USER:PASSWORD@HOST:PORT/DBNAME"
+        ) from e
     except psycopg.OperationalError as e:
         reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         where = "VECSEARCH_DATABASE_URL" if settings.database_url else "the embedded server"
@@ -51,6 +56,7 @@ def connect(settings: Settings, *, migrate: bool = True, autocommit: bool = True
     try:
         revision = schema_revision(conn)
         if revision != SCHEMA_REVISION:
+            _check_foreign(conn, revision)
             if revision is not None and revision > SCHEMA_REVISION:
                 raise SchemaMismatch(
                     f"the database schema is at revision {revision}, newer than this vecsearch "
@@ -67,6 +73,21 @@ def connect(settings: Settings, *, migrate: bool = True, autocommit: bool = True
         conn.close()
         raise
     return conn
+
+
+def _check_foreign(conn: psycopg.Connection, revision: str | None) -> None:
+    """Refuse a database whose schema another application made (migrating it would fail midway)."""
+    if revision is not None and not re.fullmatch(r"\d{4}", revision):
+        raise SchemaMismatch(
+            f"the database's alembic_version is {revision!r}, not a vecsearch revision: it belongs to "
+            "another application; point vecsearch at its own database")
+    if revision is None:
+        clash = conn.execute("SELECT to_regclass('images') IS NOT NULL OR to_regclass('embedding_model') "
+                             "IS NOT NULL").fetchone()[0]
+        if clash:
+            raise SchemaMismatch(
+                "the database has an `images` or `embedding_model` table that vecsearch did not make "
+                "(no alembic_version): point vecsearch at its own database")
 
 
 def register_vector(conn: psycopg.Connection) -> None:

@@ -1,0 +1,127 @@
+"""Reliability: bad queries and broken configurations, concurrent use, least privilege, restore.
+
+Every failure a user can cause is one `error: ...` line on stderr with the exit code of its
+category (README "Errors and exit codes"), never a traceback unless --debug asks for one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from conftest import clustered, insert_vectors, make_image, run_cli
+
+from vecsearch import server
+
+# -- bad queries and broken configurations --------------------------------------------------
+
+
+@pytest.fixture
+def few(conn, settings):
+    """Five synthetic rows recorded as made by the random-weights test model; their ids."""
+    conn.execute("INSERT INTO embedding_model (name, weights, preprocessing, dim) "
+                 "SELECT 'torchvision.models.resnet50', 'random(seed=0)', '{}', 2048")
+    return insert_vectors(conn, clustered(5, seed=3))
+
+
+def assert_one_line(result: subprocess.CompletedProcess, code: int, start: str) -> None:
+    """Exit `code` and one `error:` line starting with `start` (after any `warning:` lines)."""
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith(start), result.stderr
+
+
+def test_bad_queries_are_one_line_with_exit_code_1(few, tmp_path):
+    missing, huge = str(max(few) + 1000), "99999999999999999999"
+    for args, start in [
+        (["similar", missing], f"error: no image with id {missing}"),
+        (["similar", str(few[0]), "-k", "1000000"], "error: k must be between 1 and 1000"),
+        (["similar", str(few[0]), "-k", "-5"], "error: k must be between 1 and 1000"),
+        (["similar", f"{few[0]} + {missing}*0.5"], f"error: no image with id {missing}"),
+        (["search", str(tmp_path / "nothing.jpg")], "error: no such image file"),
+    ]:
+        assert_one_line(run_cli(*args), 1, start)
+    # Malformed arithmetic: the message, then the expression with a caret under the bad token.
+    for text in (f"{few[0]} + * 3", f"{few[0]} {few[1]}", huge, f"{few[0]} - {few[0]}", "'unterminated"):
+        result = run_cli("similar", text)
+        assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_usage_errors_exit_1_not_2(few):
+    """Exit code 2 means "load finished, some files skipped": a bad option is bad input (1)."""
+    for args in (["similar", str(few[0]), "-k", "many"], ["similar", str(few[0]), "-f", "xml"],
+                 ["similar", "--no-such-option", "1"], ["load"]):
+        result = run_cli(*args)
+        assert result.returncode == 1, (args, result.stderr)
+        assert "Error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_database_from_a_newer_vecsearch_is_refused_before_anything_runs(conn, few, tmp_path):
+    conn.execute("UPDATE alembic_version SET version_num = '0099'")
+    make_image(tmp_path / "photos" / "a.png", 1, (64, 64))
+    for args in (["similar", str(few[0])], ["db", "status"],
+                 ["load", str(tmp_path / "photos"), "--weights", "random"]):
+        assert_one_line(run_cli(*args), 5, "error: the database schema is at revision 0099, newer than")
+    assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 5  # nothing loaded
+
+
+def test_database_of_another_application_is_refused_not_migrated(pg_home, tmp_path):
+    running = server.ensure_running(pg_home)
+    for name, setup in [("foreign_images", "CREATE TABLE images (id int, title text)"),
+                        ("foreign_alembic", "CREATE TABLE alembic_version (version_num varchar(32)); "
+                                            "INSERT INTO alembic_version VALUES ('ae1027a6acf')")]:
+        with server.psql_connection(running) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name}")
+            admin.execute(f"CREATE DATABASE {name}")
+        with server.psql_connection(running, name) as conn:
+            conn.execute(setup)
+        result = run_cli("similar", "1", env={"VECSEARCH_DATABASE_URL": running.url(name)})
+        assert_one_line(result, 5, "error: the database")
+        assert "point vecsearch at its own database" in result.stderr
+        with server.psql_connection(running, name) as conn:  # left as it was
+            assert conn.execute("SELECT to_regclass('embedding_model')").fetchone()[0] is None
+        with server.psql_connection(running) as admin:
+            admin.execute(f"DROP DATABASE {name}")
+
+
+def test_database_embedded_by_another_model(conn, few, tmp_path):
+    conn.execute("UPDATE embedding_model SET name = 'open_clip.ViT-B-32', weights = 'laion2b_s34b_b79k'")
+    photo = make_image(tmp_path / "photos" / "a.png", 1, (64, 64))
+    # Neighbours of a stored image need no model: they still work.
+    assert run_cli("similar", str(few[0]), "-f", "paths").returncode == 0
+    # Embedding a file, or loading more, would mix two vector spaces: refused.
+    assert_one_line(run_cli("search", str(photo)), 5, "error: the database's vectors were made by "
+                    "open_clip.ViT-B-32")
+    result = run_cli("load", str(photo.parent), "--weights", "random")
+    assert result.returncode == 5 and "--reembed" in result.stderr and "Traceback" not in result.stderr
+    assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 5
+
+
+@pytest.mark.parametrize("url, start", [
+    ("notaurl", "error: notaurl is not a PostgreSQL URL"),
+    ("http://example.org/", "error: http://example.org/ is not a PostgreSQL URL"),
+    ("postgresql://postgres:secret@127.0.0.1:1/vecsearch", "error: cannot connect to "
+     "postgresql://postgres:***@127.0.0.1:1/vecsearch"),
+])
+def test_wrong_database_url_is_exit_3_and_never_shows_the_password(url, start, tmp_path):
+    result = run_cli("similar", "1", env={"VECSEARCH_DATABASE_URL": url, "VECSEARCH_HOME": str(tmp_path)})
+    assert_one_line(result, 3, start)
+    assert "secret" not in result.stderr
+
+
+def test_wrong_database_name_or_user_is_exit_3(pg_home, tmp_path):
+    running = server.ensure_running(pg_home)
+    for url in (running.url("no_such_database"), running.url().replace("postgres@", "nobody@")):
+        result = run_cli("db", "status", env={"VECSEARCH_DATABASE_URL": url})
+        assert_one_line(result, 3, "error: cannot connect to ")
+        assert "does not exist" in result.stderr
+
+
+def test_debug_shows_the_traceback(few):
+    missing = str(max(few) + 1000)
+    result = run_cli("--debug", "similar", missing)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "NotFound: no image with id" in result.stderr
+    result = run_cli("similar", missing, env={"VECSEARCH_DEBUG": "1"})
+    assert "Traceback" in result.stderr
