@@ -309,7 +309,7 @@ def test_traversal_attempts_are_404_through_the_app(client, target):
 # -- search by upload ------------------------------------------------------------------------------
 
 
-def test_upload_search_loads_the_recorded_model_once_and_lazily(web_gallery, tmp_path):
+def test_upload_search_loads_the_recorded_model_once_and_lazily(web_gallery, embedder):
     app = web.create_app(web_gallery.settings, weights="random")
     model = app.state.vs.model
     query = web_gallery.folder / "a_copy.jpg"
@@ -323,7 +323,7 @@ def test_upload_search_loads_the_recorded_model_once_and_lazily(web_gallery, tmp
             # The same library path as `vecsearch search`: embed with the recorded model, similar_to.
             from vecsearch.query import file_embedder
 
-            expected = similar_to(conn, file_embedder(conn, "random")(query), k=3)
+            expected = similar_to(conn, file_embedder(conn, embedder=embedder)(query), k=3)
         assert [r["id"] for r in body["results"]] == [n.id for n in expected]
         assert body["results"][0]["id"] in (web_gallery.ids["a_copy.jpg"], web_gallery.ids["a.png"])
         assert body["query"] == {"filename": "query.jpg", "bytes": query.stat().st_size}
