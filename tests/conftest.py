@@ -67,11 +67,16 @@ def conn(settings) -> psycopg.Connection:
         yield connection
 
 
+def cli_command(*args: str) -> list[str]:
+    """The argv of the real `vecsearch` console entry point (for subprocess.run or Popen)."""
+    return [sys.executable, "-c", "from vecsearch.cli import main; main()", *args]
+
+
 def run_cli(*args: str, env: dict | None = None, check: bool = False,
             timeout: float = 600) -> subprocess.CompletedProcess:
     """Run the real `vecsearch` console entry point in a subprocess."""
     result = subprocess.run(
-        [sys.executable, "-c", "from vecsearch.cli import main; main()", *args],
+        cli_command(*args),
         capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
     )
     if check and result.returncode != 0:

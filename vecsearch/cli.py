@@ -600,5 +600,11 @@ def main() -> None:
 
         if debug or not isinstance(e, psycopg.OperationalError):
             raise
-        err.print(f"error: {DatabaseUnavailable(f'database connection lost: {e}')}", markup=False)
+        # Class 08 and 57P (shutdown, crash) or no SQLSTATE: the connection itself is gone; else the
+        # server refused the work (disk full, out of memory...). One line either way.
+        sqlstate = getattr(e, "sqlstate", None) or ""
+        what = "database connection lost" if sqlstate[:2] in ("", "08") or sqlstate.startswith("57P") \
+            else "database error"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        err.print(f"error: {what}: {first}", markup=False)
         sys.exit(DatabaseUnavailable.exit_code)

@@ -6,6 +6,7 @@ and in `vecsearch search`, and every one of them must turn a file into the same 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -26,6 +27,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng",
 # Pillow itself refuses any header above twice this before decoding anything.
 MAX_PIXELS = 89_478_485
 WHITE = (255, 255, 255)
+# The unique btree index on images.path holds rows of at most 2704 bytes; a longer path (Linux
+# allows 4095) would fail its whole batch. Reported at discovery instead.
+MAX_PATH_BYTES = 2600
 
 
 # -- discovery -------------------------------------------------------------------------------
@@ -116,7 +120,8 @@ def find_images(folder: str | os.PathLike) -> Found:
                 st = entry.stat()  # follows symbolic links
             except OSError as e:
                 if looks_like_image:
-                    reason = "broken symbolic link" if entry.is_symlink() else (e.strerror or str(e))
+                    reason = ("symbolic link loop" if e.errno == errno.ELOOP
+                              else "broken symbolic link" if entry.is_symlink() else (e.strerror or str(e)))
                     found.failed.append((display_path(path), reason))
                 continue
             if stat.S_ISDIR(st.st_mode):
@@ -130,6 +135,10 @@ def find_images(folder: str | os.PathLike) -> Found:
                 continue
             if display_path(path) != path:
                 found.failed.append((display_path(path), "file name is not valid UTF-8: rename it"))
+                continue
+            if len(path.encode()) > MAX_PATH_BYTES:
+                found.failed.append((path, f"path is {len(path.encode())} bytes long, more than the "
+                                           f"{MAX_PATH_BYTES} vecsearch can index: move it higher up"))
                 continue
             found.files.append(Candidate(path, st.st_size, st.st_mtime_ns))
         stack.extend(reversed(subdirs))

@@ -350,6 +350,12 @@ def _memory_cap_mb() -> float:
 # -- the pipeline ------------------------------------------------------------------------------
 
 
+def _open_nonblocking(path: str, flags: int) -> int:
+    # A FIFO that replaced a file since discovery must not block the load: opened without
+    # waiting for a writer, it is then refused as "not a regular file".
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 class _Reader:
     """Runs in the decode workers: one file -> its row fields and 224x224x3 pixels, or a reason.
 
@@ -385,7 +391,7 @@ class _Reader:
     def __call__(self, path: str, decode: bool | None = None) -> dict[str, Any]:
         item: dict[str, Any] = {"path": path}
         try:
-            with open(path, "rb") as f:
+            with open(path, "rb", opener=_open_nonblocking) as f:
                 before = os.fstat(f.fileno())
                 if not stat.S_ISREG(before.st_mode):
                     raise UnreadableImage("not a regular file")
