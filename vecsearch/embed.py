@@ -131,10 +131,10 @@ class Embedder:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(models.RANDOM_SEED)
                 model = resnet50(weights=None, zero_init_residual=True)
-        else:
-            model = resnet50(weights=None)
+        else:  # the weights first: a failed download should not wait for a network build
             state = self._default_state_dict() if self._weights_file is None else self._file_state_dict()
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+            model = resnet50(weights=None)
             model.fc = torch.nn.Identity()
             try:
                 model.load_state_dict(state, strict=True)
@@ -240,11 +240,10 @@ class Embedder:
         bf16 = self._forward(x, True)
         bf16_s = time.perf_counter() - started
         cosine = float((fp32 * bf16).sum(dim=1).min())
-        self._bf16 = cosine >= BF16_MIN_COSINE and bf16_s < fp32_s
         self.bf16_check = {"min_cosine": cosine, "fp32_s": fp32_s, "bf16_s": bf16_s}
-        if not self._bf16:
-            why = (f"cosine to fp32 {cosine:.5f} < {BF16_MIN_COSINE}" if cosine < BF16_MIN_COSINE
-                   else f"not faster here ({bf16_s:.2f} s vs {fp32_s:.2f} s for fp32)")
+        why = bf16_refusal(cosine, fp32_s, bf16_s)
+        self._bf16 = why is None
+        if why:
             warnings.warn(f"--precision bf16: {why}; using fp32", stacklevel=3)
         return bf16 if self._bf16 else fp32
 
@@ -259,6 +258,15 @@ class Embedder:
     def embed_file(self, path: str | os.PathLike) -> np.ndarray:
         """One image file, decoded exactly as `vecsearch load` decodes it -> (2048,) float32."""
         return self.embed_images([open_image(path)])[0]
+
+
+def bf16_refusal(min_cosine: float, fp32_s: float, bf16_s: float) -> str | None:
+    """Why bf16 must not be used after this measurement, or None when it may."""
+    if min_cosine < BF16_MIN_COSINE:
+        return f"cosine to fp32 {min_cosine:.5f} < {BF16_MIN_COSINE}"
+    if bf16_s >= fp32_s:
+        return f"not faster here ({bf16_s:.2f} s vs {fp32_s:.2f} s for fp32)"
+    return None
 
 
 # -- parallel decoding -------------------------------------------------------------------------

@@ -108,8 +108,8 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
         run_start = conn.execute("SELECT now()").fetchone()[0]
         current = models.recorded_model(conn)
         model_changed = reembed and current is not None and current != embedder.record
-        if not model_changed:
-            models.ensure_model(conn, embedder.record, reembed=False)  # inserts, or refuses a mismatch
+        if not reembed and current not in (None, embedder.record):
+            models.ensure_model(conn, embedder.record)  # refuses (or replaces on an empty table)
 
         found = find_images(folder)
         root = os.path.abspath(os.fspath(folder))
@@ -133,7 +133,9 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
         additions = sum(1 for p in to_read if p not in existing)
         try:
             if to_read:
-                embedder.prepare()  # fetch the weights before touching the index: fail early
+                embedder.prepare()  # fetch the weights before touching the table: fail early
+            if not model_changed:
+                models.ensure_model(conn, embedder.record)
             index.begin(bulk=additions > 0 and additions > len(existing), additions=additions)
             if to_read:
                 try:
