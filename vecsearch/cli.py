@@ -565,11 +565,11 @@ def load_command(
     from .embed import Embedder
 
     def show(message, category, *args, **kwargs) -> None:
-        if not quiet:
-            err.print(f"warning: {message}", markup=False)
+        err.print(f"warning: {message}", markup=False)
 
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        if quiet:
+            warnings.simplefilter("ignore")
         warnings.showwarning = show
         try:
             embedder = Embedder(weights, device=device, batch_size=batch_size, precision=precision)
