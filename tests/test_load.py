@@ -285,6 +285,11 @@ def test_bulk_first_load_rebuilds_the_index_and_a_killed_one_is_repaired(setting
     assert any("building the HNSW index" in m for m in report.messages)
     assert hnsw_definition(conn) == original
     assert conn.execute("SELECT obj_description('images'::regclass, 'pg_class')").fetchone()[0] is None
+    # Fewer new rows than the table holds (even if the folder is new): inserted into the live index.
+    make_image(tmp_path / "more" / "x.png", 10)
+    report = Recorder()
+    assert not load(settings, tmp_path / "more", embedder, progress=report, workers=0).index_rebuilt
+    assert not any("HNSW" in m for m in report.messages)
 
     # A load killed while the index was dropped: its session (and lock) is gone, the mark remains.
     conn.execute("COMMENT ON TABLE images IS 'analysts wrote this'")
@@ -295,7 +300,7 @@ def test_bulk_first_load_rebuilds_the_index_and_a_killed_one_is_repaired(setting
     killed.close()
     # The next load, even with nothing to load, puts the same index back and the comment too.
     again = load(settings, folder, embedder, progress=Recorder(), workers=0)
-    assert again.unchanged == 3 and again.index_rebuilt
+    assert again.unchanged == 3 and again.index_rebuilt and again.embedded == 0
     assert hnsw_definition(conn) == original
     assert conn.execute("SELECT obj_description('images'::regclass, 'pg_class')").fetchone()[0] == \
         "analysts wrote this"

@@ -300,19 +300,21 @@ def map_batches(fn: Callable[[Any], Any], items: Sequence[Any], *, batch_size: i
 
     A torch DataLoader: each worker prepares up to two batches ahead, so decoding runs while the
     caller embeds and writes the previous batch, and memory stays bounded by batches in flight.
+    The workers start (fork) in this call, before the caller starts any thread of its own.
     `fn` must return picklable values (numpy arrays, not tensors: no torch in the workers).
     workers=0 maps in this process (no overlap; for debugging).
     """
     if workers <= 0:
-        for start in range(0, len(items), batch_size):
-            yield [fn(x) for x in items[start:start + batch_size]]
-        return
+        return (list(map(fn, items[start:start + batch_size])) for start in range(0, len(items), batch_size))
     from torch.utils.data import DataLoader
 
     loader = DataLoader(_Mapped(items, fn), batch_size=batch_size, num_workers=workers,
                         collate_fn=_as_list, prefetch_factor=2, shuffle=False)
-    iterator = iter(loader)
+    return _drain(iter(loader))
+
+
+def _drain(iterator: Iterator[list]) -> Iterator[list]:
     try:
         yield from iterator
     finally:
-        del iterator  # shuts the workers down now, also on an early exit
+        del iterator  # the last reference: its workers shut down now, also on an early exit

@@ -131,12 +131,13 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
 
         index = _Index(conn, report)
         additions = sum(1 for p in to_read if p not in existing)
+        rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
         try:
             if to_read:
                 embedder.prepare()  # fetch the weights before touching the table: fail early
             if not model_changed:
                 models.ensure_model(conn, embedder.record)
-            index.begin(bulk=additions > 0 and additions > len(existing), additions=additions)
+            index.begin(bulk=additions > rows, additions=additions)
             if to_read:
                 try:
                     _Pipeline(settings, schema, embedder, report, summary,
