@@ -59,15 +59,53 @@ def _perturb(img: Image.Image, how: str) -> Image.Image:
     return img.resize((w // 2, h // 2))  # "jpeg": downscaled and re-encoded at quality 70
 
 
-def main() -> None:
+def _embedder():
+    """The pretrained model if its weights can be had, else the random one, said plainly."""
+    import warnings
+
+    from .embed import Embedder, RandomWeightsWarning
+    from .errors import WeightsUnavailable
+
+    try:
+        return Embedder("default").prepare()
+    except WeightsUnavailable as e:
+        print(f"pretrained weights could not be downloaded: {e}")
+        print("continuing with `--weights random`: an untrained network, so the neighbours below "
+              "show the machinery working, not what the pretrained model would find")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+            return Embedder("random")
+
+
+def main() -> int:
+    from rich.console import Console
+
+    from . import progress
+    from .errors import VecsearchError
+    from .load import load
+
     settings = Settings.from_env()
     folder = settings.home / "demo-images"
     photos = sample_folder(folder)
     print(f"sample folder: {folder} ({len(photos)} images)")
+
+    # -- load: `vecsearch load <folder>` -----------------------------------------------------
+    embedder = _embedder()
+    random = embedder.record.weights.startswith("random")
+    print(f"model: {embedder.record.describe()}" + ("  [RANDOM WEIGHTS]" if random else ""))
+    try:
+        summary = load(settings, folder, embedder, progress=progress.for_terminal(Console(stderr=True)))
+    except VecsearchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"loaded: {summary.describe()}")
     with db.connect(settings) as conn:
         for label, value in db.status(conn):
             print(f"{label + ':':<10} {value}")
-    print("database ready; next: `vecsearch load` of this folder (issue #3)")
+
+    # -- neighbours: `vecsearch similar` of a few photos (issue #4 fills this in) ---------------
+    print("next: `vecsearch similar ID` shows an image's neighbours")
+    return 0
 
 
 if __name__ == "__main__":

@@ -216,6 +216,9 @@ def _decode(source: str | os.PathLike | BinaryIO, draft: int | None) -> Decoded:
         raise UnreadableImage(
             f"decompression bomb? {_pixels(e)} is over the limit of {MAX_PIXELS} pixels") from e
     except UnidentifiedImageError as e:
+        fmt = _sniff_source(source)
+        if fmt:
+            raise UnreadableImage(f"a {fmt} file of a kind Pillow cannot decode") from e
         raise UnreadableImage("not an image (no image format recognised in its content)") from e
     except MemoryError as e:
         raise UnreadableImage("out of memory while decoding") from e
@@ -224,6 +227,17 @@ def _decode(source: str | os.PathLike | BinaryIO, draft: int | None) -> Decoded:
         if isinstance(e, OSError) and "truncated" in message:
             raise UnreadableImage(f"truncated file ({message})") from e
         raise UnreadableImage(f"cannot decode ({message})") from e
+
+
+def _sniff_source(source: str | os.PathLike | BinaryIO) -> str | None:
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                return sniff(f.read(32))
+        source.seek(0)
+        return sniff(source.read(32))
+    except (OSError, ValueError):
+        return None
 
 
 def _orientation(img: Image.Image) -> int:

@@ -318,7 +318,7 @@ def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress) -
     mem_mb = int(min(max(64, rows * 6 / 1024 + 64), _memory_cap_mb()))
     workers = min(8, max(0, (os.cpu_count() or 1) - 1))
     report.message(f"building the HNSW index on {rows} rows (maintenance_work_mem {mem_mb}MB, "
-                   f"{workers} parallel workers)...")
+                   f"{workers} parallel worker{'' if workers == 1 else 's'})...")
     started = time.monotonic()
     stored = dropped_definition(conn)
     for attempt_workers in (workers, 0):
