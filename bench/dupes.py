@@ -12,7 +12,7 @@ distance ~0.001; a "resize" ~0.008; a "crop" ~0.03), and per 100 images one "sib
 neighbours sit above 0.19.
 
 The real `vecsearch dupes --format csv` runs as a subprocess: its wall time, its peak RSS
-(wait4), and the server backend's peak RSS (sampled from /proc; it includes the shared
+(VmHWM, sampled every 50 ms), and the server backend's peak RSS (sampled from /proc; it includes the shared
 buffers it touched). Recall: planted pairs (original-copy and copy-copy) found in one group;
 false pairs: pairs grouped together that were not planted together (siblings or unrelated).
 """
@@ -149,16 +149,9 @@ class BackendPeak(threading.Thread):
                 pids = [r[0] for r in conn.execute(
                     "SELECT pid FROM pg_stat_activity WHERE application_name = %s", [self.app])]
                 for pid in pids:
-                    try:
-                        status = Path(f"/proc/{pid}/status").read_text()
-                    except OSError:
-                        continue
-                    for line in status.splitlines():
-                        key, _, value = line.partition(":")
-                        if key == "VmHWM":
-                            self.peak_hwm = max(self.peak_hwm, int(value.split()[0]))
-                        elif key == "RssAnon":
-                            self.peak_anon = max(self.peak_anon, int(value.split()[0]))
+                    status = _status_kb(pid)
+                    self.peak_hwm = max(self.peak_hwm, status.get("VmHWM", 0))
+                    self.peak_anon = max(self.peak_anon, status.get("RssAnon", 0))
 
 
 def run_dupes(url: str, args: argparse.Namespace, out_path: Path) -> tuple[float, int, BackendPeak]:
@@ -170,16 +163,30 @@ def run_dupes(url: str, args: argparse.Namespace, out_path: Path) -> tuple[float
            "--threshold", str(args.threshold), "--k", str(args.k), "--ef-search", str(args.ef_search),
            "--format", "csv"]
     t = time.perf_counter()
+    peak_kb = 0
     with open(out_path, "w") as out, open(out_path.with_suffix(".err"), "w") as errf:
         proc = subprocess.Popen(cmd, stdout=out, stderr=errf, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        # VmHWM of the child's own address space. (wait4's ru_maxrss would not do: after a
+        # vfork + exec Linux carries this big parent's high-water mark over into the child.)
+        while proc.poll() is None:
+            peak_kb = max(peak_kb, _status_kb(proc.pid).get("VmHWM", 0))
+            time.sleep(0.05)
     seconds = time.perf_counter() - t
     sampler.stop.set()
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"vecsearch dupes failed:\n{out_path.with_suffix('.err').read_text()}")
-    return seconds, usage.ru_maxrss, sampler  # ru_maxrss in kB on Linux
+    return seconds, peak_kb, sampler
+
+
+def _status_kb(pid: int) -> dict[str, int]:
+    """The kB fields of /proc/PID/status (empty once the process is gone)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return {}
+    return {key: int(value.split()[0]) for key, _, value in (line.partition(":") for line in lines)
+            if value.strip().endswith("kB")}
 
 
 def score(out_path: Path, planted: dict[int, int]) -> dict[str, float]:
