@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vecsearch import db, server  # noqa: E402
+from vecsearch import db, dupes, server  # noqa: E402
 from vecsearch.config import Settings  # noqa: E402
 
 DIM = db.DIM
@@ -161,7 +161,7 @@ def run_dupes(url: str, args: argparse.Namespace, out_path: Path) -> tuple[float
     env = {**os.environ, "VECSEARCH_DATABASE_URL": url, "PGAPPNAME": app}
     cmd = [sys.executable, "-c", "from vecsearch.cli import main; main()", "dupes",
            "--threshold", str(args.threshold), "--k", str(args.k), "--ef-search", str(args.ef_search),
-           "--format", "csv"]
+           "--format", "csv"] + (["--jobs", str(args.jobs)] if args.jobs else [])
     t = time.perf_counter()
     peak_kb = 0
     with open(out_path, "w") as out, open(out_path.with_suffix(".err"), "w") as errf:
@@ -213,9 +213,10 @@ def score(out_path: Path, planted: dict[int, int]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000")
-    parser.add_argument("--threshold", type=float, default=0.05)
-    parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--ef-search", type=int, default=40)
+    parser.add_argument("--threshold", type=float, default=dupes.DEFAULT_THRESHOLD)
+    parser.add_argument("--k", type=int, default=dupes.DEFAULT_K)
+    parser.add_argument("--ef-search", type=int, default=dupes.DEFAULT_EF_SEARCH)
+    parser.add_argument("--jobs", type=int, help="vecsearch dupes --jobs (default: its own)")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway server home")
     args = parser.parse_args()
     home = Path(tempfile.mkdtemp(prefix="vecsearch-bench-dupes-"))
@@ -250,7 +251,8 @@ def main() -> None:
             server.stop(home)
         if not args.keep:
             shutil.rmtree(home, ignore_errors=True)
-    print(f"\nthreshold {args.threshold}, k {args.k}, ef_search {args.ef_search}; load average now "
+    print(f"\nthreshold {args.threshold}, k {args.k}, ef_search {args.ef_search}, jobs "
+          f"{args.jobs or 'default'}; load average now "
           f"{os.getloadavg()[0]:.2f}")
     print("| images | dupes wall s | client peak RSS MiB | backend peak RSS MiB (private) | planted groups "
           "| found groups | recall of planted pairs | groups exact | false pairs |")

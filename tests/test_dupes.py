@@ -120,7 +120,7 @@ def test_a_group_larger_than_k_is_found_whole(conn):
     rows = [{"path": f"/burst/{i:02d}.jpg", "vector": near(rng, base[0], 0.05)} for i in range(25)]
     rows += [{"path": f"/other/{i:02d}.jpg", "vector": base[i]} for i in range(1, 20)]
     insert(conn, rows)
-    result = dupes.find_duplicates(conn, k=3)
+    result = dupes.find_duplicates(conn, k=3, jobs=3, chunk=4)  # many chunks in flight
     assert [len(g.members) for g in result.groups] == [25]
     assert result.truncated == []
 

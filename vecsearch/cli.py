@@ -201,7 +201,11 @@ def dupes_command(
         "--under", help="Only images whose path is under DIR.", show_default=False)] = None,
     k: Annotated[int, typer.Option(
         "--k", "-k", help="Neighbours asked per image (grown automatically for big groups).")] = 10,
-    ef_search: Annotated[int, typer.Option("--ef-search", help="HNSW ef_search (recall vs speed).")] = 40,
+    ef_search: Annotated[int, typer.Option(
+        "--ef-search", help="HNSW candidates per image: higher is slower and misses fewer.")] = 100,
+    jobs: Annotated[int | None, typer.Option(
+        "--jobs", "-j", help="Parallel database connections [default: CPU cores, at most 4].",
+        show_default=False)] = None,
     fmt: Annotated[str, typer.Option(
         "--format", "-f", help="table, json, csv, or paths (every member's path).")] = "table",
     html: Annotated[Path | None, typer.Option(
@@ -221,6 +225,7 @@ def dupes_command(
         task = bar.add_task("dupes", total=None)
         result = dupes.find_duplicates(
             conn, threshold, under=under, k=k, ef_search=ef_search,
+            jobs=jobs if jobs is not None else min(4, os.cpu_count() or 1),
             progress=lambda done, total: bar.update(task, completed=done, total=total))
     output.render(result.rows(), dupes.COLUMNS, fmt,
                   title=f"near-duplicates (cosine distance < {threshold:g})")

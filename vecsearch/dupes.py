@@ -13,18 +13,20 @@ from __future__ import annotations
 import base64
 import html
 import os
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from . import thumbs
+from . import query, thumbs
 from .db import ANN_EXPR
 from .errors import InvalidInput
-from .query import under_prefix
 
 # Cosine distance under which two images count as near-duplicates, for the pretrained
 # ResNet50. A judgement, not a measurement made here (no pretrained weights can be
@@ -35,7 +37,10 @@ from .query import under_prefix
 # `vecsearch eval perturb`, which prints the distances its copies actually get.
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_K = 10
-DEFAULT_EF_SEARCH = 40
+# The index's candidates per image, as `vecsearch similar`. At 40 (pgvector's default) the graph
+# search on 30k clustered vectors got stuck in the wrong cluster for ~1 image in 5,000 and
+# missed its copy at distance 0.0014 entirely; at 100 it found every one (bench/dupes.py).
+DEFAULT_EF_SEARCH = query.DEFAULT_EF_SEARCH
 MAX_K = 1000
 CHUNK = 256
 # Exact comparison within the --under subset when subset^2 < EXACT_FACTOR * k * all images.
@@ -122,27 +127,26 @@ class UnionFind:
 
 def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHOLD, *,
                     under: str | os.PathLike | None = None, k: int = DEFAULT_K,
-                    ef_search: int = DEFAULT_EF_SEARCH, chunk: int = CHUNK,
+                    ef_search: int = DEFAULT_EF_SEARCH, chunk: int = CHUNK, jobs: int = 1,
                     progress: Callable[[int, int], None] | None = None) -> DupesResult:
     """Groups of images closer than `threshold` (cosine distance), plus exact copies (sha256).
 
     `k` neighbours are asked per image; an image whose k neighbours all fall under the
     threshold is asked again with a larger k (up to MAX_K), so big groups are not cut.
-    `progress(done, total)` is called after each chunk.
+    `jobs` connections search chunks in parallel (each a server backend, so up to the server's
+    cores). `progress(done, total)` is called after each chunk.
     """
     if not 0 <= threshold < 2:
         raise InvalidInput(f"threshold {threshold} is not a cosine distance in [0, 2)")
-    if k < 1 or ef_search < 1 or chunk < 1:
-        raise InvalidInput("k, ef_search and chunk must be positive")
+    if k < 1 or ef_search < 1 or chunk < 1 or jobs < 1:
+        raise InvalidInput("k, ef_search, chunk and jobs must be positive")
     started = time.perf_counter()
-    prefix = under_prefix(under) if under is not None else None
+    prefix = query.under_prefix(under) if under is not None else None
     where_q = "starts_with(q.path, %(prefix)s)" if prefix else "true"
     params: dict[str, Any] = {"prefix": prefix, "threshold": threshold}
     sets = UnionFind()
     result = DupesResult(groups=[], threshold=threshold, images=0)
     with conn.transaction():
-        # iterative scans: `--under` (and the sha256 filter) still get k rows from the index.
-        conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
         total = conn.execute(f"SELECT count(DISTINCT sha256), count(*) FROM images q WHERE {where_q}",
                              params).fetchone()
         result.images = total[1]
@@ -150,11 +154,8 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
         # A small subset under --under: walking the graph past all the rows outside it costs more
         # than comparing the subset's images with each other.
         exact = result.images ** 2 < EXACT_FACTOR * k * everything
-        neighbours = neighbours_sql(under=prefix is not None, exact=exact)
-        if not exact:
-            # The planner costs 2048-d distances and TOAST reads as nearly free and may pick a
-            # sequential scan per image on tables of a few thousand rows.
-            conn.execute("SET LOCAL enable_seqscan = off")
+        search = _Searcher(conn, neighbours_sql(under=prefix is not None, exact=exact), params,
+                           ef_search, exact, jobs)
         # Exact copies: one sha256 under several paths, distance 0 whatever k is.
         with conn.cursor(name="vecsearch_dupes_sha") as cur:
             cur.execute(f"SELECT array_agg(id) FROM images q WHERE {where_q} "
@@ -163,26 +164,37 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
                 result.exact_copy_sets += 1
                 for other in ids[1:]:
                     sets.union(ids[0], other)
-        # One query image per distinct content, streamed.
-        done = 0
-        saturated: list[int] = []
-        with conn.cursor(name="vecsearch_dupes_ids") as ids_cur:
-            ids_cur.itersize = chunk
-            ids_cur.execute(f"SELECT min(id) FROM images q WHERE {where_q} GROUP BY sha256 ORDER BY 1",
-                            params)
-            while batch := [row[0] for row in ids_cur.fetchmany(chunk)]:
-                saturated += _search(conn, neighbours, params, batch, k, ef_search, sets, result)
-                done += len(batch)
-                if progress:
-                    progress(done, total[0])
-        # Images whose k nearest all were duplicates: ask again with a larger k.
-        while saturated and k < MAX_K:
-            k = min(MAX_K, k * 8)
-            again: list[int] = []
-            for start in range(0, len(saturated), chunk):
-                again += _search(conn, neighbours, params, saturated[start:start + chunk],
-                                 k, ef_search, sets, result)
-            saturated = again
+
+        def chunks_of(ids: Iterable[int]) -> Iterator[list[int]]:
+            batch: list[int] = []
+            for i in ids:
+                batch.append(i)
+                if len(batch) == chunk:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+        with search:
+            # One query image per distinct content, streamed from a server-side cursor.
+            done = 0
+            saturated: list[int] = []
+            with conn.cursor(name="vecsearch_dupes_ids") as ids_cur:
+                ids_cur.itersize = chunk
+                ids_cur.execute(f"SELECT min(id) FROM images q WHERE {where_q} GROUP BY sha256 "
+                                "ORDER BY 1", params)
+                for batch, pairs in search.run(chunks_of(row[0] for row in ids_cur), k):
+                    saturated += _join(pairs, k, sets, result)
+                    done += len(batch)
+                    if progress:
+                        progress(done, total[0])
+            # Images whose k nearest all were duplicates: ask again with a larger k.
+            while saturated and k < MAX_K:
+                k = min(MAX_K, k * 8)
+                again: list[int] = []
+                for _, pairs in search.run(chunks_of(saturated), k):
+                    again += _join(pairs, k, sets, result)
+                saturated = again
         result.truncated = saturated
         result.groups = _describe(conn, sets.groups())
     result.seconds = time.perf_counter() - started
@@ -212,18 +224,76 @@ def neighbours_sql(*, under: bool = False, exact: bool = False) -> str:
     """
 
 
-def _search(conn: psycopg.Connection, sql: str, params: dict[str, Any], ids: list[int], k: int,
-            ef_search: int, sets: UnionFind, result: DupesResult) -> list[int]:
-    """Union the near pairs of `ids`; return the ids whose k neighbours were all near."""
-    # ef_search caps the rows one index scan returns, so it must cover the LIMIT.
-    conn.execute(f"SET LOCAL hnsw.ef_search = {max(int(ef_search), int(k))}")
+class _Searcher:
+    """Runs the neighbour query over chunks of ids on `jobs` connections of their own.
+
+    At most 2 x jobs chunks are in flight, so the id stream is consumed only as fast as it is
+    searched: client memory stays bounded whatever the table size.
+    """
+
+    def __init__(self, conn: psycopg.Connection, sql: str, params: dict[str, Any], ef_search: int,
+                 exact: bool, jobs: int) -> None:
+        self.sql, self.params, self.ef_search, self.exact, self.jobs = sql, params, ef_search, exact, jobs
+        # The same server and database, password included (conn.info.dsn leaves it out).
+        self.dsn, self.password = conn.info.dsn, conn.info.password
+        self.local = threading.local()
+        self.connections: list[psycopg.Connection] = []
+        self.lock = threading.Lock()
+        self.pool: ThreadPoolExecutor | None = None
+
+    def __enter__(self) -> _Searcher:
+        self.pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="vecsearch-dupes")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for c in self.connections:
+            c.close()
+
+    def _conn(self) -> psycopg.Connection:
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = psycopg.connect(self.dsn, password=self.password, autocommit=True)
+            self.local.conn = conn
+            with self.lock:
+                self.connections.append(conn)
+        return conn
+
+    def _one(self, ids: list[int], k: int) -> list[tuple[int, int]]:
+        conn = self._conn()
+        with conn.transaction():
+            # Iterative scans: --under and the sha256 filter still get k rows from the index;
+            # ef_search caps the rows one index scan returns, so it must cover the LIMIT.
+            conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
+            conn.execute(f"SET LOCAL hnsw.ef_search = {max(int(self.ef_search), int(k))}")
+            if not self.exact:
+                # The planner costs 2048-d distances and TOAST reads as nearly free and may pick
+                # a sequential scan per image on tables of a few thousand rows.
+                conn.execute("SET LOCAL enable_seqscan = off")
+            # Never prepared: after five runs PostgreSQL may switch a prepared statement to a
+            # generic plan, which does not know LIMIT k and sorts the whole table.
+            return conn.execute(self.sql, {**self.params, "ids": ids, "k": k}, prepare=False).fetchall()
+
+    def run(self, chunks: Iterable[list[int]], k: int) -> Iterator[tuple[list[int], list[tuple[int, int]]]]:
+        """(chunk, its near pairs) for every chunk, in order."""
+        pending: deque[tuple[list[int], Future]] = deque()
+        for ids in chunks:
+            pending.append((ids, self.pool.submit(self._one, ids, k)))
+            if len(pending) >= 2 * self.jobs:
+                ids, future = pending.popleft()
+                yield ids, future.result()
+        while pending:
+            ids, future = pending.popleft()
+            yield ids, future.result()
+
+
+def _join(pairs: list[tuple[int, int]], k: int, sets: UnionFind, result: DupesResult) -> list[int]:
+    """Union the near pairs; return the query ids whose k neighbours were all near."""
     counts: dict[int, int] = {}
-    # Never prepared: after five runs PostgreSQL may switch a prepared statement to a generic
-    # plan, which does not know LIMIT k and sorts the whole table instead of using the index.
-    for qid, nid in conn.execute(sql, {**params, "ids": ids, "k": k}, prepare=False):
+    for qid, nid in pairs:
         sets.union(qid, nid)
         counts[qid] = counts.get(qid, 0) + 1
-        result.pairs += 1
+    result.pairs += len(pairs)
     return [qid for qid, n in counts.items() if n >= k]
 
 
