@@ -1,0 +1,246 @@
+"""`vecsearch load` throughput: bare model forward vs decode-only vs end-to-end, and peak RSS.
+
+    .venv/bin/python bench/load.py [--sizes 100,300] [--batch-size 16] [--workers N] [--weights random]
+
+Generated photos (tests/conftest.make_image: 4 in 5 JPEG 1024x768 q90, 1 in 5 PNG 640x480) go
+into two folders of different sizes. For each size a fresh child process (its own peak RSS)
+measures, at the same batch size:
+  - bare forward: the network alone on pre-made channels_last tensors (inference_mode), before
+    and after the load (mean of both, so a busy machine does not favour one side);
+  - decode-only: load's own worker function (read, sha256, decode, resize + crop) over the
+    folder, in the same worker processes as load;
+  - end to end: `vecsearch.load.load` into an empty database (decode workers, model, writer
+    thread, HNSW index built at the end), model already built;
+  - peak RSS of the process and of its largest decode worker.
+A last child measures bf16 autocast (forward rate and worst cosine to fp32 on scikit-image's
+photos, plus an end-to-end load) and how far JPEG draft() decoding moves vectors from a
+full-size decode (scikit-image's photos saved as JPEG q90, and the drift of a q70 re-encode
+for scale). A throwaway embedded server under a temporary VECSEARCH_HOME is used (removed at
+the end) unless VECSEARCH_DATABASE_URL is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from vecsearch import server  # noqa: E402
+from vecsearch.config import Settings  # noqa: E402
+
+
+def make_folder(folder: Path, n: int, source: Path | None = None) -> None:
+    """n generated photos; the first ones hard-linked from `source` when it has them."""
+    from conftest import make_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        name = f"{i:05d}.jpg" if i % 5 else f"{i:05d}.png"
+        if source is not None and (source / name).exists():
+            os.link(source / name, folder / name)
+        elif i % 5:
+            make_image(folder / name, i, (1024, 768))
+        else:
+            make_image(folder / name, i, (640, 480))
+
+
+def _database(url_base: str | None, running, name: str) -> str:
+    if url_base:
+        return url_base
+    with server.psql_connection(running) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name}")
+        conn.execute(f"CREATE DATABASE {name}")
+    return running.url(name)
+
+
+def _child(*args: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"child {args} failed:\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _quiet_embedder(weights: str, batch_size: int, precision: str = "fp32"):
+    from vecsearch.embed import Embedder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return Embedder(weights, batch_size=batch_size, precision=precision).prepare()
+
+
+def _bare_forward(embedder, batch_size: int, batches: int, bf16: bool = False) -> float:
+    import torch
+
+    x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        embedder._forward(x, bf16)  # warm-up
+        started = time.perf_counter()
+        for _ in range(batches):
+            embedder._forward(x, bf16)
+    return batch_size * batches / (time.perf_counter() - started)
+
+
+def child_throughput(folder: str, url: str, batch_size: int, workers: int, weights: str) -> dict:
+    from vecsearch import db
+    from vecsearch import load as loader
+    from vecsearch.embed import map_batches
+    from vecsearch.images import find_images
+
+    settings = Settings(database_url=url, home=Path(tempfile.gettempdir()))
+    db.connect(settings).close()  # migrated
+    embedder = _quiet_embedder(weights, batch_size)
+    paths = [c.path for c in find_images(folder).files]
+    batches = max(3, min(8, len(paths) // batch_size))
+    forward_before = _bare_forward(embedder, batch_size, batches)
+
+    reader = loader._Reader(url, "public", None)
+    started = time.perf_counter()
+    for _ in map_batches(reader, paths, batch_size=batch_size, workers=workers):
+        pass
+    decode = len(paths) / (time.perf_counter() - started)
+    reader.close()
+
+    started = time.perf_counter()
+    summary = loader.load(settings, folder, embedder, workers=workers)
+    end_to_end = summary.embedded / (time.perf_counter() - started)
+    assert summary.embedded == len(paths) and not summary.failed, summary.describe()
+    forward_after = _bare_forward(embedder, batch_size, batches)
+
+    kib = 1024  # ru_maxrss is in KiB on Linux
+    return {"files": len(paths), "forward": (forward_before + forward_after) / 2,
+            "forward_before": forward_before, "forward_after": forward_after, "decode": decode,
+            "end_to_end": end_to_end,
+            "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
+            "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib,
+            "load_avg": os.getloadavg()[0]}
+
+
+def child_extra(folder: str, url: str, batch_size: int, workers: int, weights: str) -> dict:
+    import numpy as np
+    import skimage.data
+
+    from vecsearch import load as loader
+    from vecsearch.errors import UnreadableImage
+    from vecsearch.images import model_input, open_image
+
+    photos = []
+    for path in sorted(Path(skimage.data.__file__).parent.iterdir()):
+        try:
+            photos.append((path, open_image(path, draft=None)))
+        except UnreadableImage:
+            continue
+    fp32 = _quiet_embedder(weights, batch_size)
+    pixels = np.stack([model_input(img) for _, img in photos])
+    reference = fp32.embed_arrays(pixels)
+
+    bf16 = _quiet_embedder(weights, batch_size, precision="bf16")
+    vectors = bf16.embed_arrays(pixels)
+    result = {"photos": len(photos), "bf16_kept": bf16.active_precision == "bf16",
+              "bf16_min_cosine": float((reference * vectors).sum(axis=1).min()),
+              "bf16_check": bf16.bf16_check}
+    batches = max(3, min(8, len(photos) // batch_size))
+    result["forward_fp32"] = _bare_forward(fp32, batch_size, batches)
+    result["forward_bf16"] = _bare_forward(fp32, batch_size, batches, bf16=True)
+    started = time.perf_counter()
+    summary = loader.load(Settings(database_url=url, home=Path(tempfile.gettempdir())), folder, bf16,
+                          workers=workers)
+    result["end_to_end_bf16"] = summary.embedded / (time.perf_counter() - started)
+
+    # Draft drift: photos big enough for draft (short side >= 464) saved as JPEG q90.
+    drift, reencode, scales = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for path, img in photos:
+            if min(img.size) < 2 * 232:
+                continue
+            jpeg, q70 = Path(tmp) / f"{path.stem}.jpg", Path(tmp) / f"{path.stem}_q70.jpg"
+            img.save(jpeg, quality=90)
+            img.save(q70, quality=70)
+            full = open_image(jpeg, draft=None)
+            drafted = open_image(jpeg)
+            scales.append(f"1/{round(full.size[0] / drafted.size[0])}")
+            a, b, c = fp32.embed_images([full, drafted, open_image(q70, draft=None)])
+            drift.append(1 - float(a @ b))
+            reencode.append(1 - float(a @ c))
+    result |= {"draft_photos": len(drift), "draft_scales": sorted(set(scales)),
+               "draft_max": max(drift), "draft_mean": float(np.mean(drift)),
+               "reencode_q70_mean": float(np.mean(reencode))}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100,300", help="two folder sizes (images)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: load's)")
+    parser.add_argument("--weights", default="random", help="default, FILE or random")
+    parser.add_argument("--child", choices=["throughput", "extra"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        fn = child_throughput if args.child == "throughput" else child_extra
+        print(json.dumps(fn(args.folder, args.url, args.batch_size, args.workers, args.weights)))
+        return
+
+    from vecsearch.embed import default_workers
+
+    workers = default_workers() if args.workers is None else args.workers
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    external = os.environ.get("VECSEARCH_DATABASE_URL")
+    home = Path(tempfile.mkdtemp(prefix="vecsearch-bench-load-"))
+    running = None if external else server.ensure_running(home)
+    try:
+        print(f"generating {sizes[-1]} images...", file=sys.stderr)
+        folders = {}
+        for n in reversed(sizes):
+            folders[n] = home / f"images-{n}"
+            make_folder(folders[n], n, source=folders.get(sizes[-1]))
+        common = ["--batch-size", str(args.batch_size), "--workers", str(workers), "--weights", args.weights]
+        results = {}
+        for n in sizes:
+            print(f"loading {n} images...", file=sys.stderr)
+            url = _database(external, running, f"bench_load_{n}")
+            results[n] = _child("--child", "throughput", "--folder", str(folders[n]), "--url", url, *common)
+        print("bf16 and draft drift...", file=sys.stderr)
+        extra = _child("--child", "extra", "--folder", str(folders[sizes[0]]),
+                       "--url", _database(external, running, "bench_load_bf16"), *common)
+    finally:
+        if running is not None:
+            server.stop(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+    print(f"vecsearch load, weights {args.weights}, batch size {args.batch_size}, {workers} decode "
+          f"worker(s), {os.cpu_count()} CPUs")
+    print(f"{'files':>6} {'forward img/s':>14} {'decode img/s':>13} {'load img/s':>11} {'load/forward':>13} "
+          f"{'peak RSS MB':>12} {'worker RSS MB':>14} {'load avg':>9}")
+    for r in results.values():
+        print(f"{r['files']:>6} {r['forward']:>14.2f} {r['decode']:>13.1f} {r['end_to_end']:>11.2f} "
+              f"{r['end_to_end'] / r['forward']:>13.2f} {r['rss_mb']:>12.0f} {r['worker_rss_mb']:>14.0f} "
+              f"{r['load_avg']:>9.1f}")
+    for n, r in results.items():
+        print(f"  {n} files: bare forward {r['forward_before']:.2f} img/s before the load, "
+              f"{r['forward_after']:.2f} after")
+    print(f"bf16 autocast: forward {extra['forward_bf16']:.2f} img/s vs fp32 {extra['forward_fp32']:.2f} "
+          f"({extra['forward_bf16'] / extra['forward_fp32']:.2f}x); worst cosine to fp32 over "
+          f"{extra['photos']} photos {extra['bf16_min_cosine']:.6f}; kept by the first-batch check: "
+          f"{extra['bf16_kept']}; end-to-end load with --precision bf16 ({sizes[0]} files): "
+          f"{extra['end_to_end_bf16']:.2f} img/s")
+    print(f"JPEG draft vs full-size decode ({extra['draft_photos']} photos, draft scales "
+          f"{', '.join(extra['draft_scales'])}): cosine distance mean {extra['draft_mean']:.6f}, max "
+          f"{extra['draft_max']:.6f} (a q70 re-encode of the same photos: mean "
+          f"{extra['reencode_q70_mean']:.6f})")
+
+
+if __name__ == "__main__":
+    main()
