@@ -413,7 +413,7 @@ def serve_command(
 
 _K = Annotated[int, typer.Option("--k", "-k", help="How many neighbours (1-1000).")]
 _EF_SEARCH = Annotated[int | None, typer.Option(
-    "--ef-search", help="HNSW candidates per query, 1-1000 (default 100): higher is slower and "
+    "--ef-search", help="HNSW candidates per query, 1-1000 (default 200): higher is slower and "
     "closer to exact.", show_default=False)]
 _EXACT = Annotated[bool, typer.Option(
     "--exact", help="Exact scan instead of the HNSW index (slow on large tables).")]
@@ -587,6 +587,8 @@ def load_command(
             raise typer.Exit(130) from None
     if not quiet:
         out.print(summary.describe(), markup=False)
+    if summary.interrupted:
+        err.print("rows committed so far are kept: run the same load again to finish", markup=False)
     raise typer.Exit(summary.exit_code)
 
 
