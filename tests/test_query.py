@@ -268,6 +268,13 @@ def test_cli_errors_are_one_clear_line(loaded, args, message):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_cli_search_needs_a_recorded_model(loaded, tmp_path):
+    # Synthetic rows, no `vecsearch load`: nothing says which model to embed the file with.
+    result = run_cli("search", str(make_image(tmp_path / "x.png", seed=1)), env=loaded.env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: the database records no model to embed files with")
+
+
 def test_cli_on_an_empty_database(settings):
     result = run_cli("similar", "1")
     assert result.returncode == 1
