@@ -253,8 +253,9 @@ _EVAL_WEIGHTS = Annotated[str, typer.Option(
     "(an untrained network: a smoke test only).")]
 _EVAL_DEVICE = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 _EVAL_BATCH = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
-_EVAL_EF = Annotated[int, typer.Option(
-    "--ef-search", help="HNSW candidates per query for the ANN side (as `vecsearch similar`).")]
+_EVAL_EF = Annotated[int | None, typer.Option(
+    "--ef-search", help="HNSW candidates per query for the ANN side [default: that of `vecsearch "
+    "similar`].", show_default=False)]
 _EVAL_JSON = Annotated[bool, typer.Option("--json", help="Print the whole report as JSON.")]
 _EVAL_PLOT = Annotated[Path | None, typer.Option(
     "--plot", help="Also write a PNG with one curve per metric against k (needs matplotlib: "
@@ -281,6 +282,7 @@ def _eval_run(ctx: typer.Context, experiment, folder: Path, weights: str, device
     from . import evaluate, output
     from .embed import Embedder
 
+    options = {key: value for key, value in options.items() if value is not None}
     if plot is not None:
         evaluate.plot_available()  # fail before the long part
     with warnings.catch_warnings(record=True) as caught:
@@ -327,7 +329,7 @@ def eval_perturb(
         "blur (Gaussian, 1-2% of the longer side), jpeg (halved, quality 20-40), noise (sigma 10-20), "
         "flip (mirror).")] = "crop,rotate,color,blur,jpeg",
     seed: _EVAL_SEED = 0,
-    ef_search: _EVAL_EF = 100,
+    ef_search: _EVAL_EF = None,
     weights: _EVAL_WEIGHTS = "default",
     device: _EVAL_DEVICE = "auto",
     batch_size: _EVAL_BATCH = 16,
@@ -357,7 +359,7 @@ def eval_labels(
         "--per-label", help="At most this many images per label (seeded draw; default all).",
         show_default=False)] = None,
     seed: _EVAL_SEED = 0,
-    ef_search: _EVAL_EF = 100,
+    ef_search: _EVAL_EF = None,
     weights: _EVAL_WEIGHTS = "default",
     device: _EVAL_DEVICE = "auto",
     batch_size: _EVAL_BATCH = 16,

@@ -475,19 +475,16 @@ def perturb(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *
             report.notes.append(f"only {len(chosen)} readable images in the folder: {len(chosen)} originals")
         with db.connect(settings) as conn, scratch_schema(conn) as schema:
             ids = _embed_into_scratch(settings, conn, schema, work, embedder, progress, report.skipped)
-            group: dict[int, tuple[int, str]] = {}  # id -> (original number, kind)
+            by_number: dict[int, dict[str, int]] = {}  # original number -> {kind: id}
             for path, id_ in ids.items():
-                stem = Path(path).stem
-                number, _, kind = stem.partition("_")
-                group[id_] = (int(number), kind)
-            by_number: dict[int, dict[str, int]] = {}
-            for id_, (number, kind) in group.items():
-                by_number.setdefault(number, {})[kind] = id_
-            queries = [kinds["original"] for kinds in by_number.values() if "original" in kinds]
+                number, _, kind = Path(path).stem.partition("_")
+                by_number.setdefault(int(number), {})[kind] = id_
+            # Each original queries; its own copies are the relevant images.
+            relevant = {kinds["original"]: {i for kind, i in kinds.items() if kind != "original"}
+                        for kinds in by_number.values() if "original" in kinds}
+            queries = sorted(relevant)
             if len(queries) < 2:
                 raise InvalidInput("fewer than 2 originals could be embedded: see the skipped files")
-            relevant = {by_number[group[q][0]]["original"]: {i for kind, i in by_number[group[q][0]].items()
-                                                             if kind != "original"} for q in queries}
             report.images, report.queries = len(ids), len(queries)
             kmax = ks[-1]
             if progress:
