@@ -81,6 +81,13 @@ def connect(settings: Settings, schema: str = "public") -> psycopg.Connection:
     """A db.connect connection whose unqualified `images`/`embedding_model` are in `schema`."""
     conn = db.connect(settings)
     set_schema(conn, schema)
+    # If this process dies (SIGKILL, OOM), its backend notices within seconds, even inside a long
+    # CREATE INDEX or a lock wait, and rolls back, releasing the HNSW advisory lock for the next
+    # load, instead of finishing the work for nobody. PostgreSQL 14+; older servers skip it.
+    try:
+        conn.execute("SET client_connection_check_interval = '2s'")
+    except psycopg.errors.UndefinedObject:
+        pass
     return conn
 
 
