@@ -6,12 +6,20 @@ category (README "Errors and exit codes"), never a traceback unless --debug asks
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import select
+import signal
 import subprocess
+import time
+import urllib.request
 
 import pytest
-from conftest import clustered, insert_vectors, make_image, run_cli
+from conftest import cli_command, clustered, insert_vectors, make_image, run_cli
 
-from vecsearch import server
+from vecsearch import load as load_mod
+from vecsearch import query, server
 
 # -- bad queries and broken configurations --------------------------------------------------
 
@@ -125,3 +133,77 @@ def test_debug_shows_the_traceback(few):
     assert "Traceback" in result.stderr and "NotFound: no image with id" in result.stderr
     result = run_cli("similar", missing, env={"VECSEARCH_DEBUG": "1"})
     assert "Traceback" in result.stderr
+
+
+# -- concurrency ----------------------------------------------------------------------------
+
+
+class Served:
+    """`vecsearch serve --port 0` in a subprocess; its URL read from the line it announces."""
+
+    def __init__(self, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(cli_command("serve", "--port", "0"), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+        ready, _, _ = select.select([self.proc.stdout], [], [], 120)
+        line = self.proc.stdout.readline() if ready else ""
+        match = re.search(r"http://[\d.]+:\d+/", line)
+        if not match:
+            self.proc.kill()
+            raise AssertionError(f"serve did not start: {line!r} {self.proc.stderr.read()}")
+        self.url = match.group()
+
+    def get_json(self, path: str):
+        with urllib.request.urlopen(self.url + path.lstrip("/"), timeout=30) as response:
+            assert response.status == 200
+            return json.load(response)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.communicate(timeout=30)
+
+
+def test_overlapping_loads_at_once_store_each_file_once_while_queries_keep_answering(settings, conn,
+                                                                                     tmp_path):
+    from test_crash import assert_index_complete
+
+    library = tmp_path / "library"
+    files = [make_image(library / "top" / f"{i}.png", 500 + i, (64, 64)) for i in range(2)]
+    files += [make_image(library / sub / f"{i}.png", 600 + 20 * n + i, (64, 64))
+              for n, sub in enumerate(("a", "b")) for i in range(6)]
+    ids = insert_vectors(conn, clustered(8, seed=11))  # rows to query while the loads run
+    served = Served()
+    loads = [subprocess.Popen(cli_command("load", str(folder), "--weights", "random", "--workers", "1",
+                                          "--batch-size", "4"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for folder in (library, library / "b")]  # library/b is in both
+    answered = {"sql": 0, "http": 0, "cli": 0}
+    last_cli = 0.0
+    try:
+        while any(p.poll() is None for p in loads):
+            probe = ids[answered["sql"] % len(ids)]
+            assert len(query.similar(conn, probe, 5)) == 5
+            answered["sql"] += 1
+            assert len(served.get_json(f"/api/images/{probe}/similar?k=5")["results"]) == 5
+            assert served.get_json("/api/images?per_page=1")["total"] >= len(ids)
+            answered["http"] += 1
+            if time.monotonic() - last_cli > 8:
+                result = run_cli("similar", str(probe), "-k", "5", "-f", "paths")
+                assert result.returncode == 0 and len(result.stdout.splitlines()) == 5, result.stderr
+                answered["cli"] += 1
+                last_cli = time.monotonic()
+            time.sleep(0.1)
+        outputs = [p.communicate() for p in loads]
+    finally:
+        for p in loads:
+            if p.poll() is None:
+                p.kill()
+        served.stop()
+    assert [p.returncode for p in loads] == [0, 0], [err for _, err in outputs]
+    assert answered["sql"] >= 10 and answered["http"] >= 10 and answered["cli"] >= 1, answered
+
+    paths = [r[0] for r in conn.execute("SELECT path FROM images WHERE path NOT LIKE '/synthetic/%'")]
+    assert sorted(paths) == sorted(str(f) for f in files)  # each file exactly once
+    news = [int(re.search(r"new (\d+),", out).group(1)) for out, _ in outputs]
+    assert sum(news) == len(files)  # each row inserted by one load (the other may update it)
+    assert load_mod.hnsw_index(conn) is not None
+    assert_index_complete(conn, len(files) + len(ids))
