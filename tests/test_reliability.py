@@ -15,11 +15,12 @@ import subprocess
 import time
 import urllib.request
 
+import psycopg
 import pytest
-from conftest import cli_command, clustered, insert_vectors, make_image, run_cli
+from conftest import cli_command, clustered, fresh_database, insert_vectors, make_image, run_cli
 
+from vecsearch import db, query, server
 from vecsearch import load as load_mod
-from vecsearch import query, server
 
 # -- bad queries and broken configurations --------------------------------------------------
 
@@ -207,3 +208,92 @@ def test_overlapping_loads_at_once_store_each_file_once_while_queries_keep_answe
     assert sum(news) == len(files)  # each row inserted by one load (the other may update it)
     assert load_mod.hnsw_index(conn) is not None
     assert_index_complete(conn, len(files) + len(ids))
+
+
+# -- durability: restore anywhere, never half, never over someone else's tables ---------------
+
+
+def _neighbour_table(url: str) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT i.id, n.id, round(n.distance::numeric, 6) FROM images i, "
+                            "LATERAL vecsearch_similar(i.id, 3, exact => true) n ORDER BY 1, 2").fetchall()
+
+
+def test_restore_into_a_new_home_recreates_the_reader_role_and_its_grants(settings, conn, few, tmp_path):
+    dump = tmp_path / "vs.dump"
+    run_cli("db", "backup", str(dump), check=True)
+    before = _neighbour_table(settings.database_url)
+    home = tmp_path / "fresh"  # a new cluster: role vecsearch_reader does not exist there yet
+    env = {"VECSEARCH_HOME": str(home), "VECSEARCH_DATABASE_URL": ""}
+    try:
+        result = run_cli("db", "restore", str(dump), env=env)
+        assert result.returncode == 0, result.stderr
+        url = server.running(home).url()
+        assert _neighbour_table(url) == before
+        with psycopg.connect(url) as restored:
+            assert restored.execute(
+                "SELECT has_table_privilege('vecsearch_reader', 'images', 'SELECT'), "
+                "has_table_privilege('vecsearch_reader', 'images', 'INSERT'), "
+                "has_function_privilege('vecsearch_reader', "
+                "'vecsearch_similar(bigint, integer, integer, text, boolean)', 'EXECUTE')").fetchone() \
+                == (True, False, True)
+        login = run_cli("db", "reader", "restored_reader", env=env, check=True).stdout.strip()
+        with psycopg.connect(login) as analyst:
+            found = analyst.execute("SELECT count(*) FROM vecsearch_similar(%s, 2)", [few[0]]).fetchone()
+            assert found == (2,)
+    finally:
+        server.stop(home)
+
+
+def test_restore_refuses_what_is_not_a_backup_or_is_too_new(settings, conn, few, tmp_path):
+    junk = tmp_path / "photo.jpg"
+    make_image(junk, 1, (32, 32))
+    assert_one_line(run_cli("db", "restore", str(junk)), 1,
+                    f"error: {junk} is not a `vecsearch db backup` file")
+    conn.execute("UPDATE alembic_version SET version_num = '0099'")
+    newer = tmp_path / "newer.dump"
+    server.run_binary("pg_dump", ["--format=custom", f"--file={newer}", settings.database_url], check=True)
+    conn.execute("UPDATE alembic_version SET version_num = %s", [db.SCHEMA_REVISION])
+    assert_one_line(run_cli("db", "restore", str(newer)), 5, f"error: {newer} was made by a newer vecsearch")
+    assert conn.execute("SELECT count(*) FROM images").fetchone() == (5,)
+
+
+def test_restore_never_drops_another_applications_tables(settings, conn, few, pg_home, tmp_path):
+    dump = tmp_path / "vs.dump"
+    run_cli("db", "backup", str(dump), check=True)
+    with fresh_database(pg_home) as url, psycopg.connect(url, autocommit=True) as other:
+        other.execute("DROP TABLE images CASCADE; DROP TABLE alembic_version")
+        other.execute("CREATE TABLE images (id int, title text); INSERT INTO images VALUES (1, 'theirs')")
+        result = run_cli("db", "restore", str(dump), env={"VECSEARCH_DATABASE_URL": url})
+        assert_one_line(result, 5, "error: the database has an `images` or `embedding_model` table")
+        assert other.execute("SELECT * FROM images").fetchall() == [(1, "theirs")]
+
+
+def test_backup_of_an_older_schema_restores_into_an_empty_database_only(settings, conn, few, pg_home,
+                                                                        tmp_path):
+    conn.execute("DROP FUNCTION vecsearch_similar(bigint, integer, integer, text, boolean)")
+    conn.execute("DROP FUNCTION vecsearch_similar_to(vector, integer, integer, text, boolean, bigint[])")
+    conn.execute("UPDATE alembic_version SET version_num = '0001'")  # as vecsearch 0001 left it
+    old = tmp_path / "old.dump"
+    server.run_binary("pg_dump", ["--format=custom", f"--file={old}", settings.database_url], check=True)
+    with fresh_database(pg_home) as url:
+        with psycopg.connect(url, autocommit=True) as target:
+            db.register_vector(target)
+            insert_vectors(target, clustered(3, seed=9), ["/kept/1.jpg", "/kept/2.jpg", "/kept/3.jpg"])
+        # Over a current database: refused as a whole (one transaction), nothing lost.
+        result = run_cli("db", "restore", str(old), env={"VECSEARCH_DATABASE_URL": url})
+        assert_one_line(result, 1, "error: pg_restore failed: ")
+        assert "restore it into an empty database" in result.stderr
+        with psycopg.connect(url) as target:
+            assert target.execute("SELECT count(*) FROM images").fetchone() == (3,)
+    running = server.ensure_running(pg_home)
+    with server.psql_connection(running) as admin:
+        admin.execute("DROP DATABASE IF EXISTS restore_empty")
+        admin.execute("CREATE DATABASE restore_empty")
+    url = running.url("restore_empty")
+    run_cli("db", "restore", str(old), env={"VECSEARCH_DATABASE_URL": url}, check=True)
+    with psycopg.connect(url) as restored:
+        assert db.schema_revision(restored) == db.SCHEMA_REVISION  # migrated after the restore
+        assert restored.execute("SELECT count(*) FROM vecsearch_similar(%s, 4)", [few[0]]).fetchone() == (4,)
+    with server.psql_connection(running) as admin:
+        admin.execute("DROP DATABASE restore_empty")
