@@ -282,10 +282,10 @@ def test_cli_on_an_empty_database(settings):
 
 
 def test_similar_never_imports_torch_or_numpy(loaded):
-    """The query path stays light: no torch, numpy, SQLAlchemy or alembic in the process."""
+    """The query path stays light: no torch, numpy, SQLAlchemy, alembic or pydantic (typer >= 0.29)."""
     code = ("import sys; from vecsearch.cli import main\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "heavy = sorted(m for m in ('torch', 'torchvision', 'numpy', 'sqlalchemy', 'alembic')"
+            "heavy = sorted(m for m in ('torch', 'torchvision', 'numpy', 'sqlalchemy', 'alembic', 'pydantic')"
             " if m in sys.modules)\nprint('HEAVY', heavy, file=sys.stderr)")
     result = subprocess.run([sys.executable, "-c", code, "similar", str(loaded.ids[0]), "-k", "3"],
                             capture_output=True, text=True, env={**os.environ, **loaded.env},
