@@ -11,9 +11,11 @@ import os
 import re
 import select
 import signal
+import stat
 import subprocess
 import time
 import urllib.request
+from datetime import timedelta
 
 import psycopg
 import pytest
@@ -297,3 +299,66 @@ def test_backup_of_an_older_schema_restores_into_an_empty_database_only(settings
         assert restored.execute("SELECT count(*) FROM vecsearch_similar(%s, 4)", [few[0]]).fetchone() == (4,)
     with server.psql_connection(running) as admin:
         admin.execute("DROP DATABASE restore_empty")
+
+
+# -- least privilege ----------------------------------------------------------------------------
+
+
+def test_everything_a_fresh_home_holds_is_private_to_its_owner(tmp_path):
+    """Data dir, socket, log, lock, TCP password and thumbnail cache: no group or other access,
+    whatever the umask (here the usual 022)."""
+    from vecsearch import thumbs
+
+    home = tmp_path / "home"
+    env = {"VECSEARCH_HOME": str(home), "VECSEARCH_DATABASE_URL": ""}
+    photo = make_image(tmp_path / "photo.png", 1, (64, 64))
+    old = os.umask(0o022)
+    try:
+        run_cli("db", "start", "--tcp", "--port", "54341", env=env, check=True)
+        thumbs.thumbnail(home, str(photo), 256)
+        socket_dir = server.running(home).socket_dir  # in the data dir, or /tmp when that path is long
+        kinds = []
+        for path in {home, *home.rglob("*"), socket_dir, *socket_dir.iterdir()}:
+            mode = path.lstat().st_mode
+            assert stat.S_IMODE(mode) & 0o077 == 0 or stat.S_ISLNK(mode), (path, oct(mode))
+            kinds.append("socket" if stat.S_ISSOCK(mode) else path.suffix)
+        assert kinds.count("socket") == 1 and kinds.count(".jpg") == 1
+        assert {p.name for p in home.iterdir()} >= {"pg", "tcp-password", "postgres.log", "server.lock",
+                                                     "thumbs"}
+    finally:
+        os.umask(old)
+        server.stop(home)
+
+
+def test_web_serves_a_file_only_as_it_was_indexed(conn, settings, tmp_path):
+    """A file swapped after the load (here for a symlink to a private file) is not served."""
+    from fastapi.testclient import TestClient
+
+    from vecsearch import web
+    from vecsearch.images import sha256_of
+
+    photo = make_image(tmp_path / "indexed" / "photo.png", 1, (64, 64))
+    secret = tmp_path / "private" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY----- not for the gallery\n")
+    private_photo = make_image(tmp_path / "private" / "holiday.png", 2, (64, 64))
+    st = photo.stat()
+    with open(photo, "rb") as f:
+        digest = sha256_of(f)
+    image_id = conn.execute(
+        "INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
+        "VALUES (%s, %s, %s, 64, 64, 'PNG', %s, %s) RETURNING id",  # as `vecsearch load` writes it
+        [str(photo), digest, st.st_size, load_mod.EPOCH + timedelta(microseconds=st.st_mtime_ns // 1000),
+         clustered(1, seed=1)[0]]).fetchone()[0]
+    app = web.create_app(settings)
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        assert client.get(f"/media/{image_id}/original").content == photo.read_bytes()
+        assert client.get(f"/media/{image_id}/thumb").status_code == 200
+        for target in (secret, private_photo):
+            photo.unlink()
+            photo.symlink_to(target)
+            for rendition in ("original", "preview"):
+                response = client.get(f"/media/{image_id}/{rendition}")
+                assert response.status_code == 404, (target, rendition)
+                assert "changed since it was loaded" in response.text
+                assert b"PRIVATE KEY" not in response.content and "Traceback" not in response.text

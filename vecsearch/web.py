@@ -21,10 +21,11 @@ import io
 import logging
 import math
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -58,6 +59,7 @@ from .errors import (
 )
 
 log = logging.getLogger("vecsearch.web")
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -185,6 +187,21 @@ def get_image(conn: psycopg.Connection, image_id: int) -> dict[str, Any]:
     if row is None:
         raise NotFound(f"no image with id {image_id}")
     return row
+
+
+def check_as_indexed(row: dict[str, Any]) -> None:
+    """Serve a file only as `vecsearch load` read it: same size and mtime as its row. A file replaced
+    since (e.g. by a symlink to a private file by whoever can write in the folder) is refused, as is
+    an edited one until it is loaded again (its vector would be stale anyway)."""
+    path = row["path"]
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise NotFound(f"the file of image {row['id']} is gone: {path} ({e.strerror})") from e
+    indexed_us = (row["mtime"] - EPOCH) // timedelta(microseconds=1)
+    if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns // 1000) != (row["bytes"], indexed_us):
+        raise NotFound(f"the file of image {row['id']} changed since it was loaded: {path}; run "
+                       "`vecsearch load` on its folder again")
 
 
 def _urls(image_id: int) -> dict[str, str]:
@@ -508,9 +525,8 @@ def create_app(settings: Settings, *, weights: str | None = None,
         with state.connection() as conn:
             row = get_image(conn, image_id)
         path = row["path"]
+        check_as_indexed(row)
         if rendition is Rendition.original:
-            if not os.path.isfile(path):
-                raise NotFound(f"the file of image {image_id} is gone: {path}")
             mime = MIME.get(row["format"].upper())
             return FileResponse(path, media_type=mime or "application/octet-stream",
                                 content_disposition_type="inline" if mime else "attachment",
