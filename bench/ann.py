@@ -23,25 +23,23 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vecsearch import db, query, server  # noqa: E402
+import common  # noqa: E402
+from common import DIM, MTIME  # noqa: E402
+
+from vecsearch import db, query  # noqa: E402
 from vecsearch.config import Settings  # noqa: E402
 
-DIM = db.DIM
 SEED = 20260611
 K = 10
-MTIME = datetime(2026, 1, 1, tzinfo=UTC)
 NOISE = 1.0  # per-channel noise around the cluster centres, relative to the channel scale
 EF_SEARCH = (20, 40, 100, 200)
 ANNOY_TREES = (10, 100)
@@ -49,37 +47,18 @@ ANNOY_TREES = (10, 100)
 
 def cnn_like(n: int, seed: int = SEED, clusters: int | None = None, chunk: int = 8192) -> np.ndarray:
     """n x 2048 float32: ReLU(cluster centre + noise), per-channel scales, L2-normalised."""
-    rng = np.random.default_rng(seed)
-    clusters = clusters or max(50, n // 200)
-    scales = rng.lognormal(0, 0.5, DIM).astype(np.float32)
-    centres = (np.maximum(rng.normal(0, 1, (clusters, DIM)), 0) * scales).astype(np.float32)
-    out = np.empty((n, DIM), dtype=np.float32)
-    for start in range(0, n, chunk):
-        m = min(chunk, n - start)
-        v = centres[rng.integers(0, clusters, m)] + rng.normal(0, NOISE, (m, DIM)).astype(np.float32) * scales
-        v = np.maximum(v, 0)
-        out[start:start + m] = v / np.linalg.norm(v, axis=1, keepdims=True)
-    return out
+    return common.cnn_like(n, seed, clusters, NOISE, chunk)
 
 
 def load(conn, vectors: np.ndarray) -> tuple[list[int], float, float]:
     """Binary COPY into an index-less table, then the HNSW build; returns ids and both times."""
-    definition = conn.execute("SELECT pg_get_indexdef('images_embedding_hnsw'::regclass)").fetchone()[0]
-    conn.execute("DROP INDEX images_embedding_hnsw")
+    definition = common.drop_index(conn)
     t = time.perf_counter()
-    with conn.cursor().copy("COPY images (path, sha256, bytes, width, height, format, mtime, embedding) "
-                            "FROM STDIN WITH (FORMAT BINARY)") as copy:
-        copy.set_types(["text", "text", "int8", "int4", "int4", "text", "timestamptz", "vector"])
+    with common.copy_images(conn) as copy:
         for i, v in enumerate(vectors):
             copy.write_row([f"/bench/{i:07d}.jpg", f"{i:064x}", 100_000, 1024, 768, "JPEG", MTIME, v])
     copy_s = time.perf_counter() - t
-    t = time.perf_counter()
-    conn.execute("SET maintenance_work_mem = '4GB'")
-    conn.execute("SET max_parallel_maintenance_workers = 2")
-    conn.execute(definition)
-    conn.execute("RESET maintenance_work_mem")
-    conn.execute("VACUUM ANALYZE images")
-    build_s = time.perf_counter() - t
+    build_s = common.build_index(conn, definition, memory="4GB")
     ids = [r[0] for r in conn.execute("SELECT id FROM images ORDER BY path")]
     return ids, copy_s, build_s
 
@@ -193,25 +172,10 @@ def main() -> None:
     parser.add_argument("--exact-queries", type=int, default=30, help="queries for the slow exact scan")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    home = Path(tempfile.mkdtemp(prefix="vecsearch-bench-ann-"))
-    url = os.environ.get("VECSEARCH_DATABASE_URL") or None
-    settings = Settings(database_url=url, home=home)
     started = time.perf_counter()
-    try:
-        if url:  # another server: only an empty images table is used (and emptied again)
-            with db.connect(settings) as conn:
-                if conn.execute("SELECT EXISTS (SELECT FROM images)").fetchone()[0]:
-                    raise SystemExit(f"{db.redact(url)} has images: the benchmark needs an empty database")
-            print(f"database {db.redact(url)}", flush=True)
-        else:
-            server.ensure_running(home)
-            print(f"throwaway embedded server in {home}", flush=True)
-        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    with common.bench_database("ann") as settings:
+        print(common.load_average(), flush=True)
         tables = [(n, bench_size(n, args, settings)) for n in sizes]
-    finally:
-        if not url:
-            server.stop(home)
-        shutil.rmtree(home, ignore_errors=True)
     for n, results in tables:
         print_table(n, results)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.1f}")

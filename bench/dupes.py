@@ -22,26 +22,24 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import DIM, MTIME  # noqa: E402
 
 from vecsearch import db, dupes, server  # noqa: E402
 from vecsearch.config import Settings  # noqa: E402
 
-DIM = db.DIM
 SEED = 20240611
-MTIME = datetime(2026, 1, 1, tzinfo=UTC)
 CLUSTERS = 200
 # copy kind -> relative noise (cosine distance to the original ~ eps^2 / 2); None: exact copy
 COPIES = {"exact": None, "reencode": 0.06, "resize": 0.15, "crop": 0.30}
@@ -52,8 +50,7 @@ SIBLING_EVERY = 100
 
 def generate(n: int, rng: np.random.Generator, chunk: int = 4096):
     """Yield (index, vector, planted_group or None, kind, sha_index) rows, n in total, streamed."""
-    scales = rng.lognormal(0, 0.5, DIM).astype(np.float32)
-    centers = (np.maximum(rng.normal(0, 1, (CLUSTERS, DIM)), 0) * scales).astype(np.float32)
+    space = common.CnnLike(rng, CLUSTERS, noise=0.6)
     i = 0
     group = 0
 
@@ -65,9 +62,7 @@ def generate(n: int, rng: np.random.Generator, chunk: int = 4096):
 
     while i < n:
         m = min(chunk, n - i)
-        base = unit(np.maximum(centers[rng.integers(0, CLUSTERS, m)]
-                               + rng.normal(0, 0.6, (m, DIM)).astype(np.float32) * scales, 0))
-        for v in base:
+        for v in space.draw(m):
             if i >= n:
                 return
             original = i
@@ -98,12 +93,8 @@ def populate(conn, n: int):
     planted: dict[int, int] = {}
     kinds: dict[str, int] = {}
     distances: dict[str, list[float]] = {}
-    definition = conn.execute("SELECT pg_get_indexdef('images_embedding_hnsw'::regclass)").fetchone()[0]
-    conn.execute("DROP INDEX images_embedding_hnsw")
-    cur = conn.cursor()
-    with cur.copy("COPY images (path, sha256, bytes, width, height, format, mtime, embedding) "
-                  "FROM STDIN WITH (FORMAT BINARY)") as copy:
-        copy.set_types(["text", "text", "int8", "int4", "int4", "text", "timestamptz", "vector"])
+    definition = common.drop_index(conn)
+    with common.copy_images(conn) as copy:
         last_original = None
         for i, v, group, kind, sha in generate(n, rng):
             if i < 0:
@@ -120,15 +111,6 @@ def populate(conn, n: int):
             copy.write_row([f"/bench/img{i:07d}.jpg", f"{sha:064x}", 100_000 + i % 1000, w, h,
                             "JPEG", MTIME, v])
     return planted, kinds, distances, definition
-
-
-def build_index(conn, definition: str) -> float:
-    t = time.perf_counter()
-    conn.execute("SET maintenance_work_mem = '3GB'")
-    conn.execute("SET max_parallel_maintenance_workers = 2")
-    conn.execute(definition)
-    conn.execute("VACUUM ANALYZE images")
-    return time.perf_counter() - t
 
 
 class BackendPeak(threading.Thread):
@@ -219,11 +201,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, help="vecsearch dupes --jobs (default: its own)")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway server home")
     args = parser.parse_args()
-    home = Path(tempfile.mkdtemp(prefix="vecsearch-bench-dupes-"))
-    print(f"server home {home}; load average at start {os.getloadavg()[0]:.2f} "
-          f"on {os.cpu_count()} cores (shared: other jobs slow this down)", flush=True)
     rows = []
-    try:
+    with common.throwaway_home("dupes", keep=args.keep) as home:
+        print(f"server home {home}; {common.load_average()} at start (shared: other jobs slow this "
+              "down)", flush=True)
         running = server.ensure_running(home)
         for n in [int(s) for s in args.sizes.split(",")]:
             name = f"bench_dupes_{n}"
@@ -235,7 +216,7 @@ def main() -> None:
                 t = time.perf_counter()
                 planted, kinds, distances, definition = populate(conn, n)
                 load_s = time.perf_counter() - t
-                index_s = build_index(conn, definition)
+                index_s = common.build_index(conn, definition, memory="3GB")
             print(f"n={n}: COPY {load_s:.1f} s, HNSW build {index_s:.1f} s; planted copies {kinds}; "
                   "distance to original p50/max: " + ", ".join(
                       f"{k} {np.median(d):.4f}/{max(d):.4f}" for k, d in distances.items()), flush=True)
@@ -246,11 +227,6 @@ def main() -> None:
             print(f"n={n}: dupes {seconds:.1f} s, client peak RSS {rss_kb / 1024:.0f} MiB, "
                   f"backend peak RSS {backend.peak_hwm / 1024:.0f} MiB "
                   f"(private {backend.peak_anon / 1024:.0f} MiB), {s}", flush=True)
-    finally:
-        if server.running(home):
-            server.stop(home)
-        if not args.keep:
-            shutil.rmtree(home, ignore_errors=True)
     print(f"\nthreshold {args.threshold}, k {args.k}, ef_search {args.ef_search}, jobs "
           f"{args.jobs or 'default'}; load average now "
           f"{os.getloadavg()[0]:.2f}")
