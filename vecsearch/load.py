@@ -133,8 +133,8 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
             discovered = {c.path for c in found.files}
             to_read += sorted(p for p in existing if p not in discovered and os.path.isfile(p))
         summary.found = len(found.failed) + summary.unchanged + len(to_read)
-        report.message(f"found {summary.found} image files in {root}: {len(to_read)} to read, "
-                       f"{summary.unchanged} unchanged")
+        report.message(f"found {summary.found} image file{'' if summary.found == 1 else 's'} in {root}: "
+                       f"{len(to_read)} to read, {summary.unchanged} unchanged")
 
         index = _Index(conn, report)
         additions = sum(1 for p in to_read if p not in existing)
