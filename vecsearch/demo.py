@@ -103,8 +103,23 @@ def main() -> int:
         for label, value in db.status(conn):
             print(f"{label + ':':<10} {value}")
 
-    # -- neighbours: `vecsearch similar` of a few photos (issue #4 fills this in) ---------------
-    print("next: `vecsearch similar ID` shows an image's neighbours")
+    # -- neighbours: `vecsearch similar ID` of the photos that have perturbed copies ---------
+    from . import output, query
+
+    label = " (random weights: similarity shows the machinery, not semantics)" if random else ""
+    with db.connect(settings) as conn:
+        for stem in PERTURBED:
+            row = conn.execute("SELECT id, path FROM images WHERE path = %s",
+                               [str(next(p for p in photos if p.stem == stem))]).fetchone()
+            if row is None:
+                continue
+            neighbours = query.similar(conn, row[0], k=3)
+            print(f"\nvecsearch similar {row[0]} -k 3   # {row[1]}{label}")
+            output.render([{"rank": rank, "id": n.id, "similarity": n.similarity, "path": n.path}
+                           for rank, n in enumerate(neighbours, 1)],
+                          ["rank", "id", "similarity", "path"], "table")
+    print("\nnext: `vecsearch similar ID`, `vecsearch search FILE`, `vecsearch serve`, "
+          "`psql \"$(vecsearch db url)\"`")
     return 0
 
 
