@@ -224,6 +224,7 @@ def _neighbour_table(url: str) -> list[tuple]:
 def test_restore_into_a_new_home_recreates_the_reader_role_and_its_grants(settings, conn, few, tmp_path):
     dump = tmp_path / "vs.dump"
     run_cli("db", "backup", str(dump), check=True)
+    assert stat.S_IMODE(dump.stat().st_mode) == 0o600  # every path of the library is in it
     before = _neighbour_table(settings.database_url)
     home = tmp_path / "fresh"  # a new cluster: role vecsearch_reader does not exist there yet
     env = {"VECSEARCH_HOME": str(home), "VECSEARCH_DATABASE_URL": ""}
@@ -247,7 +248,9 @@ def test_restore_into_a_new_home_recreates_the_reader_role_and_its_grants(settin
         server.stop(home)
 
 
-def test_restore_refuses_what_is_not_a_backup_or_is_too_new(settings, conn, few, tmp_path):
+def test_backup_and_restore_refuse_bad_paths_non_backups_and_newer_backups(settings, conn, few, tmp_path):
+    assert_one_line(run_cli("db", "backup", str(tmp_path / "no" / "such" / "dir.dump")), 1,
+                    f"error: cannot write the backup to {tmp_path / 'no' / 'such' / 'dir.dump'}")
     junk = tmp_path / "photo.jpg"
     make_image(junk, 1, (32, 32))
     assert_one_line(run_cli("db", "restore", str(junk)), 1,

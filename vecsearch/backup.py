@@ -10,7 +10,9 @@ missing. Logins made by `vecsearch db reader` are cluster roles too: make them a
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
 import psycopg
@@ -23,6 +25,17 @@ from .errors import InvalidInput, NotFound, SchemaMismatch, VecsearchError
 def backup(settings: Settings, file: Path) -> None:
     """Write the whole vecsearch database (schema, images, vectors, index definitions) to `file`."""
     db.connect(settings).close()  # started and migrated: a dump always has the current schema
+    # Private like the database it copies (every path of the library is in it): created 0600, and
+    # pg_dump's own open (mode 0666 minus umask) then only truncates it.
+    try:
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    except OSError as e:
+        raise InvalidInput(f"cannot write the backup to {file}: {e.strerror}") from e
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # not a pipe or device given as FILE
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
     _run("pg_dump", ["--format=custom", "--no-owner", f"--file={file}", db.database_url(settings)])
 
 
