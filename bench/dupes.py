@@ -224,6 +224,8 @@ def main() -> None:
             seconds, rss_kb, backend = run_dupes(url, args, out_path)
             s = score(out_path, planted)
             rows.append((n, seconds, rss_kb, backend, s))
+            print("  vecsearch dupes said: " + " / ".join(
+                out_path.with_suffix(".err").read_text().strip().splitlines()), flush=True)
             print(f"n={n}: dupes {seconds:.1f} s, client peak RSS {rss_kb / 1024:.0f} MiB, "
                   f"backend peak RSS {backend.peak_hwm / 1024:.0f} MiB "
                   f"(private {backend.peak_anon / 1024:.0f} MiB), {s}", flush=True)

@@ -233,6 +233,9 @@ def dupes_command(
     groups = f"{len(result.groups)} group{'' if len(result.groups) == 1 else 's'}"
     err.print(f"{groups} ({members} images, {members - len(result.groups)} "
               f"removable) among {result.images} images in {result.seconds:.1f} s", markup=False)
+    if result.unreached:
+        err.print(f"{result.unreached} images the HNSW graph search did not reach were compared "
+                  "exactly with all others", markup=False)
     if result.truncated:
         err.print(f"warning: {len(result.truncated)} images have more than {dupes.MAX_K} near "
                   "neighbours; their groups may be incomplete (lower --threshold)", markup=False)
@@ -311,7 +314,9 @@ def _eval_run(ctx: typer.Context, experiment, folder: Path, weights: str, device
         for note in report.notes:
             out.print(f"note: {note}", markup=False)
     for path, reason in report.skipped[:10]:
-        err.print(f"skipped {path}: {reason}", markup=False)
+        err.print(f"skipped: {reason if reason.startswith(path) else f'{path}: {reason}'}", markup=False)
+    if len(report.skipped) > 10:
+        err.print(f"... and {len(report.skipped) - 10} more (all in --json)", markup=False)
     if plot is not None:
         evaluate.plot(report, plot)
         err.print(f"plot: {plot}", markup=False)

@@ -37,10 +37,11 @@ from .errors import InvalidInput
 # `vecsearch eval perturb`, which prints the distances its copies actually get.
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_K = 10
-# The index's candidates per image. At 40 (pgvector's default) the graph search on 30k clustered
-# vectors got stuck in the wrong cluster for ~1 image in 5,000 and missed its copy at distance
-# 0.0014 entirely; at 100 it found every one (bench/dupes.py). Only the nearest few matter here,
-# so less than `vecsearch similar`'s top-k recall needs.
+# The index's candidates per image. On 100k clustered vectors (bench/dupes.py) a graph search
+# that does not even find its own starting image (a node without incoming links, or one that
+# ends in the wrong cluster) happened for 1.1% of images at ef_search 100, 0.36% at 200, still
+# 0.08% at 1000; those images get an exact pass instead, so ef_search trades speed for the
+# size of that pass, not for missed duplicates.
 DEFAULT_EF_SEARCH = 100
 MAX_K = 1000
 CHUNK = 256
@@ -82,6 +83,7 @@ class DupesResult:
     exact_copy_sets: int = 0  # sets of files with one sha256
     seconds: float = 0.0
     truncated: list[int] = field(default_factory=list)  # ids still saturated at MAX_K
+    unreached: int = 0  # images the graph search did not reach, compared exactly instead
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per image, for vecsearch.output.render."""
@@ -133,9 +135,11 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
     """Groups of images closer than `threshold` (cosine distance), plus exact copies (sha256).
 
     `k` neighbours are asked per image; an image whose k neighbours all fall under the
-    threshold is asked again with a larger k (up to MAX_K), so big groups are not cut.
-    `jobs` connections search chunks in parallel (each a server backend, so up to the server's
-    cores). `progress(done, total)` is called after each chunk.
+    threshold is asked again with a larger k (up to MAX_K), so big groups are not cut. An image
+    the graph search cannot reach (it does not find itself) is compared exactly with every
+    image instead, in one streamed pass. `jobs` connections search chunks in parallel (each a
+    server backend, so up to the server's cores). `progress(done, total)` is called after each
+    chunk.
     """
     if not 0 <= threshold < 2:
         raise InvalidInput(f"threshold {threshold} is not a cosine distance in [0, 2)")
@@ -180,12 +184,15 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
             # One query image per distinct content, streamed from a server-side cursor.
             done = 0
             saturated: list[int] = []
+            lost: list[int] = []
             with conn.cursor(name="vecsearch_dupes_ids") as ids_cur:
                 ids_cur.itersize = chunk
                 ids_cur.execute(f"SELECT min(id) FROM images q WHERE {where_q} GROUP BY sha256 "
                                 "ORDER BY 1", params)
                 for batch, pairs in search.run(chunks_of(row[0] for row in ids_cur), k):
-                    saturated += _join(pairs, k, sets, result)
+                    more, unreached = _join(batch, pairs, k, sets, result)
+                    saturated += more
+                    lost += unreached
                     done += len(batch)
                     if progress:
                         progress(done, total[0])
@@ -193,10 +200,14 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
             while saturated and k < MAX_K:
                 k = min(MAX_K, k * 8)
                 again: list[int] = []
-                for _, pairs in search.run(chunks_of(saturated), k):
-                    again += _join(pairs, k, sets, result)
+                for batch, pairs in search.run(chunks_of(saturated), k):
+                    again += _join(batch, pairs, k, sets, result)[0]
                 saturated = again
         result.truncated = saturated
+        # Images the graph search never reached (HNSW leaves a few nodes, often near-duplicates
+        # of each other, without incoming links): their near pairs come from an exact pass.
+        result.unreached = len(lost)
+        _exact_pass(conn, lost, where_q, params, threshold, sets, result)
         result.groups = _describe(conn, sets.groups())
     result.seconds = time.perf_counter() - started
     return result
@@ -205,23 +216,26 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
 def neighbours_sql(*, under: bool = False, exact: bool = False) -> str:
     """A chunk of query images (%(ids)s) joined to their %(k)s nearest, closer than %(threshold)s.
 
-    Candidates with the query's own sha256 are skipped (those copies are joined separately), so
+    The query image itself is among the candidates and comes back as a (q, q) row: a graph
+    search that does not find its own starting image went astray (see _exact_pass). Other
+    candidates with the query's sha256 are skipped (those copies are joined separately), so
     they do not use up the k slots. The distance filter stays outside the LATERAL: inside it,
     an iterative index scan would walk the graph far past k for every image that has no
     duplicate at all. `exact` orders by the full-precision distance, which no index serves.
     """
     order = "c.embedding <=> q.embedding" if exact else f"c.{ANN_EXPR} <=> q.{ANN_EXPR}"
+    prefix = "AND starts_with(c.path, %(prefix)s)" if under else ""
     return f"""
         SELECT q.id, n.id
         FROM images q
         CROSS JOIN LATERAL (
-            SELECT c.id, c.embedding <=> q.embedding AS distance
+            SELECT c.id, CASE WHEN c.id = q.id THEN 0 ELSE c.embedding <=> q.embedding END AS distance
             FROM images c
-            WHERE c.sha256 <> q.sha256 {"AND starts_with(c.path, %(prefix)s)" if under else ""}
+            WHERE (c.sha256 <> q.sha256 OR c.id = q.id) {prefix}
             ORDER BY {order}
-            LIMIT %(k)s
+            LIMIT %(k)s + 1
         ) n
-        WHERE q.id = ANY(%(ids)s) AND n.distance < %(threshold)s
+        WHERE q.id = ANY(%(ids)s) AND (n.id = q.id OR n.distance < %(threshold)s)
     """
 
 
@@ -288,14 +302,54 @@ class _Searcher:
             yield ids, future.result()
 
 
-def _join(pairs: list[tuple[int, int]], k: int, sets: UnionFind, result: DupesResult) -> list[int]:
-    """Union the near pairs; return the query ids whose k neighbours were all near."""
+def _join(ids: list[int], pairs: list[tuple[int, int]], k: int, sets: UnionFind,
+          result: DupesResult) -> tuple[list[int], list[int]]:
+    """Union the near pairs; return the query ids whose k neighbours were all near, and those
+    whose search did not find the query image itself."""
     counts: dict[int, int] = {}
+    reached = set()
     for qid, nid in pairs:
+        if qid == nid:
+            reached.add(qid)
+            continue
         sets.union(qid, nid)
         counts[qid] = counts.get(qid, 0) + 1
-    result.pairs += len(pairs)
-    return [qid for qid, n in counts.items() if n >= k]
+        result.pairs += 1
+    return [qid for qid, n in counts.items() if n >= k], [qid for qid in ids if qid not in reached]
+
+
+def _exact_pass(conn: psycopg.Connection, ids: list[int], where_q: str, params: dict[str, Any],
+                threshold: float, sets: UnionFind, result: DupesResult, block: int = 1024,
+                rows: int = 2000) -> None:
+    """Near pairs of `ids` with every image, exactly: the table streams once per block of ids.
+
+    Memory: `rows` x 2048 floats of the table plus `block` query vectors at a time.
+    """
+    if not ids:
+        return
+    import numpy as np
+
+    def unit(vectors: list) -> np.ndarray:
+        # pgvector's loader gives Vector objects (numpy arrays in older versions)
+        m = np.stack([np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v, dtype=np.float32)
+                      for v in vectors])
+        return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+
+    for start in range(0, len(ids), block):
+        found = conn.execute("SELECT id, embedding FROM images WHERE id = ANY(%s)",
+                             [ids[start:start + block]]).fetchall()
+        qids = np.array([r[0] for r in found])
+        queries = unit([r[1] for r in found])
+        with conn.cursor(name="vecsearch_dupes_exact", binary=True) as cur:
+            cur.itersize = rows
+            cur.execute(f"SELECT id, embedding FROM images q WHERE {where_q}", params)
+            while batch := cur.fetchmany(rows):
+                cids = np.array([r[0] for r in batch])
+                near = (1 - unit([r[1] for r in batch]) @ queries.T) < threshold
+                for c, q in zip(*np.nonzero(near), strict=True):
+                    if cids[c] != qids[q]:
+                        sets.union(int(cids[c]), int(qids[q]))
+                        result.pairs += 1
 
 
 def _describe(conn: psycopg.Connection, groups: list[list[int]]) -> list[Group]:
