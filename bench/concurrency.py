@@ -1,7 +1,7 @@
 """N parallel clients of `vecsearch_similar()` for a fixed time: throughput, latency, errors.
 
     .venv/bin/python bench/concurrency.py [--rows 100000] [--clients 1,2,4,8] [--seconds 20]
-                                          [--k 10] [--ef-search 100] [--no-writer]
+                                          [--k 10] [--ef-search N] [--no-writer]
 
 A table of synthetic CNN-like vectors (bench/common.py: 2048-d, non-negative, clustered,
 L2-normalised, fixed seed) is bulk-loaded (binary COPY, HNSW built after) into a throwaway
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MTIME, bench_database, build_index, cnn_like, copy_images, drop_index, load_average  # noqa: E402
 
-from vecsearch import db  # noqa: E402
+from vecsearch import db, query  # noqa: E402
 
 SEED = 20260612
 WRITE_BATCH = 16
@@ -135,7 +135,8 @@ def main() -> None:
     parser.add_argument("--clients", default="1,2,4,8", help="comma-separated client counts")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each run")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--ef-search", type=int, default=100)
+    parser.add_argument("--ef-search", type=int, default=query.DEFAULT_EF_SEARCH,
+                        help="hnsw.ef_search (default: vecsearch's own)")
     parser.add_argument("--no-writer", action="store_true", help="skip the runs with a concurrent writer")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
