@@ -27,7 +27,7 @@ from vecsearch.load import load
 
 pytestmark = pytest.mark.slow
 
-FOLDERS, PER_FOLDER = 4, 16  # 64 small images: about 10-25 s of the random model on 2 cores
+FOLDERS, PER_FOLDER = 4, 12  # 48 small images: about 10-20 s of the random model on 2 cores
 BATCH = "8"
 
 
@@ -89,7 +89,8 @@ def connect(url: str) -> psycopg.Connection:
 
 def table(conn: psycopg.Connection) -> dict[str, tuple]:
     """{path: (id, sha256, embedding)} of every row."""
-    return {r[0]: (r[1], r[2], r[3].to_numpy()) for r in conn.execute("SELECT path, id, sha256, embedding FROM images")}
+    rows = conn.execute("SELECT path, id, sha256, embedding FROM images")
+    return {path: (image_id, sha, vector.to_numpy()) for path, image_id, sha, vector in rows}
 
 
 def count(url: str) -> int:
@@ -238,8 +239,8 @@ def _crash_and_recover(home: Path, env: dict, photos: Path, reference: dict, ori
 
 def test_ctrl_c_stops_cleanly_with_a_summary_and_a_rerun_finishes(settings, photos, tmp_path):
     folder = photos / "album0"
-    run = Run(tmp_path, {}, str(folder), "--weights", "random", "--batch-size", BATCH, "--workers", "1")
-    wait_for(lambda: count(settings.database_url) >= int(BATCH), 180, "the first batch", run.proc)
+    run = Run(tmp_path, {}, str(folder), "--weights", "random", "--batch-size", "4", "--workers", "1")
+    wait_for(lambda: count(settings.database_url) >= 4, 180, "the first batch", run.proc)
     run.kill(signal.SIGINT)  # to the whole process group, as Ctrl-C in a terminal
     code, out, err = run.wait(120)
     assert code == 130, err
