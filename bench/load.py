@@ -11,7 +11,9 @@ measures, at the same batch size:
     folder, in the same worker processes as load;
   - end to end: `vecsearch.load.load` into an empty database (decode workers, model, writer
     thread, HNSW index built at the end), model already built;
-  - peak RSS of the process and of its largest decode worker.
+  - peak RSS of the process and of its largest decode worker;
+  - CPU time per image (this process and its decode workers), which a machine shared with
+    other jobs disturbs far less than wall-clock rates.
 A last child measures bf16 autocast (forward rate and worst cosine to fp32 on scikit-image's
 photos, plus an end-to-end load) and how far JPEG draft() decoding moves vectors from a
 full-size decode (scikit-image's photos saved as JPEG q90, and the drift of a q70 re-encode
@@ -79,16 +81,24 @@ def _quiet_embedder(weights: str, batch_size: int, precision: str = "fp32"):
         return Embedder(weights, batch_size=batch_size, precision=precision).prepare()
 
 
-def _bare_forward(embedder, batch_size: int, batches: int, bf16: bool = False) -> float:
+def _cpu() -> float:
+    """CPU seconds of this process (all threads) and its reaped children (decode workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _bare_forward(embedder, batch_size: int, batches: int, bf16: bool = False) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of the network alone."""
     import torch
 
     x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         embedder._forward(x, bf16)  # warm-up
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), _cpu()
         for _ in range(batches):
             embedder._forward(x, bf16)
-    return batch_size * batches / (time.perf_counter() - started)
+    n = batch_size * batches
+    return n / (time.perf_counter() - started), (_cpu() - cpu) * 1000 / n
 
 
 def child_throughput(folder: str, url: str, batch_size: int, workers: int, weights: str) -> dict:
@@ -102,7 +112,7 @@ def child_throughput(folder: str, url: str, batch_size: int, workers: int, weigh
     embedder = _quiet_embedder(weights, batch_size)
     paths = [c.path for c in find_images(folder).files]
     batches = max(3, min(8, len(paths) // batch_size))
-    forward_before = _bare_forward(embedder, batch_size, batches)
+    forward_before, forward_cpu = _bare_forward(embedder, batch_size, batches)
 
     reader = loader._Reader(url, "public", None)
     started = time.perf_counter()
@@ -111,16 +121,18 @@ def child_throughput(folder: str, url: str, batch_size: int, workers: int, weigh
     decode = len(paths) / (time.perf_counter() - started)
     reader.close()
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), _cpu()
     summary = loader.load(settings, folder, embedder, workers=workers)
     end_to_end = summary.embedded / (time.perf_counter() - started)
+    load_cpu = (_cpu() - cpu) * 1000 / summary.embedded
     assert summary.embedded == len(paths) and not summary.failed, summary.describe()
-    forward_after = _bare_forward(embedder, batch_size, batches)
+    forward_after, forward_cpu_after = _bare_forward(embedder, batch_size, batches)
 
     kib = 1024  # ru_maxrss is in KiB on Linux
     return {"files": len(paths), "forward": (forward_before + forward_after) / 2,
             "forward_before": forward_before, "forward_after": forward_after, "decode": decode,
-            "end_to_end": end_to_end,
+            "end_to_end": end_to_end, "forward_cpu_ms": (forward_cpu + forward_cpu_after) / 2,
+            "load_cpu_ms": load_cpu,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
             "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib,
             "load_avg": os.getloadavg()[0]}
@@ -150,8 +162,8 @@ def child_extra(folder: str, url: str, batch_size: int, workers: int, weights: s
               "bf16_min_cosine": float((reference * vectors).sum(axis=1).min()),
               "bf16_check": bf16.bf16_check}
     batches = max(3, min(8, len(photos) // batch_size))
-    result["forward_fp32"] = _bare_forward(fp32, batch_size, batches)
-    result["forward_bf16"] = _bare_forward(fp32, batch_size, batches, bf16=True)
+    result["forward_fp32"], result["cpu_fp32"] = _bare_forward(fp32, batch_size, batches)
+    result["forward_bf16"], result["cpu_bf16"] = _bare_forward(fp32, batch_size, batches, bf16=True)
     started = time.perf_counter()
     summary = loader.load(Settings(database_url=url, home=Path(tempfile.gettempdir())), folder, bf16,
                           workers=workers)
@@ -230,9 +242,12 @@ def main() -> None:
               f"{r['load_avg']:>9.1f}")
     for n, r in results.items():
         print(f"  {n} files: bare forward {r['forward_before']:.2f} img/s before the load, "
-              f"{r['forward_after']:.2f} after")
+              f"{r['forward_after']:.2f} after; CPU per image: forward {r['forward_cpu_ms']:.0f} ms, "
+              f"load {r['load_cpu_ms']:.0f} ms (this process + decode workers; the database server's "
+              f"share not counted): forward/load {r['forward_cpu_ms'] / r['load_cpu_ms']:.2f}")
     print(f"bf16 autocast: forward {extra['forward_bf16']:.2f} img/s vs fp32 {extra['forward_fp32']:.2f} "
-          f"({extra['forward_bf16'] / extra['forward_fp32']:.2f}x); worst cosine to fp32 over "
+          f"({extra['forward_bf16'] / extra['forward_fp32']:.2f}x; CPU per image "
+          f"{extra['cpu_bf16']:.0f} ms vs {extra['cpu_fp32']:.0f} ms); worst cosine to fp32 over "
           f"{extra['photos']} photos {extra['bf16_min_cosine']:.6f}; kept by the first-batch check: "
           f"{extra['bf16_kept']}; end-to-end load with --precision bf16 ({sizes[0]} files): "
           f"{extra['end_to_end_bf16']:.2f} img/s")
