@@ -131,7 +131,9 @@ def configure_tcp(home: Path, port: int | None) -> str | None:
             conn.execute("ALTER SYSTEM RESET port")
         else:
             password = tcp_password(home, create=True)
-            conn.execute(f"ALTER ROLE {SUPERUSER} PASSWORD '{password}'")
+            # Hashed client-side: the clear password never reaches the server's logs.
+            hashed = conn.pgconn.encrypt_password(password.encode(), SUPERUSER.encode(), b"scram-sha-256")
+            conn.execute(f"ALTER ROLE {SUPERUSER} PASSWORD '{hashed.decode()}'")
             conn.execute("ALTER SYSTEM SET listen_addresses = '127.0.0.1'")
             conn.execute(f"ALTER SYSTEM SET port = {int(port)}")
     stop(home)
