@@ -538,9 +538,9 @@ def _perturb_details(conn: psycopg.Connection, schema: str, report: Report,
         hits = sum(1 for a, b in mine if b in ann_ids.get(a, [])[:kmax])
         report.details.append({
             "perturbation": name, "copies": len(mine),
-            "distance_median": float(np.median(d)) if len(d) else float("nan"),
-            "distance_max": float(d.max()) if len(d) else float("nan"),
-            f"found_at_{kmax}": hits / len(mine) if mine else float("nan"),
+            "distance_median": float(np.median(d)) if len(d) else None,
+            "distance_max": float(d.max()) if len(d) else None,
+            f"found_at_{kmax}": hits / len(mine) if mine else None,
             "description": PERTURBATIONS[name].description,
         })
     report.detail_columns = ["perturbation", "copies", "distance_median", "distance_max",
