@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from . import db
+from . import db, server
 from .config import Settings
 from .errors import InvalidInput, VecsearchError
 from .query import DEFAULT_EF_SEARCH
@@ -320,20 +320,10 @@ def drop_stale_scratch_schemas(conn: psycopg.Connection) -> list[str]:
     for (name,) in conn.execute("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, %s)",
                                 [mine]).fetchall():
         pid = name.removeprefix(mine).split("_", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not server.pid_alive(int(pid)):
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
             stale.append(name)
     return stale
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # -- neighbours in the scratch schema --------------------------------------------------------

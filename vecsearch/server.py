@@ -82,7 +82,7 @@ def running(home: Path) -> Running | None:
         pid = int(lines[0])
     except (OSError, ValueError, IndexError):
         return None
-    if len(lines) < 8 or lines[7].strip() != "ready" or not _alive(pid):
+    if len(lines) < 8 or lines[7].strip() != "ready" or not pid_alive(pid):
         return None
     return Running(pid=pid, port=int(lines[3]), socket_dir=Path(lines[4]), listen=lines[5].strip())
 
@@ -111,7 +111,7 @@ def stop(home: Path, timeout: float = 60) -> bool:
             return False
         os.kill(server.pid, signal.SIGINT)
         deadline = time.monotonic() + timeout
-        while _alive(server.pid):
+        while pid_alive(server.pid):
             if time.monotonic() > deadline:
                 raise DatabaseUnavailable(f"the server (pid {server.pid}) did not stop in {timeout}s")
             time.sleep(0.05)
@@ -188,14 +188,14 @@ def _startup_lock(home: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a zombie child of ours counts as gone)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    # A zombie child of ours counts as gone.
     try:
         return os.waitpid(pid, os.WNOHANG) == (0, 0)
     except ChildProcessError:
