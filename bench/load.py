@@ -132,7 +132,7 @@ def child_throughput(folder: str, url: str, batch_size: int, workers: int, weigh
     return {"files": len(paths), "forward": (forward_before + forward_after) / 2,
             "forward_before": forward_before, "forward_after": forward_after, "decode": decode,
             "end_to_end": end_to_end, "forward_cpu_ms": (forward_cpu + forward_cpu_after) / 2,
-            "load_cpu_ms": load_cpu,
+            "load_cpu_ms": load_cpu, "decode_wait": summary.decode_wait, "load_s": summary.seconds,
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
             "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib,
             "load_avg": os.getloadavg()[0]}
@@ -244,7 +244,8 @@ def main() -> None:
         print(f"  {n} files: bare forward {r['forward_before']:.2f} img/s before the load, "
               f"{r['forward_after']:.2f} after; CPU per image: forward {r['forward_cpu_ms']:.0f} ms, "
               f"load {r['load_cpu_ms']:.0f} ms (this process + decode workers; the database server's "
-              f"share not counted): forward/load {r['forward_cpu_ms'] / r['load_cpu_ms']:.2f}")
+              f"share not counted): forward/load {r['forward_cpu_ms'] / r['load_cpu_ms']:.2f}; the model "
+              f"waited {r['decode_wait']:.1f} s of {r['load_s']:.1f} s for decoded files")
     print(f"bf16 autocast: forward {extra['forward_bf16']:.2f} img/s vs fp32 {extra['forward_fp32']:.2f} "
           f"({extra['forward_bf16'] / extra['forward_fp32']:.2f}x; CPU per image "
           f"{extra['cpu_bf16']:.0f} ms vs {extra['cpu_fp32']:.0f} ms); worst cosine to fp32 over "

@@ -63,6 +63,7 @@ class LoadSummary:
     index_rebuilt: bool = False
     interrupted: bool = False
     seconds: float = 0.0
+    decode_wait: float = 0.0  # seconds the model sat waiting for decoded files (more --workers?)
 
     @property
     def exit_code(self) -> int:
@@ -559,7 +560,12 @@ class _Pipeline:
             with connect(self.settings, self.schema) as conn:
                 writer = _Writer(self.settings, self.schema, self.reuse_since, self.summary, self.report)
                 writer.start()
-                for batch in batches:
+                while True:
+                    waiting = time.monotonic()
+                    batch = next(batches, None)
+                    self.summary.decode_wait += time.monotonic() - waiting
+                    if batch is None:
+                        break
                     writer.check()
                     rows, embedded = self._embed(conn, writer, batch)
                     if rows:
