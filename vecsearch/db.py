@@ -21,7 +21,10 @@ DIM = 2048
 # Every ANN query must order by this exact expression, or the planner cannot use the index
 # (pgvector indexes at most 2000 dimensions of `vector`, so the index is on a halfvec cast).
 ANN_EXPR = f"embedding::halfvec({DIM})"
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# The repository's migrations/ in a checkout; the copy shipped as vecsearch/migrations in a wheel.
+MIGRATIONS_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "migrations",
+                                   Path(__file__).resolve().parent / "migrations") if d.is_dir()),
+                      Path(__file__).resolve().parent / "migrations")
 
 
 def database_url(settings: Settings) -> str:
