@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import stat
 
-import numpy as np
 import psycopg
 import pytest
-from conftest import run_cli
+from conftest import clustered, insert_vectors, run_cli
 
 from vecsearch import db, server
-
-
-def _insert_vectors(conn, n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    vectors = np.abs(rng.normal(size=(n, db.DIM))).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    with conn.cursor().copy(
-        "COPY images (path, sha256, bytes, width, height, format, mtime, embedding) FROM STDIN"
-    ) as copy:
-        for i, v in enumerate(vectors):
-            copy.write_row([f"/photos/{i}.jpg", f"{i:064x}", 1000 + i, 64, 48, "JPEG", "2026-01-01", v])
-    return vectors
 
 
 def _neighbours(conn, image_id: int) -> list[tuple[int, float]]:
@@ -31,7 +18,7 @@ def _neighbours(conn, image_id: int) -> list[tuple[int, float]]:
 
 
 def test_backup_restore_round_trip_gives_identical_neighbours(settings, conn, tmp_path):
-    _insert_vectors(conn, 50)
+    insert_vectors(conn, clustered(50, seed=0))
     conn.execute("INSERT INTO embedding_model (name, weights, preprocessing, dim) "
                  "VALUES ('resnet50', 'random(seed=0)', '{}', 2048)")
     before = {i: _neighbours(conn, i) for i in (1, 17, 42)}

@@ -10,10 +10,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import psycopg
 import pytest
-from conftest import run_cli
+from conftest import clustered, insert_vectors, run_cli
 
 from vecsearch import db, server
 from vecsearch.config import Settings
@@ -66,19 +65,9 @@ def test_psql_describes_vector_column_and_hnsw_index(settings):
 
 def test_ann_query_uses_the_hnsw_index(conn):
     # Below ~2000 rows the planner rightly prefers an exact scan (the vectors sit in TOAST,
-    # so the heap looks tiny); a bulk build after COPY keeps this test fast.
-    rng = np.random.default_rng(0)
-    vectors = np.abs(rng.normal(size=(2500, db.DIM))).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    definition = conn.execute("SELECT pg_get_indexdef('images_embedding_hnsw'::regclass)").fetchone()[0]
-    conn.execute("DROP INDEX images_embedding_hnsw")
-    with conn.cursor().copy(
-        "COPY images (path, sha256, bytes, width, height, format, mtime, embedding) FROM STDIN"
-    ) as copy:
-        for i, v in enumerate(vectors):
-            copy.write_row([f"/x/{i}.jpg", f"{i:064x}", 1, 1, 1, "JPEG", "2026-01-01", v])
-    conn.execute(definition)
-    conn.execute("ANALYZE images")
+    # so the heap looks tiny).
+    vectors = clustered(2500, seed=0)
+    insert_vectors(conn, vectors)
     plan = "\n".join(r[0] for r in conn.execute(
         f"EXPLAIN SELECT id FROM images ORDER BY {db.ANN_EXPR} <=> %s::halfvec(2048) LIMIT 10",
         [vectors[0]]).fetchall())
