@@ -184,3 +184,8 @@ def test_cli_help_lists_commands_and_version():
     result = run_cli("--help", check=True)
     assert "db" in result.stdout
     assert run_cli("--version", check=True).stdout.startswith("vecsearch ")
+
+
+def test_status_while_the_index_is_dropped_for_a_bulk_load(conn):
+    conn.execute("DROP INDEX images_embedding_hnsw")
+    assert dict(db.status(conn))["hnsw"] == "none"

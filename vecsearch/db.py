@@ -156,7 +156,8 @@ def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
                (SELECT version_num FROM alembic_version),
                (SELECT count(*) FROM images),
                pg_size_pretty(pg_total_relation_size('images')),
-               pg_size_pretty(pg_relation_size('images_embedding_hnsw')),
+               -- NULL ("none") while a bulk load has the index dropped
+               pg_size_pretty(pg_relation_size(to_regclass('images_embedding_hnsw'))),
                (SELECT format('%s, weights %s', name, weights) FROM embedding_model)
     """).fetchone()
     labels = ["postgres", "pgvector", "schema", "images", "table", "hnsw", "model"]
