@@ -144,9 +144,10 @@ def test_cli_formats_and_contact_sheet(settings, conn, tmp_path):
     tricky = tmp_path / 'we<b>ird & "quoted"'
     paths = [make_image(tricky / "keep.png", seed=1, size=(200, 150)),
              make_image(tmp_path / "copy.png", seed=1, size=(100, 75))]
+    real = [{"sha256": hashlib.sha256(p.read_bytes()).hexdigest(), "bytes": p.stat().st_size} for p in paths]
     insert(conn, [
-        {"path": str(paths[0]), "vector": base[0], "width": 200, "height": 150},
-        {"path": str(paths[1]), "vector": near(rng, base[0], 0.1), "width": 100, "height": 75},
+        {"path": str(paths[0]), "vector": base[0], "width": 200, "height": 150, **real[0]},
+        {"path": str(paths[1]), "vector": near(rng, base[0], 0.1), "width": 100, "height": 75, **real[1]},
         {"path": str(tmp_path / "gone.png"), "vector": near(rng, base[0], 0.1), "width": 50, "height": 50},
         *({"path": f"/else/{i}.png", "vector": base[i]} for i in range(1, 6)),
     ])

@@ -6,6 +6,7 @@ category (README "Errors and exit codes"), never a traceback unless --debug asks
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -318,7 +319,11 @@ def test_everything_a_fresh_home_holds_is_private_to_its_owner(tmp_path):
     old = os.umask(0o022)
     try:
         run_cli("db", "start", "--tcp", "--port", "54341", env=env, check=True)
-        thumbs.thumbnail(home, str(photo), 256)
+        from vecsearch.indexed import Verified
+
+        row = {"id": 1, "path": str(photo), "bytes": photo.stat().st_size,
+               "sha256": hashlib.sha256(photo.read_bytes()).hexdigest()}
+        thumbs.thumbnail(home, row, 256, Verified())
         socket_dir = server.running(home).socket_dir  # in the data dir, or /tmp when that path is long
         kinds = []
         for path in {home, *home.rglob("*"), socket_dir, *socket_dir.iterdir()}:

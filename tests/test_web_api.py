@@ -7,6 +7,7 @@ socket to a uvicorn server, because HTTP clients normalise `../` away before sen
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import io
 import os
@@ -188,7 +189,7 @@ def test_html_escapes_paths(client, web_gallery):
 # -- files and thumbnails ------------------------------------------------------------------------
 
 
-def test_thumbnail_cached_on_disk_keyed_by_path_mtime_and_size(client, web_gallery):
+def test_thumbnail_cached_on_disk_keyed_by_indexed_content(client, web_gallery):
     image_id = web_gallery.ids["c.png"]
     path = web_gallery.folder / "c.png"
     response = client.get(f"/media/{image_id}/thumb")
@@ -196,23 +197,26 @@ def test_thumbnail_cached_on_disk_keyed_by_path_mtime_and_size(client, web_galle
     thumb = Image.open(io.BytesIO(response.content))
     assert max(thumb.size) == thumbs.SIZES["thumb"] and thumb.size == (256, 192)  # 320 x 240 source
     st = path.stat()
-    cached = thumbs.cache_dir(web_gallery.settings.home).rglob(
-        thumbs.cache_key(str(path), st.st_mtime_ns, st.st_size, 256) + ".jpg")
-    cached = list(cached)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    cached = list(thumbs.cache_dir(web_gallery.settings.home).rglob(thumbs.cache_key(digest, 256) + ".jpg"))
     assert len(cached) == 1 and cached[0].read_bytes() == response.content
     made = cached[0].stat().st_mtime_ns
     assert client.get(f"/media/{image_id}/thumb").content == response.content
     assert cached[0].stat().st_mtime_ns == made  # served from the cache, not made again
 
-    # A new mtime is a new key: the edited file gets a new thumbnail. (The app itself refuses a file
-    # that changed since it was loaded until it is loaded again: web.check_as_indexed.)
+    # A new mtime with the same content is still the indexed content: served. New content is not,
+    # until it is loaded again (web and thumbs serve only bytes that hash to the stored sha256).
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    original = path.read_bytes()
     try:
-        assert client.get(f"/media/{image_id}/thumb").status_code == 404
-        assert thumbs.thumbnail(web_gallery.settings.home, str(path), 256) != cached[0]
-        assert len(list(thumbs.cache_dir(web_gallery.settings.home).rglob("*.jpg"))) >= 2
+        assert client.get(f"/media/{image_id}/thumb").content == response.content
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        for rendition in ("thumb", "preview", "original"):
+            assert client.get(f"/media/{image_id}/{rendition}").status_code == 404, rendition
     finally:
+        path.write_bytes(original)
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert client.get(f"/media/{image_id}/thumb").content == response.content
 
 
 def test_thumbnail_applies_exif_orientation(client, web_gallery):

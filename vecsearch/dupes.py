@@ -27,6 +27,7 @@ import psycopg
 from . import query, thumbs
 from .db import ANN_EXPR
 from .errors import InvalidInput
+from .indexed import Verified
 
 # Cosine distance under which two images count as near-duplicates, for the pretrained
 # ResNet50. A judgement, not a measurement made here (no pretrained weights can be
@@ -404,6 +405,7 @@ def write_contact_sheet(result: DupesResult, path: Path, home: Path,
     `path`, one thumbnail in memory at a time; returns the number of groups written.
     """
     px = thumbs.SIZES["thumb"]
+    verified = Verified()
     summary = (f"{len(result.groups)} groups among {result.images} images, cosine distance "
                f"&lt; {result.threshold:g}; the suggested keeper (largest resolution, then file) first.")
     written = 0
@@ -415,7 +417,7 @@ def write_contact_sheet(result: DupesResult, path: Path, home: Path,
                 role = "keep" if i == 0 else "dupe"
                 caption = (f"{role} #{m.id} &middot; d={m.distance:.4f} &middot; {m.width}x{m.height} "
                            f"&middot; {m.bytes:,} B<br>{html.escape(m.path)}")
-                out.write(f'<figure class="{role}">{_thumbnail(home, m.path, px)}'
+                out.write(f'<figure class="{role}">{_thumbnail(home, m, px, verified)}'
                           f"<figcaption>{caption}</figcaption></figure>\n")
             out.write("</section>\n")
             written += 1
@@ -423,9 +425,10 @@ def write_contact_sheet(result: DupesResult, path: Path, home: Path,
     return written
 
 
-def _thumbnail(home: Path, path: str, px: int) -> str:
+def _thumbnail(home: Path, m: Member, px: int, verified: Verified) -> str:
     try:
-        data = thumbs.thumbnail(home, path, px).read_bytes()
+        row = {"id": m.id, "path": m.path, "sha256": m.sha256, "bytes": m.bytes}
+        data = thumbs.thumbnail(home, row, px, verified).read_bytes()
     except Exception as e:  # a vanished or unreadable file must not stop the page
         reason = html.escape(f"{type(e).__name__}: {e}"[:200])
         return f'<div class="missing">cannot read: {reason}</div>'

@@ -8,7 +8,9 @@ Security model:
 - binds 127.0.0.1 unless told otherwise, and then answers only to loopback Host names, so a web
   page that rebinds its DNS name to 127.0.0.1 cannot read the gallery;
 - files are served by image id only, from the path stored in the images table: no URL carries a
-  path, so nothing outside the index can be read (`../`, absolute and encoded paths are 404);
+  path, so nothing outside the index can be read (`../`, absolute and encoded paths are 404),
+  and only bytes that hash to the stored sha256 are sent or thumbnailed (vecsearch/indexed.py):
+  a file swapped since the load, even for a link with the same size and mtime, is 404;
 - uploads are capped in size before they are parsed, and decoded by the loader's own
   decode-safe code; arithmetic terms that name server-side files are refused;
 - every error is a page or JSON with one clear message; tracebacks go to the server log only.
@@ -21,14 +23,14 @@ import io
 import logging
 import math
 import os
-import stat
 import threading
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import psycopg
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
@@ -57,6 +59,7 @@ from .errors import (
     VecsearchError,
     WeightsUnavailable,
 )
+from .indexed import Verified
 
 log = logging.getLogger("vecsearch.web")
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -189,21 +192,6 @@ def get_image(conn: psycopg.Connection, image_id: int) -> dict[str, Any]:
     return row
 
 
-def check_as_indexed(row: dict[str, Any]) -> None:
-    """Serve a file only as `vecsearch load` read it: same size and mtime as its row. A file replaced
-    since (e.g. by a symlink to a private file by whoever can write in the folder) is refused, as is
-    an edited one until it is loaded again (its vector would be stale anyway)."""
-    path = row["path"]
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise NotFound(f"the file of image {row['id']} is gone: {path} ({e.strerror})") from e
-    indexed_us = (row["mtime"] - EPOCH) // timedelta(microseconds=1)
-    if not stat.S_ISREG(st.st_mode) or (st.st_size, st.st_mtime_ns // 1000) != (row["bytes"], indexed_us):
-        raise NotFound(f"the file of image {row['id']} changed since it was loaded: {path}; run "
-                       "`vecsearch load` on its folder again")
-
-
 def _urls(image_id: int) -> dict[str, str]:
     return {"page_url": f"/images/{image_id}", "thumb_url": f"/media/{image_id}/thumb",
             "preview_url": f"/media/{image_id}/preview", "original_url": f"/media/{image_id}/original"}
@@ -279,6 +267,7 @@ class State:
         self.max_upload_bytes = max_upload_bytes
         self.pool_size = pool_size
         self.pool = None
+        self.verified = Verified()
         # Decodes at once (thumbnails, uploads): a 90-megapixel PNG takes 270 MB to decode, and
         # a grid page asks for dozens of thumbnails in parallel.
         self.decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
@@ -520,19 +509,20 @@ def create_app(settings: Settings, *, weights: str | None = None,
                         status_code=_status_of(e))
         return page(request, "arithmetic.html", expr=expr, result=result, k=k)
 
-    @app.get("/media/{image_id}/{rendition}", include_in_schema=False)
+    @app.api_route("/media/{image_id}/{rendition}", methods=["GET", "HEAD"], include_in_schema=False)
     def media(image_id: ImageId, rendition: Rendition):
         with state.connection() as conn:
             row = get_image(conn, image_id)
-        path = row["path"]
-        check_as_indexed(row)
         if rendition is Rendition.original:
+            # Only bytes whose sha256 is the indexed one (see vecsearch/indexed.py).
+            data = state.verified.read(row["id"], row["path"], row["sha256"], row["bytes"])
             mime = MIME.get(row["format"].upper())
-            return FileResponse(path, media_type=mime or "application/octet-stream",
-                                content_disposition_type="inline" if mime else "attachment",
-                                filename=os.path.basename(path))
+            disposition = "inline" if mime else "attachment"
+            name = quote(os.path.basename(row["path"]))
+            return Response(data, media_type=mime or "application/octet-stream",
+                            headers={"content-disposition": f"{disposition}; filename*=utf-8''{name}"})
         with state.decode_slots:
-            thumb = thumbs.thumbnail(settings.home, path, thumbs.SIZES[rendition.value])
+            thumb = thumbs.thumbnail(settings.home, row, thumbs.SIZES[rendition.value], state.verified)
         return FileResponse(thumb, media_type="image/jpeg",
                             headers={"cache-control": "private, max-age=86400"})
 
