@@ -8,8 +8,10 @@ and the HNSW rebuild are each caught waiting on a lock, then the load is killed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
+import psycopg.sql
 import pytest
 from conftest import cli_command, make_image
+from PIL import Image
 
 from vecsearch import db, server
 from vecsearch import load as load_mod
@@ -260,3 +264,67 @@ def test_ctrl_c_stops_cleanly_with_a_summary_and_a_rerun_finishes(settings, phot
     with connect(settings.database_url) as conn:
         assert_same_rows(kept, table(conn))
         assert count(settings.database_url) == PER_FOLDER
+
+
+def test_sigkill_of_the_load_alone_leaves_no_worker_and_the_next_load_repairs_the_index(
+        settings, photos, tmp_path):
+    """`kill -9 PID` of the load only (not its process group), while its decode workers run."""
+    import psutil
+
+    big = tmp_path / "big"
+    rng = np.random.default_rng(5)
+    for i in range(40):  # noisy pixels: slow to decode, so the workers are busy at the kill
+        big.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)).save(big / f"{i:02d}.png")
+    url = settings.database_url
+    run = Run(tmp_path, {}, str(big), "--weights", "random", "--batch-size", "4", "--workers", "2")
+    wait_for(lambda: count(url) >= 4, 180, "the first batch", run.proc)
+    workers = psutil.Process(run.proc.pid).children(recursive=True)
+    assert len(workers) == 2, workers
+    with connect(url) as conn:
+        assert_dropped_for_rebuild(conn)
+        os.kill(run.proc.pid, signal.SIGKILL)
+        assert run.wait()[0] == -signal.SIGKILL
+        gone, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, [(p.pid, p.status()) for p in alive]
+        wait_for(lambda: other_sessions(conn) == 0, 30, "the killed load's sessions to end")
+        kept = count(url)
+
+    code, out, err = Run(tmp_path, {}, str(big), "--weights", "random", "--workers", "1").wait()
+    assert code == 0, err
+    assert "an earlier load was interrupted" in err
+    assert f"new {40 - kept}, updated 0, unchanged {kept}" in out
+    with connect(url) as conn:
+        assert load_mod.hnsw_index(conn) is not None
+        assert_index_complete(conn, 40)
+
+
+def test_a_load_ends_a_session_left_holding_the_index_lock_by_a_dead_load(settings, tmp_path):
+    """Whatever kept a dead load's session open (here: the test holds it), the next load ends it."""
+    folder = tmp_path / "few"
+    for i in range(3):
+        make_image(folder / f"{i}.png", 70 + i, (48, 48))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with connect(settings.database_url) as orphan:
+        orphan.execute("SELECT set_config('application_name', %s, false)",
+                       [f"vecsearch load {socket.gethostname()[:30]}:{dead.pid}"])
+        orphan.execute(f"SELECT pg_advisory_lock({load_mod.LOCK_KEY})")
+        definition = orphan.execute("SELECT pg_get_indexdef('images_embedding_hnsw'::regclass)").fetchone()[0]
+        mark = load_mod.DROPPED_MARK + json.dumps({"index": definition, "previous_comment": None})
+        orphan.execute(psycopg.sql.SQL("COMMENT ON TABLE images IS {}").format(psycopg.sql.Literal(mark)))
+        orphan.execute("DROP INDEX images_embedding_hnsw")
+        code, out, err = Run(tmp_path, {}, str(folder), "--weights", "random", "--workers", "0").wait()
+        assert code == 0, err
+        assert "an earlier load was interrupted" in err
+        with connect(settings.database_url) as conn:
+            assert load_mod.hnsw_index(conn) is not None
+        assert _is_dead(orphan)
+
+
+def _is_dead(conn: psycopg.Connection) -> bool:
+    try:
+        conn.execute("SELECT 1")
+    except psycopg.OperationalError:
+        return True
+    return False

@@ -8,6 +8,7 @@ built on first use. So `vecsearch load` of an unchanged folder never imports tor
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import sys
@@ -309,8 +310,56 @@ def map_batches(fn: Callable[[Any], Any], items: Sequence[Any], *, batch_size: i
     from torch.utils.data import DataLoader
 
     loader = DataLoader(_Mapped(items, fn), batch_size=batch_size, num_workers=workers,
-                        collate_fn=_as_list, prefetch_factor=2, shuffle=False)
+                        collate_fn=_as_list, prefetch_factor=2, shuffle=False,
+                        worker_init_fn=functools.partial(_worker_init, os.getpid()))
     return _drain(iter(loader))
+
+
+def _worker_init(parent: int, worker_id: int) -> None:
+    """Bind a forked decode worker's life to its parent's, and give it no share of its sockets.
+
+    A forked worker holds copies of every socket the parent had open, its database sessions
+    included: were it to outlive a SIGKILLed parent, the server would keep that session (and the
+    advisory lock of the HNSW rebuild) alive. So its copies are pointed at /dev/null (the numbers
+    stay taken, nothing reaches the server through them), and the kernel kills it when its parent
+    dies (Linux: PR_SET_PDEATHSIG; elsewhere torch's own watchdog notices within seconds).
+    """
+    _set_parent_death_signal()
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+    _detach_sockets()
+
+
+def _set_parent_death_signal() -> None:
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _detach_sockets() -> None:
+    import stat
+
+    try:
+        fds = [int(fd) for fd in os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd")]
+    except OSError:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in fds:
+        if fd <= 2 or fd == null:
+            continue
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                os.dup2(null, fd)
+        except OSError:
+            pass
+    os.close(null)
 
 
 def _drain(iterator: Iterator[list]) -> Iterator[list]:

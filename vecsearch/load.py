@@ -18,6 +18,7 @@ import csv
 import json
 import os
 import queue
+import socket
 import stat
 import threading
 import time
@@ -82,6 +83,8 @@ def connect(settings: Settings, schema: str = "public") -> psycopg.Connection:
     """A db.connect connection whose unqualified `images`/`embedding_model` are in `schema`."""
     conn = db.connect(settings)
     set_schema(conn, schema)
+    # Names this process, so a later load can tell a session that outlived its load (below).
+    conn.execute(sql.SQL("SET application_name = {}").format(sql.Literal(_application_name())))
     # If this process dies (SIGKILL, OOM), its backend notices within seconds, even inside a long
     # CREATE INDEX or a lock wait, and rolls back, releasing the HNSW advisory lock for the next
     # load, instead of finishing the work for nobody. PostgreSQL 14+; older servers skip it.
@@ -231,7 +234,10 @@ class _Index:
         self.definition: str | None = None  # set while this load owes the table its index
 
     def _lock(self) -> bool:
-        self.locked = self.conn.execute(f"SELECT pg_try_advisory_lock({LOCK_KEY})").fetchone()[0]
+        take = f"SELECT pg_try_advisory_lock({LOCK_KEY})"
+        self.locked = self.conn.execute(take).fetchone()[0]
+        if not self.locked and _end_orphaned_holders(self.conn):
+            self.locked = self.conn.execute(take).fetchone()[0]
         return self.locked
 
     def _unlock(self) -> None:
@@ -281,6 +287,33 @@ class _Index:
             self._unlock()
         except psycopg.Error:
             pass  # the connection is gone: so is the lock
+
+
+def _application_name() -> str:
+    return f"vecsearch load {socket.gethostname()[:30]}:{os.getpid()}"
+
+
+def _end_orphaned_holders(conn: psycopg.Connection) -> bool:
+    """End sessions holding the index lock for a load of this machine whose process is gone.
+
+    The server ends a dead client's session by itself once its socket closes; this covers a socket
+    that something else still holds open (a leftover child process, say). True if any ended.
+    """
+    from .server import pid_alive
+
+    holders = conn.execute(f"""
+        SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
+              SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.objsubid = 1 AND (l.classid::bigint << 32) | l.objid::bigint = {LOCK_KEY}
+    """).fetchall()
+    ended = False
+    prefix = f"vecsearch load {socket.gethostname()[:30]}:"
+    for backend, name in holders:
+        pid = name.removeprefix(prefix)
+        if name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
+            ended |= conn.execute("SELECT pg_terminate_backend(%s, 10000)", [backend]).fetchone()[0]
+    return ended
 
 
 def hnsw_index(conn: psycopg.Connection) -> tuple[tuple[str, str], str] | None:
