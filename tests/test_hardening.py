@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
-from conftest import make_image
+from conftest import clustered, fresh_database, insert_vectors, make_image, run_cli
 from fastapi.testclient import TestClient
 
-from vecsearch import db, web
+from vecsearch import db, server, web
 from vecsearch.load import load
 
 
@@ -76,3 +78,66 @@ def test_gallery_refuses_a_fifo_or_directory_in_the_files_place(settings, embedd
     with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
         for rendition in ("original", "thumb"):
             assert client.get(f"/media/{image_id}/{rendition}").status_code == 404
+
+
+# -- 3. restore runs nothing from the file; 7. it waits for readers with a message and a limit ----
+
+
+def test_restore_of_a_crafted_dump_runs_none_of_its_sql(settings, conn, pg_home, tmp_path):
+    """A dump that passes the "is a vecsearch backup" check and carries a CHECK constraint calling
+    a function that runs `COPY ... TO PROGRAM`: restored, the data arrives, the code does not."""
+    insert_vectors(conn, clustered(4, seed=3))
+    marker = tmp_path / "pwned"
+    with fresh_database(pg_home) as url, psycopg.connect(url, autocommit=True) as evil:
+        db.register_vector(evil)
+        insert_vectors(evil, clustered(2, seed=4), ["/evil/1.jpg", "/evil/2.jpg"])
+        source = evil.execute("SELECT current_database()").fetchone()[0]
+        evil.execute(f"""
+            CREATE FUNCTION evil() RETURNS boolean LANGUAGE plpgsql AS $$
+            BEGIN
+                IF current_database() <> '{source}' THEN
+                    COPY (SELECT 1) TO PROGRAM 'touch {marker}';
+                END IF;
+                RETURN true;
+            END $$""")
+        evil.execute("ALTER TABLE images ADD CONSTRAINT sneaky CHECK (evil())")
+        crafted = tmp_path / "crafted.dump"
+        server.run_binary("pg_dump", ["--format=custom", f"--file={crafted}", url], check=True)
+    result = run_cli("db", "restore", str(crafted))
+    assert result.returncode == 0, result.stderr
+    assert not marker.exists()
+    assert conn.execute("SELECT array_agg(path ORDER BY path) FROM images").fetchone()[0] == \
+        ["/evil/1.jpg", "/evil/2.jpg"]
+    assert conn.execute("SELECT count(*) FROM pg_proc WHERE proname = 'evil'").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM pg_constraint WHERE conname = 'sneaky'").fetchone() == (0,)
+
+
+def test_restore_of_bad_data_is_refused_whole(settings, conn, pg_home, tmp_path):
+    insert_vectors(conn, clustered(3, seed=5))
+    with fresh_database(pg_home) as url, psycopg.connect(url, autocommit=True) as other:
+        db.register_vector(other)
+        insert_vectors(other, clustered(2, seed=6))
+        other.execute("ALTER TABLE images ADD COLUMN extra text")  # not a column vecsearch has
+        dump = tmp_path / "extra.dump"
+        server.run_binary("pg_dump", ["--format=custom", f"--file={dump}", url], check=True)
+    result = run_cli("db", "restore", str(dump))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "the images data has columns extra" in result.stderr
+    assert conn.execute("SELECT count(*) FROM images").fetchone() == (3,)
+
+
+def test_restore_waits_for_a_readers_open_transaction_with_a_message_and_a_limit(settings, conn, tmp_path):
+    insert_vectors(conn, clustered(3, seed=7))
+    dump = tmp_path / "vs.dump"
+    run_cli("db", "backup", str(dump), check=True)
+    with psycopg.connect(settings.database_url) as reader:  # not autocommit: the transaction stays open
+        reader.execute("SELECT count(*) FROM images").fetchone()
+        started = time.monotonic()
+        result = run_cli("db", "restore", str(dump), "--wait", "3")
+        assert 2.5 < time.monotonic() - started < 30
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert lines[0].startswith("waiting for sessions using the tables to finish: pid ")
+        assert lines[-1].startswith("error: restore gave up after waiting 3 s for sessions using the tables")
+        reader.rollback()
+    assert run_cli("db", "restore", str(dump), "--wait", "3").returncode == 0

@@ -275,8 +275,8 @@ def test_restore_never_drops_another_applications_tables(settings, conn, few, pg
         assert other.execute("SELECT * FROM images").fetchall() == [(1, "theirs")]
 
 
-def test_backup_of_an_older_schema_restores_into_an_empty_database_only(settings, conn, few, pg_home,
-                                                                        tmp_path):
+def test_backup_of_an_older_schema_restores_over_a_current_database_and_into_an_empty_one(
+        settings, conn, few, pg_home, tmp_path):
     conn.execute("DROP FUNCTION vecsearch_similar(bigint, integer, integer, text, boolean)")
     conn.execute("DROP FUNCTION vecsearch_similar_to(vector, integer, integer, text, boolean, bigint[])")
     conn.execute("UPDATE alembic_version SET version_num = '0001'")  # as vecsearch 0001 left it
@@ -286,12 +286,14 @@ def test_backup_of_an_older_schema_restores_into_an_empty_database_only(settings
         with psycopg.connect(url, autocommit=True) as target:
             db.register_vector(target)
             insert_vectors(target, clustered(3, seed=9), ["/kept/1.jpg", "/kept/2.jpg", "/kept/3.jpg"])
-        # Over a current database: refused as a whole (one transaction), nothing lost.
+        # Only the data comes from the file: the schema stays this vecsearch's, at its revision.
         result = run_cli("db", "restore", str(old), env={"VECSEARCH_DATABASE_URL": url})
-        assert_one_line(result, 1, "error: pg_restore failed: ")
-        assert "restore it into an empty database" in result.stderr
+        assert result.returncode == 0, result.stderr
         with psycopg.connect(url) as target:
-            assert target.execute("SELECT count(*) FROM images").fetchone() == (3,)
+            assert target.execute("SELECT count(*) FROM images").fetchone() == (5,)
+            assert db.schema_revision(target) == db.SCHEMA_REVISION
+            found = target.execute("SELECT count(*) FROM vecsearch_similar(%s, 2)", [few[0]]).fetchone()
+            assert found == (2,)
     running = server.ensure_running(pg_home)
     with server.psql_connection(running) as admin:
         admin.execute("DROP DATABASE IF EXISTS restore_empty")

@@ -149,12 +149,15 @@ def db_backup(ctx: typer.Context, file: Annotated[Path, typer.Argument(help="Dum
 
 @db_app.command("restore")
 def db_restore(ctx: typer.Context, file: Annotated[Path, typer.Argument(
-        help="A file written by `vecsearch db backup`.")]) -> None:
-    """Restore the database from FILE, replacing its vecsearch tables."""
+        help="A file written by `vecsearch db backup`.")],
+        wait: Annotated[float, typer.Option(
+            "--wait", min=0, help="Seconds to wait for other sessions using the tables.")] = 60) -> None:
+    """Replace the rows of the vecsearch tables with a backup's (its data only: no SQL from FILE runs)."""
     from . import backup
 
-    backup.restore(settings(ctx), file)
-    out.print(f"restored from {file}")
+    rows = backup.restore(settings(ctx), file, wait=wait,
+                          notify=lambda line: err.print(line, markup=False))
+    out.print(f"restored {rows} images from {file}")
 
 
 @db_app.command("status")

@@ -25,6 +25,12 @@ class DatabaseUnavailable(VecsearchError):
     exit_code = 3
 
 
+class DatabaseBusy(VecsearchError):
+    """Other sessions hold what a command needs, for longer than it was told to wait."""
+
+    exit_code = 1
+
+
 class PgvectorMissing(VecsearchError):
     """The server has no pgvector extension."""
 

@@ -194,8 +194,6 @@ END
 $do$
 """
 
-# `vecsearch db restore` skips a dump's own privileges and runs this again (vecsearch/backup.py).
-GRANTS = READER
 
 # Revoke this database's grants; drop the role only when nothing else uses it (other databases
 # of the cluster, or logins made by `vecsearch db reader` that are members of it).
