@@ -163,7 +163,8 @@ def _lock_tables(conn: psycopg.Connection, wait: float, notify: Callable[[str], 
         step = max(0.1, min(5.0, deadline - time.monotonic()))
         holders = ", ".join(f"pid {pid} ({user}, {state}{f' for {age:.0f} s' if age else ''})"
                             for pid, user, state, age in conn.execute("""
-            SELECT DISTINCT a.pid, a.usename, a.state, extract(epoch FROM clock_timestamp() - a.xact_start)::float8
+            SELECT DISTINCT a.pid, a.usename, a.state,
+                   extract(epoch FROM clock_timestamp() - a.xact_start)::float8
             FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
             WHERE l.relation IN ('images'::regclass, 'embedding_model'::regclass)
               AND a.pid <> pg_backend_pid() ORDER BY 1""")) or "another session"
