@@ -38,6 +38,14 @@ def pg_home(tmp_path_factory) -> Path:
     server.stop(home)
 
 
+def _database_privileges() -> str:
+    """The database-level grants of migration 0003, as the migration runs them."""
+    from alembic.script import ScriptDirectory
+
+    script = ScriptDirectory.from_config(db.alembic_config(""))
+    return script.get_revision("0003").module.PRIVILEGES
+
+
 @contextmanager
 def fresh_database(pg_home: Path) -> Iterator[str]:
     """The URL of a new database cloned from the migrated template, dropped afterwards."""
@@ -45,6 +53,8 @@ def fresh_database(pg_home: Path) -> Iterator[str]:
     name = f"t_{os.getpid()}_{next(_counter)}"
     with server.psql_connection(running) as conn:
         conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+    with psycopg.connect(running.url(name), autocommit=True) as conn:
+        conn.execute(_database_privileges())  # database ACLs are not copied from a template
     try:
         yield running.url(name)
     finally:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import clustered, fresh_database, insert_vectors, make_image, run_cli
+from conftest import cli_command, clustered, fresh_database, insert_vectors, make_image, run_cli
 from fastapi.testclient import TestClient
 
-from vecsearch import db, server, web
+from vecsearch import db, reader, server, web
 from vecsearch.load import load
 
 
@@ -141,3 +142,52 @@ def test_restore_waits_for_a_readers_open_transaction_with_a_message_and_a_limit
         assert lines[-1].startswith("error: restore gave up after waiting 3 s for sessions using the tables")
         reader.rollback()
     assert run_cli("db", "restore", str(dump), "--wait", "3").returncode == 0
+
+
+def test_reader_logins_get_no_temporary_objects_no_other_database_and_timeouts(settings, conn):
+    insert_vectors(conn, clustered(3, seed=8))
+    name = f"hostile_{os.getpid()}"
+    password = reader.create(conn, name)
+    try:
+        url = reader.url(settings, conn, name, password)
+        with psycopg.connect(url, autocommit=True) as analyst:
+            assert analyst.execute("SELECT count(*) FROM vecsearch_similar(1, 2)").fetchone() == (2,)
+            for statement in ("CREATE TEMP TABLE t (x int)",
+                              "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+                              "CREATE TABLE public.t (x int)"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    analyst.execute(statement)
+            assert analyst.execute("SHOW statement_timeout").fetchone() == ("1min",)
+            assert analyst.execute("SHOW idle_in_transaction_session_timeout").fetchone() == ("1min",)
+        for other in ("postgres", "template1"):  # the embedded server is vecsearch's own cluster
+            with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
+                psycopg.connect(url.replace(f"/{conn.info.dbname}?", f"/{other}?"))
+    finally:
+        reader.drop(conn, name)
+    # vecsearch itself (the role that ran the migrations) still makes its load's temporary table.
+    conn.execute("CREATE TEMP TABLE still_allowed (x int)")
+
+
+def test_reader_url_works_from_a_home_with_spaces_and_non_ascii(tmp_path):
+    home = tmp_path / "my photos é"
+    env = {"VECSEARCH_HOME": str(home), "VECSEARCH_DATABASE_URL": ""}
+    try:
+        url = run_cli("db", "reader", "notebook", env=env, check=True).stdout.strip()
+        assert "+" not in url.split("?", 1)[1] and "%20" in url
+        with psycopg.connect(url) as analyst:
+            assert analyst.execute("SELECT count(*) FROM images").fetchone() == (0,)
+        assert run_cli("db", "url", env=env, check=True).stdout.strip().split("?")[1].startswith("host=")
+    finally:
+        server.stop(home)
+
+
+def test_two_first_db_starts_at_once_both_succeed(tmp_path):
+    for attempt in range(3):
+        env = {**os.environ, "VECSEARCH_HOME": str(tmp_path / f"home{attempt}"), "VECSEARCH_DATABASE_URL": ""}
+        try:
+            procs = [subprocess.Popen(cli_command("db", "start"), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for _ in range(2)]
+            results = [(p.wait(120), p.stderr.read()) for p in procs]
+            assert [code for code, _ in results] == [0, 0], results
+        finally:
+            server.stop(tmp_path / f"home{attempt}")

@@ -16,7 +16,7 @@ from .config import Settings
 from .errors import DatabaseUnavailable, PgvectorMissing, SchemaMismatch
 
 # The alembic head this code expects; tests/test_migrations.py keeps it equal to migrations/.
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 DIM = 2048
 # Every ANN query must order by this exact expression, or the planner cannot use the index
 # (pgvector indexes at most 2000 dimensions of `vector`, so the index is on a halfvec cast).

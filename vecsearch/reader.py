@@ -21,6 +21,10 @@ from .config import Settings
 from .errors import InvalidInput, NotFound
 
 GROUP = "vecsearch_reader"
+# Session defaults of every reader login: a runaway query or a transaction left open in a
+# notebook cannot hold the tables (and so `vecsearch db restore`) for long. They are defaults:
+# PostgreSQL lets any session change them with SET.
+LOGIN_SETTINGS = {"statement_timeout": "60s", "idle_in_transaction_session_timeout": "60s"}
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
@@ -43,6 +47,9 @@ def create(conn: psycopg.Connection, name: str) -> str:
         else:
             conn.execute(sql.SQL("CREATE ROLE {} WITH LOGIN PASSWORD {} IN ROLE {}").format(
                 sql.Identifier(name), sql.Literal(hashed), sql.Identifier(GROUP)))
+        for setting, value in LOGIN_SETTINGS.items():
+            conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(
+                sql.Identifier(name), sql.Identifier(setting), sql.Literal(value)))
     return password
 
 
@@ -72,9 +79,9 @@ def url(settings: Settings, conn: psycopg.Connection, name: str, password: str) 
     extra = {k: v for k, v in params.items()
              if k in ("sslmode", "sslrootcert", "target_session_attrs", "options")}
     if host.startswith("/"):  # a unix socket directory
-        query = urlencode({"host": host, "port": port, **extra}, safe="/")
+        query = urlencode({"host": host, "port": port, **extra}, safe="/", quote_via=quote)
         return f"postgresql://{auth}@/{quote(dbname, safe='')}?{query}"
-    query = urlencode(extra)
+    query = urlencode(extra, quote_via=quote)
     netloc = f"[{host}]" if ":" in host else host
     return f"postgresql://{auth}@{netloc}:{port}/{quote(dbname, safe='')}" + (f"?{query}" if query else "")
 

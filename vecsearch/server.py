@@ -90,7 +90,7 @@ def running(home: Path) -> Running | None:
 def ensure_running(home: Path) -> Running:
     """Start the server of `home` unless it runs; initialise the cluster on first use."""
     server = running(home)
-    if server is not None:
+    if server is not None and _ready_marker(home).exists():
         return server
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _startup_lock(home):
@@ -99,7 +99,7 @@ def ensure_running(home: Path) -> Running:
             if not (pgdata(home) / "PG_VERSION").exists():
                 _initdb(home)
             server = _start(home)
-        _ensure_database(server)
+        _ensure_database(server, home)
         return server
 
 
@@ -270,8 +270,17 @@ def _start(home: Path) -> Running:
     raise DatabaseUnavailable(f"the embedded PostgreSQL server did not start in time (log: {log})")
 
 
-def _ensure_database(server: Running) -> None:
+def _ensure_database(server: Running, home: Path) -> None:
     with psql_connection(server) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DBNAME]).fetchone()
         if not exists:
             conn.execute(f"CREATE DATABASE {DBNAME}")
+        # This cluster is vecsearch's own: logins (readers) reach only the databases granted to them.
+        conn.execute("REVOKE CONNECT ON DATABASE postgres, template1 FROM PUBLIC")
+    _ready_marker(home).touch(mode=0o600)
+
+
+def _ready_marker(home: Path) -> Path:
+    """Present once the cluster has vecsearch's database: the fast path of ensure_running needs it,
+    or a command racing the first `db start` could connect before the database exists."""
+    return pgdata(home) / "vecsearch.ready"
