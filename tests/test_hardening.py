@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -191,3 +192,54 @@ def test_two_first_db_starts_at_once_both_succeed(tmp_path):
             assert [code for code, _ in results] == [0, 0], results
         finally:
             server.stop(tmp_path / f"home{attempt}")
+
+
+# -- 5. the gallery survives `db start --tcp` and fails fast while the server is down ---------------
+
+
+def test_gallery_follows_a_server_restart_on_another_port_and_fails_fast_while_it_is_down(
+        embedder, tmp_path):
+    from vecsearch.config import Settings
+
+    home = tmp_path / "home"
+    env = {"VECSEARCH_HOME": str(home), "VECSEARCH_DATABASE_URL": ""}
+    settings = Settings(database_url=None, home=home)
+    make_image(tmp_path / "pics" / "a.png", 1, (40, 40))
+    try:
+        load(settings, tmp_path / "pics", embedder, workers=0)
+        app = web.create_app(settings)
+        with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+            assert client.get("/api/images").json()["total"] == 1
+            run_cli("db", "start", "--tcp", "--port", "54377", env=env, check=True)  # a restart
+            assert server.running(home).port == 54377
+            assert client.get("/api/images").json()["total"] == 1
+            run_cli("db", "stop", env=env, check=True)
+            started = time.monotonic()
+            down = client.get("/api/images")
+            assert down.status_code == 503 and time.monotonic() - started < 3
+            assert "not running" in down.json()["error"]
+            run_cli("db", "start", "--no-tcp", env=env, check=True)
+            assert client.get("/api/images").json()["total"] == 1
+    finally:
+        server.stop(home)
+
+
+def test_commands_work_at_once_after_the_server_is_sigkilled(tmp_path):
+    """Its pid may linger as a zombie until reaped: it must not count as a running server."""
+    home = tmp_path / "home"
+    env = {"VECSEARCH_HOME": str(home), "VECSEARCH_DATABASE_URL": ""}
+    zombie = None
+    try:
+        # Started by this process (and so its zombie until reaped, as under a shell that does not
+        # reap), then SIGKILLed.
+        zombie = server.ensure_running(home).pid
+        os.kill(zombie, signal.SIGKILL)
+        time.sleep(0.2)
+        assert open(f"/proc/{zombie}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        started = time.monotonic()
+        assert "stopped" in run_cli("db", "status", env=env, check=True).stdout
+        result = run_cli("similar", "1", env=env)  # starts the server on demand, as every command
+        assert result.returncode == 1 and result.stderr.startswith("error: the database has no images"), result.stderr
+        assert time.monotonic() - started < 15
+    finally:
+        server.stop(home)

@@ -189,7 +189,8 @@ def _startup_lock(home: Path) -> Iterator[None]:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether process `pid` exists (a zombie child of ours counts as gone)."""
+    """Whether process `pid` exists and has not exited (a zombie, ours or not, counts as gone:
+    a SIGKILLed server whose parent has not reaped it yet must not look like a running one)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -197,8 +198,14 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        return os.waitpid(pid, os.WNOHANG) == (0, 0)
+        if os.waitpid(pid, os.WNOHANG) != (0, 0):
+            return False
     except ChildProcessError:
+        pass
+    try:  # Linux: the state letter follows the parenthesised command name
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except (OSError, IndexError):
         return True
 
 

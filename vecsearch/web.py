@@ -48,7 +48,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import __version__, db, thumbs
+from . import __version__, db, server, thumbs
 from .config import Settings
 from .errors import (
     DatabaseUnavailable,
@@ -66,6 +66,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+POOL_TIMEOUT_S = 5  # waiting for a database connection, before a 503
 PER_PAGE = 48
 MAX_PER_PAGE = 200
 DEFAULT_K = 12
@@ -267,38 +268,64 @@ class State:
         self.max_upload_bytes = max_upload_bytes
         self.pool_size = pool_size
         self.pool = None
+        self.pool_url: str | None = None
+        self.opened = False
+        self._pool_lock = threading.Lock()
         self.verified = Verified()
         # Decodes at once (thumbnails, uploads): a 90-megapixel PNG takes 270 MB to decode, and
         # a grid page asks for dozens of thumbnails in parallel.
         self.decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
     def open(self) -> None:
-        from psycopg_pool import ConnectionPool
-
         db.connect(self.settings).close()  # starts the embedded server, migrates, checks pgvector
-        self.pool = ConnectionPool(
-            db.database_url(self.settings), min_size=1, max_size=self.pool_size, open=True,
-            kwargs={"autocommit": True, "connect_timeout": 10}, configure=db.register_vector,
-            check=ConnectionPool.check_connection, reset=lambda c: c.execute("RESET ALL"),
-            timeout=30, name="vecsearch-web",
-        )
+        self.opened = True
 
     def close(self) -> None:
+        self.opened = False
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+
+    def _url(self) -> str:
+        """Where the database is now. The embedded server's socket moves with its port (`db start
+        --tcp --port`), so it is read from its postmaster.pid on each request (a stat and a read)."""
+        if self.settings.database_url:
+            return self.settings.database_url
+        running = server.running(self.settings.home)
+        if running is None:  # fail fast, not after the pool's timeout
+            raise DatabaseUnavailable("the embedded database server is not running: start it with "
+                                      "`vecsearch db start` (the gallery reconnects by itself)")
+        return running.url()
+
+    def _pool(self, fresh: bool = False):
+        from psycopg_pool import ConnectionPool
+
+        url = self._url()
+        with self._pool_lock:
+            if fresh or self.pool is None or self.pool_url != url:
+                old, self.pool_url = self.pool, url
+                self.pool = ConnectionPool(
+                    url, min_size=1, max_size=self.pool_size, open=True,
+                    kwargs={"autocommit": True, "connect_timeout": 10}, configure=db.register_vector,
+                    check=ConnectionPool.check_connection, reset=lambda c: c.execute("RESET ALL"),
+                    timeout=POOL_TIMEOUT_S, name="vecsearch-web")
+                if old is not None:
+                    old.close(timeout=0)
+            return self.pool
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
         """A pooled connection for one request (never one connection shared across threads)."""
         from psycopg_pool import PoolTimeout
 
-        if self.pool is None:
+        if not self.opened:
             raise DatabaseUnavailable("the web app's database pool is not open")
+        pool = self._pool()
         try:
-            with self.pool.connection() as conn:
+            with pool.connection() as conn:
                 yield conn
         except PoolTimeout as e:
+            self._pool(fresh=True)  # a pool that kept failing to reconnect starts over next time
             raise DatabaseUnavailable(f"no database connection available: {e}") from e
         except psycopg.OperationalError as e:
             raise DatabaseUnavailable(f"database connection lost: {e}") from e
