@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -228,18 +229,23 @@ def test_commands_work_at_once_after_the_server_is_sigkilled(tmp_path):
     """Its pid may linger as a zombie until reaped: it must not count as a running server."""
     home = tmp_path / "home"
     env = {"VECSEARCH_HOME": str(home), "VECSEARCH_DATABASE_URL": ""}
-    zombie = None
+    # The server's parent stays alive and never reaps it, as a shell or supervisor may.
+    parent = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from vecsearch import server; "
+                               "print(server.ensure_running(Path(sys.argv[1])).pid, flush=True); "
+                               "time.sleep(120)", str(home)], stdout=subprocess.PIPE, text=True)
     try:
-        # Started by this process (and so its zombie until reaped, as under a shell that does not
-        # reap), then SIGKILLed.
-        zombie = server.ensure_running(home).pid
-        os.kill(zombie, signal.SIGKILL)
-        time.sleep(0.2)
-        assert open(f"/proc/{zombie}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+        pid = int(parent.stdout.readline())
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)
+        assert open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
         started = time.monotonic()
         assert "stopped" in run_cli("db", "status", env=env, check=True).stdout
         result = run_cli("similar", "1", env=env)  # starts the server on demand, as every command
-        assert result.returncode == 1 and result.stderr.startswith("error: the database has no images"), result.stderr
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.startswith("error: the database has no images"), result.stderr
         assert time.monotonic() - started < 15
     finally:
+        parent.kill()
+        parent.wait()
         server.stop(home)

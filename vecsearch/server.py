@@ -255,6 +255,7 @@ def _initdb(home: Path) -> None:
 
 def _start(home: Path) -> Running:
     data = pgdata(home)
+    _remove_stale_pid_file(data)
     log = home / "postgres.log"
     with open(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:
         proc = subprocess.Popen(
@@ -275,6 +276,17 @@ def _start(home: Path) -> Running:
             )
         time.sleep(0.05)
     raise DatabaseUnavailable(f"the embedded PostgreSQL server did not start in time (log: {log})")
+
+
+def _remove_stale_pid_file(data: Path) -> None:
+    """PostgreSQL refuses to start while postmaster.pid names a process that exists, and a
+    SIGKILLed server's zombie exists until its parent reaps it. Called under the startup lock."""
+    try:
+        pid = int((data / "postmaster.pid").read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    if not pid_alive(pid):
+        (data / "postmaster.pid").unlink(missing_ok=True)
 
 
 def _ensure_database(server: Running, home: Path) -> None:
