@@ -255,7 +255,7 @@ def _initdb(home: Path) -> None:
 
 def _start(home: Path) -> Running:
     data = pgdata(home)
-    _remove_stale_pid_file(data)
+    _remove_stale_lock_files(data)
     log = home / "postgres.log"
     with open(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:
         proc = subprocess.Popen(
@@ -278,15 +278,17 @@ def _start(home: Path) -> Running:
     raise DatabaseUnavailable(f"the embedded PostgreSQL server did not start in time (log: {log})")
 
 
-def _remove_stale_pid_file(data: Path) -> None:
-    """PostgreSQL refuses to start while postmaster.pid names a process that exists, and a
-    SIGKILLed server's zombie exists until its parent reaps it. Called under the startup lock."""
-    try:
-        pid = int((data / "postmaster.pid").read_text().splitlines()[0])
-    except (OSError, ValueError, IndexError):
-        return
-    if not pid_alive(pid):
-        (data / "postmaster.pid").unlink(missing_ok=True)
+def _remove_stale_lock_files(data: Path) -> None:
+    """PostgreSQL refuses to start while its postmaster.pid or socket lock file names a process
+    that exists, and a SIGKILLed server's zombie exists until its parent reaps it. Called under
+    the startup lock, so no server of ours is starting meanwhile."""
+    for lock in [data / "postmaster.pid", *_socket_dir(data).glob(".s.PGSQL.*.lock")]:
+        try:
+            pid = int(lock.read_text().splitlines()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+        if not pid_alive(pid):
+            lock.unlink(missing_ok=True)
 
 
 def _ensure_database(server: Running, home: Path) -> None:
