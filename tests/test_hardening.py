@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import psycopg
 import pytest
 from conftest import cli_command, clustered, fresh_database, insert_vectors, make_image, run_cli
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from vecsearch import db, reader, server, web
 from vecsearch.load import load
@@ -249,3 +251,69 @@ def test_commands_work_at_once_after_the_server_is_sigkilled(tmp_path):
         parent.kill()
         parent.wait()
         server.stop(home)
+
+
+# -- 6. memory bounded by what decoding allocates, for tiny files that claim huge images ----------
+
+_PEAK = """
+import io, resource, sys
+from vecsearch.errors import UnreadableImage
+from vecsearch.images import model_input, open_decoded
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    model_input(open_decoded(sys.argv[1]).image)
+    outcome = "decoded"
+except UnreadableImage as e:
+    outcome = str(e)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, outcome)
+"""
+
+
+def _peak_mb(path: Path) -> tuple[int, str]:
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True,
+                         check=True).stdout.split(" ", 1)
+    return int(out[0]), out[1].strip()
+
+
+def _progressive_jpeg_claiming(path: Path, width: int, height: int) -> Path:
+    """A small progressive JPEG whose frame header is patched to claim width x height."""
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(buf, "JPEG", progressive=True, quality=50)
+    data = bytearray(buf.getvalue())
+    sof = data.find(b"\xff\xc2")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_small_16_bit_png_of_a_huge_size_decodes_in_bounded_memory(tmp_path):
+    path = tmp_path / "grey16.png"
+    Image.new("I;16", (9400, 9400), 40000).save(path)
+    assert path.stat().st_size < 1_000_000
+    peak, outcome = _peak_mb(path)
+    assert outcome == "decoded"
+    assert peak < 800, peak  # 2.4 GB before: float64 conversion of the whole raster
+
+
+def test_a_tiny_progressive_jpeg_claiming_13000_squared_is_refused_without_the_memory(tmp_path):
+    path = _progressive_jpeg_claiming(tmp_path / "claims.jpg", 13000, 13000)
+    assert path.stat().st_size < 1000
+    peak, outcome = _peak_mb(path)
+    assert "decompression bomb? decoding this 13000x13000 JPEG" in outcome, outcome
+    assert peak < 100, peak
+
+
+def test_a_truncated_jpeg_is_reported_as_truncated(tmp_path):
+    path = tmp_path / "cut.jpg"
+    make_image(tmp_path / "whole.jpg", 9, (400, 300))
+    Image.open(tmp_path / "whole.jpg").save(tmp_path / "prog.jpg", progressive=True)
+    data = (tmp_path / "prog.jpg").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    peak, outcome = _peak_mb(path)
+    assert "truncated" in outcome, outcome
+    assert _peak_mb(tmp_path / "prog.jpg")[1] == "decoded"
+
+
+def test_a_small_jpeg_claiming_more_pixels_than_its_bytes_can_hold_is_reported_as_truncated(tmp_path):
+    peak, outcome = _peak_mb(_progressive_jpeg_claiming(tmp_path / "claims.jpg", 3000, 2000))
+    assert "truncated file (" in outcome and "bytes cannot hold a 3000x2000 JPEG)" in outcome, outcome

@@ -26,6 +26,11 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng",
 # draft), so a 100-megapixel JPEG still loads at 1/8 scale while a 20000 x 20000 PNG is refused.
 # Pillow itself refuses any header above twice this before decoding anything.
 MAX_PIXELS = 89_478_485
+# Memory is bounded by bytes, not pixels: what the decoder really allocates for the file's mode
+# and bit depth (Pillow keeps 1, 2 or 4 bytes a pixel), or for a progressive JPEG's coefficient
+# buffers, which are full size whatever the draft scale. The limit is what an 8-bit RGBA image
+# at MAX_PIXELS has always taken.
+MAX_DECODED_BYTES = 4 * MAX_PIXELS
 WHITE = (255, 255, 255)
 # The unique btree index on images.path holds rows of at most 2704 bytes; a longer path (Linux
 # allows 4095) would fail its whole batch. Reported at discovery instead.
@@ -203,13 +208,20 @@ def _decode(source: str | os.PathLike | BinaryIO, draft: int | None) -> Decoded:
             fmt, (width, height) = img.format or "unknown", img.size
             if _orientation(img) in (5, 6, 7, 8):
                 width, height = height, width
+            full_size = img.size
             if draft and img.format == "JPEG":
                 img.draft(None, resized_size(*img.size, draft))
+            _check_decode_memory(img, full_size)
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise Image.DecompressionBombError(f"Image size ({w * h} pixels)")
             img.load()
+            missing = _jpeg_truncated(source, img, full_size) if img.format == "JPEG" else None
+            if missing:
+                raise UnreadableImage(f"truncated file ({missing})")
             return Decoded(_to_rgb(_oriented(img)), fmt, width, height)
+    except UnreadableImage:
+        raise
     except FileNotFoundError as e:
         raise UnreadableImage("file not found") from e
     except Image.DecompressionBombError as e:
@@ -227,6 +239,79 @@ def _decode(source: str | os.PathLike | BinaryIO, draft: int | None) -> Decoded:
         if isinstance(e, OSError) and "truncated" in message:
             raise UnreadableImage(f"truncated file ({message})") from e
         raise UnreadableImage(f"cannot decode ({message})") from e
+
+
+def _bytes_per_pixel(mode: str) -> int:
+    return 2 if mode.startswith("I;16") else 1 if mode in ("1", "L", "P") else 4
+
+
+def _check_decode_memory(img: Image.Image, full_size: tuple[int, int]) -> None:
+    """Refuse, before decoding, a file whose decoding would allocate over MAX_DECODED_BYTES.
+
+    `img.size` is what will be decoded (a JPEG's draft scale), `full_size` the file's own.
+    """
+    need = img.size[0] * img.size[1] * _bytes_per_pixel(img.mode)
+    w, h = full_size
+    if img.format == "JPEG" and ("progressive" in img.info or "progression" in img.info):
+        # libjpeg buffers every DCT coefficient (2 bytes) of a progressive image at full size.
+        need = max(need, _jpeg_blocks(img, full_size) * 64 * 2)
+    if need > MAX_DECODED_BYTES:
+        raise UnreadableImage(f"decompression bomb? decoding this {w}x{h} {img.format or ''} {img.mode} "
+                              f"image needs {need / 2**20:.0f} MB, over the limit of "
+                              f"{MAX_DECODED_BYTES / 2**20:.0f} MB")
+
+
+def _jpeg_truncated(source: str | os.PathLike | BinaryIO, img: Image.Image,
+                    full_size: tuple[int, int]) -> str | None:
+    """Data missing from a JPEG, which libjpeg pads with grey and Pillow does not report: no
+    end-of-image marker after the first scan (0xFFD9 cannot occur inside entropy-coded data), or
+    fewer bytes than its blocks need (Huffman coding spends at least one bit a block, so a 569-byte
+    file cannot hold a 13000 x 13000 picture)."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                data = f.read()
+        else:
+            position = source.tell()
+            source.seek(0)
+            data = source.read()
+            source.seek(position)
+    except (OSError, ValueError):
+        return None
+    scan = data.find(b"\xff\xda")
+    if scan >= 0 and data.find(b"\xff\xd9", scan) < 0:
+        return "the JPEG data ends before its end-of-image marker"
+    if _jpeg_frame_marker(data) not in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7):
+        return None  # arithmetic coding can spend less than a bit a block
+    if len(data) * 8 < _jpeg_blocks(img, full_size):
+        return f"{len(data)} bytes cannot hold a {full_size[0]}x{full_size[1]} JPEG"
+    return None
+
+
+def _jpeg_frame_marker(data: bytes) -> int | None:
+    """The SOFn marker of the frame, found by walking the segments (not inside an EXIF thumbnail)."""
+    i = 2
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            return marker
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _jpeg_layers(img: Image.Image) -> list[tuple]:
+    return getattr(img, "layer", None) or [("", 1, 1, 0)] * len(img.getbands())
+
+
+def _jpeg_blocks(img: Image.Image, full_size: tuple[int, int], size: int = 8) -> int:
+    """8 x 8 blocks of every component at full size (chroma subsampled as the file says)."""
+    w, h = full_size
+    layers = _jpeg_layers(img)
+    hmax, vmax = max(la[1] for la in layers), max(la[2] for la in layers)
+    return sum(-(-w * la[1] // hmax // size) * -(-h * la[2] // vmax // size) for la in layers)
 
 
 def _sniff_source(source: str | os.PathLike | BinaryIO) -> str | None:
@@ -280,8 +365,10 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _to_uint8(a: np.ndarray) -> np.ndarray:
-    """16-bit, 32-bit and float greyscale scaled to 0..255 (Pillow's own convert clips at 255)."""
-    a = a.astype(np.float64)
+    """16-bit, 32-bit and float greyscale scaled to 0..255 (Pillow's own convert clips at 255).
+
+    In bands of rows, so the extra memory is one byte a pixel plus a small float buffer.
+    """
     top = float(a.max(initial=0))
     if top <= 1.0 and a.dtype.kind == "f":
         scale = 255.0
@@ -291,7 +378,13 @@ def _to_uint8(a: np.ndarray) -> np.ndarray:
         scale = 1 / 257
     else:
         scale = 255.0 / top
-    return np.clip(a * scale + 0.5, 0, 255).astype(np.uint8)
+    out = np.empty(a.shape, dtype=np.uint8)
+    rows = max(1, (1 << 22) // max(1, a.shape[1] if a.ndim > 1 else 1))
+    for start in range(0, a.shape[0], rows):
+        band = a[start:start + rows].astype(np.float32) * scale + 0.5
+        np.clip(band, 0, 255, out=band)
+        out[start:start + rows] = band
+    return out
 
 
 def model_input(img: Image.Image, resize: int = RESIZE, crop: int = CROP) -> np.ndarray:
