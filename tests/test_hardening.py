@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -317,3 +318,117 @@ def test_a_truncated_jpeg_is_reported_as_truncated(tmp_path):
 def test_a_small_jpeg_claiming_more_pixels_than_its_bytes_can_hold_is_reported_as_truncated(tmp_path):
     peak, outcome = _peak_mb(_progressive_jpeg_claiming(tmp_path / "claims.jpg", 3000, 2000))
     assert "truncated file (" in outcome and "bytes cannot hold a 3000x2000 JPEG)" in outcome, outcome
+
+
+# -- 8. one `error:` line, never a traceback, and checked before the long work -------------------
+
+
+def _one_error_line(result, code: int = 1) -> str:
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = [x for x in result.stderr.strip().splitlines() if not x.startswith("warning:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_non_utf8_paths_in_arguments_are_one_line(settings, conn, tmp_path):
+    insert_vectors(conn, clustered(3, seed=1))
+    bad = os.fsdecode(os.fsencode(str(tmp_path)) + b"/caf\xe9")
+    os.makedirs(bad)
+    for args in (("similar", "1", "--under", bad), ("search", bad + "/x.jpg"),
+                 ("load", bad, "--weights", "random")):
+        assert "is not valid UTF-8" in _one_error_line(run_cli(*args)), args
+
+
+def test_errors_file_is_checked_before_the_load_and_a_full_disk_keeps_the_summary(settings, tmp_path):
+    folder = tmp_path / "pics"
+    make_image(folder / "a.png", 1, (32, 32))
+    (folder / "bad.jpg").write_text("not an image")
+    for target in (tmp_path / "missing" / "e.csv", tmp_path):
+        line = _one_error_line(run_cli("load", str(folder), "--weights", "random", "--errors", str(target)))
+        assert line.startswith(f"error: cannot write --errors file {target}")
+    with psycopg.connect(settings.database_url) as c:
+        assert c.execute("SELECT count(*) FROM images").fetchone() == (0,)  # nothing was loaded
+    full = run_cli("load", str(folder), "--weights", "random", "--errors", "/dev/full")
+    assert full.returncode == 1 and "found 2, new 1" in full.stdout, full.stdout + full.stderr
+    assert full.stderr.strip().splitlines()[-1] == \
+        "error: cannot write --errors file /dev/full: No space left on device"
+
+
+def test_bad_settings_and_options_are_one_line_before_any_work(settings, conn, tmp_path):
+    insert_vectors(conn, clustered(3, seed=2))
+    folder = tmp_path / "pics"
+    make_image(folder / "a.png", 1, (32, 32))
+    assert "VECSEARCH_HNSW_M must be an integer" in _one_error_line(
+        run_cli("db", "status", env={"VECSEARCH_HNSW_M": "abc"}))
+    for args in (("dupes", "--ef-search", "5000"),
+                 ("eval", "perturb", str(folder), "--weights", "random", "--ef-search", "5000"),
+                 ("eval", "labels", str(folder), "--weights", "random", "--ef-search", "0")):
+        assert "ef-search must be between 1 and 1000" in _one_error_line(run_cli(*args)), args
+    assert "does not exist" in _one_error_line(run_cli("dupes", "--html", str(tmp_path / "no" / "x.html")))
+    assert "--revision 9999: " in _one_error_line(run_cli("db", "migrate", "--revision", "9999"))
+    line = _one_error_line(run_cli("db", "migrate", "--revision", "0001"))
+    assert f"the schema is at {db.SCHEMA_REVISION}, newer than 0001" in line
+    assert db.schema_revision(conn) == db.SCHEMA_REVISION
+    for args in (("similar",), ("similar", "1", "-k", "x"), ("load",), ("nosuchcommand",),
+                 ("similar", "1", "--nosuchoption")):
+        line = _one_error_line(run_cli(*args))  # not click's Usage/Try/Error block
+        assert "--help" in line, args
+
+
+# -- 9. nothing a file name holds reaches the terminal as a control sequence ----------------------
+
+
+def test_control_characters_in_names_are_escaped_and_paths0_keeps_them(settings, conn, tmp_path):
+    evil = "/pics/\x1b]0;owned\x07\x1b[2Jname\nsecond line.jpg"
+    insert_vectors(conn, clustered(3, seed=3), [evil, "/pics/b.jpg", "/pics/c.jpg"])
+    table = run_cli("similar", "2", env={"COLUMNS": "200"}, check=True).stdout
+    assert "\x1b" not in table and "\x07" not in table and "\\x1b]0;owned\\x07" in table
+    found = run_cli("similar", "2", "-f", "paths0", check=True).stdout
+    assert found.endswith("\0") and evil in found.split("\0")
+    folder = tmp_path / "load"
+    (folder).mkdir()
+    (folder / "\x1b[2Jbad.jpg").write_text("not an image")
+    result = run_cli("load", str(folder), "--weights", "random")
+    assert result.returncode == 2 and "\x1b" not in result.stderr and "\\x1b[2Jbad.jpg" in result.stderr
+
+
+# -- 11. arithmetic judged against the terms' own scale; 13. the SQL function's silent cases -------
+
+
+def test_arithmetic_scale_and_non_finite_weights(settings, conn):
+    ids = insert_vectors(conn, clustered(5, seed=4))
+    tiny = run_cli("similar", f"{ids[0]}*1e-7", "-f", "json", check=True)
+    assert len(json.loads(tiny.stdout)) == 4
+    caret = run_cli("similar", f"{ids[0]}*1e400")  # a caret under the weight, as for any bad expression
+    assert caret.returncode == 1 and "weight 1e400 is not a finite number" in caret.stderr.splitlines()[0]
+    assert "cancels out" in _one_error_line(run_cli("similar", f"{ids[0]} - {ids[0]}"))
+
+
+def test_similar_to_ignores_null_excluded_ids_and_refuses_a_zero_vector(settings, conn):
+    ids = insert_vectors(conn, clustered(5, seed=5))
+    rows = conn.execute("SELECT id FROM vecsearch_similar_to((SELECT embedding FROM images WHERE id = %s), "
+                        "3, exclude => ARRAY[NULL, %s]::bigint[])", [ids[0], ids[0]]).fetchall()
+    assert len(rows) == 3 and ids[0] not in [r[0] for r in rows]
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="zero vector"):
+        conn.execute("SELECT * FROM vecsearch_similar_to(array_fill(0, ARRAY[2048])::vector, 3)")
+
+
+# -- 12. the web app's error cases -----------------------------------------------------------------
+
+
+def test_web_nul_in_query_file_terms_and_bad_host_are_clean_errors(settings, conn):
+    ids = insert_vectors(conn, clustered(3, seed=6))
+    app = web.create_app(settings)
+    with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:
+        response = client.get("/api/images", params={"q": "\x00"})
+        assert response.status_code == 400 and response.json()["status"] == 400
+        response = client.get("/api/arithmetic", params={"expr": f"{ids[0]} + x.jpg"})
+        assert response.status_code == 400
+        message = response.json()["error"]
+        assert "'x.jpg'" in message and "PosixPath" not in message and os.getcwd() not in message
+        response = client.get("/api/images", headers={"host": "evil.example"})
+        assert response.status_code == 400 and "invalid Host header" in response.json()["error"]
+        page = client.get("/", headers={"host": "evil.example"})
+        assert page.status_code == 400 and "text/html" in page.headers["content-type"]
+        assert "invalid Host header" in page.text

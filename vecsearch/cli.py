@@ -17,7 +17,8 @@ from rich.console import Console
 
 from . import __version__, db, server
 from .config import Settings
-from .errors import DatabaseUnavailable, VecsearchError
+from .errors import DatabaseUnavailable, InvalidInput, VecsearchError
+from .output import printable
 
 app = typer.Typer(
     help="Image similarity search inside PostgreSQL (ResNet50 embeddings, pgvector HNSW).",
@@ -35,7 +36,17 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 # A usage error (bad option value, unknown option) is bad input: exit 1 like InvalidInput, not
 # click's 2, which `vecsearch load` means as "finished, some files skipped".
-next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError").exit_code = 1
+_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_UsageError.exit_code = 1
+
+
+def _show_usage_error(self, file=None) -> None:
+    """One `error:` line instead of click's Usage/Try/Error block."""
+    hint = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
+    err.print(printable(f"error: {self.format_message()}{hint}"), markup=False)
+
+
+_UsageError.show = _show_usage_error
 
 
 def _version(value: bool) -> None:
@@ -134,8 +145,8 @@ def db_migrate(
     revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
 ) -> None:
     """Apply schema migrations (commands also do this on first use)."""
-    db.upgrade(db.database_url(settings(ctx)), revision)
-    out.print(f"schema at {revision}")
+    out.print(printable(f"schema at {db.migrate_to(db.database_url(settings(ctx)), revision)}"),
+              markup=False)
 
 
 @db_app.command("backup")
@@ -144,7 +155,7 @@ def db_backup(ctx: typer.Context, file: Annotated[Path, typer.Argument(help="Dum
     from . import backup
 
     backup.backup(settings(ctx), file)
-    out.print(f"backed up to {file}")
+    out.print(printable(f"backed up to {file}"), markup=False)
 
 
 @db_app.command("restore")
@@ -157,7 +168,7 @@ def db_restore(ctx: typer.Context, file: Annotated[Path, typer.Argument(
 
     rows = backup.restore(settings(ctx), file, wait=wait,
                           notify=lambda line: err.print(line, markup=False))
-    out.print(f"restored {rows} images from {file}")
+    out.print(printable(f"restored {rows} images from {file}"), markup=False)
 
 
 @db_app.command("status")
@@ -167,17 +178,17 @@ def db_status(ctx: typer.Context) -> None:
     if s.embedded:
         running = server.running(s.home)
         state = f"running (pid {running.pid})" if running else "stopped"
-        out.print(f"server:    embedded, {state}")
-        out.print(f"data dir:  {server.pgdata(s.home)}")
+        out.print(printable(f"server:    embedded, {state}"), markup=False)
+        out.print(printable(f"data dir:  {server.pgdata(s.home)}"), markup=False)
         if running is None:
             return
         if running.listen:
-            out.print(f"tcp:       {running.listen}:{running.port}")
+            out.print(printable(f"tcp:       {running.listen}:{running.port}"), markup=False)
     else:
-        out.print(f"server:    {db.redact(s.database_url)}")
+        out.print(printable(f"server:    {db.redact(s.database_url)}"), markup=False)
     with db.connect(s) as conn:
         for label, value in db.status(conn):
-            out.print(f"{label + ':':<10} {value}")
+            out.print(printable(f"{label + ':':<10} {value}"), markup=False)
 
 
 # -- dupes ----------------------------------------------------------------------------------
@@ -221,9 +232,12 @@ def dupes_command(
     Each image's neighbours within the threshold come from the HNSW index, joined into groups
     (union-find): no all-pairs matrix, so it scales to 100k+ images in bounded memory.
     """
-    from . import dupes, output
+    from . import dupes, output, query
 
     fmt = _output_format(fmt)
+    query.check_ef_search(ef_search)
+    if html is not None and not html.parent.is_dir():
+        raise InvalidInput(f"--html {html}: the folder {html.parent} does not exist")
     s = settings(ctx)
     with db.connect(s) as conn, _progress() as bar:
         task = bar.add_task("dupes", total=None)
@@ -245,7 +259,7 @@ def dupes_command(
                   "neighbours; their groups may be incomplete (lower --threshold)", markup=False)
     if html is not None:
         dupes.write_contact_sheet(result, html, s.home)
-        err.print(f"contact sheet: {html}", markup=False)
+        err.print(printable(f"contact sheet: {html}"), markup=False)
 
 
 # -- eval -----------------------------------------------------------------------------------
@@ -318,7 +332,8 @@ def _eval_run(ctx: typer.Context, experiment, folder: Path, weights: str, device
         for note in report.notes:
             out.print(f"note: {note}", markup=False)
     for path, reason in report.skipped[:10]:
-        err.print(f"skipped: {reason if reason.startswith(path) else f'{path}: {reason}'}", markup=False)
+        err.print(printable(f"skipped: {reason if reason.startswith(path) else f'{path}: {reason}'}"),
+                  markup=False)
     if len(report.skipped) > 10:
         err.print(f"... and {len(report.skipped) - 10} more (all in --json)", markup=False)
     if plot is not None:
@@ -502,8 +517,8 @@ def _warnings_as_lines():
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        warnings.showwarning = lambda message, *args, **kwargs: err.print(f"warning: {message}",
-                                                                           markup=False)
+        warnings.showwarning = lambda message, *args, **kwargs: err.print(
+            printable(f"warning: {message}"), markup=False)
         yield
 
 
@@ -530,7 +545,7 @@ def db_reader(
     with db.connect(s) as conn:
         if drop:
             reader.drop(conn, name)
-            out.print(f"dropped {name}")
+            out.print(printable(f"dropped {name}"), markup=False)
             return
         password = reader.create(conn, name)
         url = reader.url(s, conn, name, password)
@@ -581,7 +596,7 @@ def load_command(
     from .embed import Embedder
 
     def show(message, category, *args, **kwargs) -> None:
-        err.print(f"warning: {message}", markup=False)
+        err.print(printable(f"warning: {message}"), markup=False)
 
     with warnings.catch_warnings():
         if quiet:
@@ -597,9 +612,11 @@ def load_command(
                       markup=False)
             raise typer.Exit(130) from None
     if not quiet:
-        out.print(summary.describe(), markup=False)
+        out.print(printable(summary.describe()), markup=False)
     if summary.interrupted:
         err.print("rows committed so far are kept: run the same load again to finish", markup=False)
+    if summary.errors_csv_error:
+        err.print(printable(f"error: {summary.errors_csv_error}"), markup=False)
     raise typer.Exit(summary.exit_code)
 
 
@@ -611,7 +628,7 @@ def main() -> None:
     except VecsearchError as e:
         if debug:
             raise
-        err.print(f"error: {e}", markup=False)
+        err.print(printable(f"error: {e}", lines=True), markup=False)
         sys.exit(e.exit_code)
     except Exception as e:
         import psycopg
@@ -624,5 +641,5 @@ def main() -> None:
         what = "database connection lost" if sqlstate[:2] in ("", "08") or sqlstate.startswith("57P") \
             else "database error"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        err.print(f"error: {what}: {first}", markup=False)
+        err.print(printable(f"error: {what}: {first}"), markup=False)
         sys.exit(DatabaseUnavailable.exit_code)

@@ -23,6 +23,23 @@ def _default_home() -> Path:
     return Path.home() / ".local" / "share" / "vecsearch"
 
 
+def _int_env(name: str, default: int, low: int, high: int) -> int:
+    """An integer setting from the environment, in pgvector's accepted range."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        from .errors import InvalidInput
+
+        raise InvalidInput(f"{name} must be an integer from {low} to {high}, not {text!r}: "
+                           "fix or unset it")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where the database is and how its index is built.
@@ -43,8 +60,8 @@ class Settings:
             database_url=env.get("VECSEARCH_DATABASE_URL") or None,
             home=Path(env["VECSEARCH_HOME"]).expanduser() if env.get("VECSEARCH_HOME")
             else _default_home(),
-            hnsw_m=int(env.get("VECSEARCH_HNSW_M", 16)),
-            hnsw_ef_construction=int(env.get("VECSEARCH_HNSW_EF_CONSTRUCTION", 64)),
+            hnsw_m=_int_env("VECSEARCH_HNSW_M", 16, 2, 100),
+            hnsw_ef_construction=_int_env("VECSEARCH_HNSW_EF_CONSTRUCTION", 64, 4, 1000),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -13,7 +13,7 @@ import psycopg
 
 from . import server
 from .config import Settings
-from .errors import DatabaseUnavailable, PgvectorMissing, SchemaMismatch
+from .errors import DatabaseUnavailable, InvalidInput, PgvectorMissing, SchemaMismatch
 
 # The alembic head this code expects; tests/test_migrations.py keeps it equal to migrations/.
 SCHEMA_REVISION = "0003"
@@ -123,6 +123,37 @@ def upgrade(url: str, revision: str = "head") -> None:
 
     check_pgvector(url)
     command.upgrade(alembic_config(url), revision)
+
+
+def migrate_to(url: str, revision: str = "head") -> str:
+    """`vecsearch db migrate`: upgrade to `revision`; the revision the schema is at afterwards.
+
+    InvalidInput for an unknown revision, or one older than the schema (this never downgrades).
+    """
+    from alembic.script import ScriptDirectory
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
+
+    script = ScriptDirectory.from_config(alembic_config(url))
+    try:
+        target = script.get_revision(revision)
+    except (CommandError, RevisionError) as e:
+        target = None
+        reason = str(e).strip().splitlines()[0]
+    else:
+        reason = f"no revision {revision!r}"
+    if target is None:
+        known = ", ".join(r.revision for r in reversed(list(script.walk_revisions())))
+        raise InvalidInput(f"--revision {revision}: {reason}; vecsearch's revisions are {known} "
+                           "(or head)")
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        current = schema_revision(conn)
+    if current is not None and re.fullmatch(r"\d{4}", current) and current > target.revision:
+        raise InvalidInput(f"the schema is at {current}, newer than {target.revision}: `vecsearch db "
+                           "migrate` only upgrades (restore a backup made at that revision instead)")
+    upgrade(url, target.revision)
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        return schema_revision(conn) or "none"
 
 
 def downgrade(url: str, revision: str) -> None:

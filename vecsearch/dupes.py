@@ -144,8 +144,9 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
     """
     if not 0 <= threshold < 2:
         raise InvalidInput(f"threshold {threshold} is not a cosine distance in [0, 2)")
-    if k < 1 or ef_search < 1 or chunk < 1 or jobs < 1:
-        raise InvalidInput("k, ef_search, chunk and jobs must be positive")
+    query.check_ef_search(ef_search)
+    if k < 1 or chunk < 1 or jobs < 1:
+        raise InvalidInput("k, chunk and jobs must be positive")
     started = time.perf_counter()
     prefix = query.under_prefix(under) if under is not None else None
     where_q = "starts_with(q.path, %(prefix)s)" if prefix else "true"

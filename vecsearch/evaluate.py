@@ -35,7 +35,7 @@ from psycopg import sql
 from . import db, server
 from .config import Settings
 from .errors import InvalidInput, VecsearchError
-from .query import DEFAULT_EF_SEARCH
+from .query import DEFAULT_EF_SEARCH, check_ef_search
 
 if TYPE_CHECKING:
     import numpy as np
@@ -426,6 +426,7 @@ def perturb(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *
 
     started = time.perf_counter()
     ks = _check_ks(ks)
+    check_ef_search(ef_search)
     unknown = [p for p in perturbations if p not in PERTURBATIONS]
     if unknown or not perturbations:
         raise InvalidInput(f"unknown perturbation {', '.join(unknown) or '(none given)'}: choose from "
@@ -576,6 +577,7 @@ def labels(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *,
 
     started = time.perf_counter()
     ks = _check_ks(ks)
+    check_ef_search(ef_search)
     root = Path(folder).expanduser()
     found = find_images(root)
     by_label: dict[str, list[str]] = {}

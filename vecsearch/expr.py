@@ -16,6 +16,7 @@ image-embedding arithmetic experiments; the ids in the expression are excluded f
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -111,7 +112,9 @@ def evaluate(conn: psycopg.Connection, terms: list[Term], embed_file: Callable[[
         v = vectors[term.ref if isinstance(term.ref, int) else absolute(term.ref)]
         total += term.weight * v / np.linalg.norm(v)
     norm = np.linalg.norm(total)
-    if not np.isfinite(norm) or norm < 1e-6:
+    # Relative to the terms' own scale: `1*1e-7` is a fine query, `12 - 12` is not.
+    scale = sum(abs(t.weight) for t in terms)
+    if not np.isfinite(norm) or scale == 0 or norm < 1e-6 * scale:
         raise InvalidInput("the expression cancels out: its weighted sum is the zero vector")
     return (total / norm).astype(np.float32), ids + ids_of_paths(conn, files)
 
@@ -156,7 +159,10 @@ def _weighted(text: str, a: _Token, b: _Token, star: _Token, sign: float) -> Ter
         image, weight = b, a
     else:
         raise _error(text, a.position, f"neither {a.text} nor {b.text} is an image id")
-    return Term(sign * float(weight.text), _ref(text, image), min(a.position, b.position))
+    value = float(weight.text)
+    if not math.isfinite(value):
+        raise _error(text, weight.position, f"weight {weight.text} is not a finite number")
+    return Term(sign * value, _ref(text, image), min(a.position, b.position))
 
 
 def _ref(text: str, token: _Token) -> int | Path:

@@ -86,6 +86,14 @@ def display_path(path: str) -> str:
     return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+def check_utf8(path: str) -> str:
+    """`path` itself, or InvalidInput if its bytes are not valid UTF-8 (vecsearch stores text)."""
+    if display_path(path) != path:
+        raise InvalidInput(f"{display_path(path)}: the path is not valid UTF-8: rename it (or the "
+                           "folder it is in) to use it with vecsearch")
+    return path
+
+
 def find_images(folder: str | os.PathLike) -> Found:
     """Every image file under `folder`, recursively, sorted by absolute path.
 
@@ -95,7 +103,7 @@ def find_images(folder: str | os.PathLike) -> Found:
     Entries that look like images but cannot be used (broken link, FIFO, non-UTF-8 name) are
     reported in `failed` instead.
     """
-    root = os.path.abspath(os.fspath(folder))
+    root = check_utf8(os.path.abspath(os.fspath(folder)))
     if not os.path.exists(root):
         raise NotFound(f"folder {root} does not exist")
     if not os.path.isdir(root):

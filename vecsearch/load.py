@@ -32,7 +32,7 @@ from psycopg import sql
 
 from . import db, models
 from .config import Settings
-from .errors import UnreadableImage
+from .errors import InvalidInput, UnreadableImage
 from .images import find_images, model_input, open_decoded, sha256_of
 from .progress import Progress, as_progress
 
@@ -65,11 +65,12 @@ class LoadSummary:
     interrupted: bool = False
     seconds: float = 0.0
     decode_wait: float = 0.0  # seconds the model sat waiting for decoded files (more --workers?)
+    errors_csv_error: str | None = None  # why the --errors file could not be written
 
     @property
     def exit_code(self) -> int:
         """0 all loaded, 2 some files skipped as unreadable, 130 interrupted (Ctrl-C)."""
-        return 130 if self.interrupted else 2 if self.failed else 0
+        return 130 if self.interrupted else 1 if self.errors_csv_error else 2 if self.failed else 0
 
     def describe(self) -> str:
         rate = f", {self.embedded / self.seconds:.1f} images/s" if self.embedded and self.seconds else ""
@@ -115,6 +116,7 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
     started = time.monotonic()
     report = as_progress(progress)
     summary = LoadSummary()
+    errors_file = None if errors_csv is None else _open_errors(errors_csv)  # fail before the work
     with connect(settings, schema) as conn:
         run_start = conn.execute("SELECT now()").fetchone()[0]
         current = models.recorded_model(conn)
@@ -165,14 +167,25 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
             index.abandon()
             raise
     summary.seconds = time.monotonic() - started
-    if errors_csv is not None:
-        write_errors(errors_csv, summary.failed)
+    if errors_file is not None:
+        try:
+            write_errors(errors_file, summary.failed)
+        except OSError as e:  # a full disk, say: the load itself is done and stays done
+            summary.errors_csv_error = f"cannot write --errors file {errors_csv}: {e.strerror or e}"
     return summary
 
 
-def write_errors(path: str | os.PathLike, failed: Iterable[tuple[str, str]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
+def _open_errors(path: str | os.PathLike):
+    try:
+        return open(path, "w", newline="", encoding="utf-8")
+    except OSError as e:
+        raise InvalidInput(f"cannot write --errors file {path}: {e.strerror or e}") from e
+
+
+def write_errors(file, failed: Iterable[tuple[str, str]]) -> None:
+    """CSV (path, reason) of the skipped files into an open text file, which is then closed."""
+    with file:
+        writer = csv.writer(file)
         writer.writerow(["path", "reason"])
         writer.writerows(failed)
 

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
+from .output import printable
+
 
 class Progress:
     """The hooks `vecsearch.load.load` calls; this base class says nothing at all."""
@@ -85,7 +87,7 @@ class Lines(_Counting):
         self.last = 0.0
 
     def _print(self, text: str) -> None:
-        print(text, file=self.file, flush=True)
+        print(printable(text), file=self.file, flush=True)
 
     def message(self, text: str) -> None:
         if not self.quiet:
@@ -117,7 +119,7 @@ class Bar(_Counting):
         self.task = None
 
     def message(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False)
+        self.console.print(printable(text), markup=False, highlight=False)
 
     def start(self, total: int) -> None:
         super().start(total)
@@ -130,7 +132,7 @@ class Bar(_Counting):
         self.bar.update(self.task, advance=files, rate=f"{rate:.1f} images/s")
 
     def failed(self, path: str, reason: str) -> None:
-        self.console.print(f"skipped {path}: {reason}", markup=False, highlight=False)
+        self.console.print(printable(f"skipped {path}: {reason}"), markup=False, highlight=False)
 
     def stop(self) -> None:
         self.bar.stop()

@@ -135,8 +135,13 @@ def ids_of_paths(conn: psycopg.Connection, paths: Sequence[Path | str]) -> list[
 
 
 def absolute(path: str | Path) -> Path:
-    """Absolute and normalised, symlinks kept: the form in which paths are stored."""
-    return Path(os.path.abspath(os.path.expanduser(str(path))))
+    """Absolute and normalised, symlinks kept: the form in which paths are stored.
+
+    InvalidInput for a path that is not valid UTF-8: no stored path can be such a one.
+    """
+    from .images import check_utf8
+
+    return Path(os.path.abspath(os.path.expanduser(check_utf8(str(path)))))
 
 
 def under_prefix(directory: str | Path) -> str:
@@ -149,8 +154,11 @@ def check_args(k: int, ef_search: int | None = None) -> int:
     """Validate k and ef_search (before any slow work); returns the ef_search to use."""
     if not 1 <= k <= MAX_K:
         raise InvalidInput(f"k must be between 1 and {MAX_K}, not {k}")
-    if ef_search is None:
-        return DEFAULT_EF_SEARCH
+    return DEFAULT_EF_SEARCH if ef_search is None else check_ef_search(ef_search)
+
+
+def check_ef_search(ef_search: int) -> int:
+    """`ef_search` if hnsw.ef_search accepts it, else InvalidInput (before any slow work)."""
     if not 1 <= ef_search <= MAX_EF_SEARCH:
         raise InvalidInput(f"ef-search must be between 1 and {MAX_EF_SEARCH}, not {ef_search}")
     return ef_search

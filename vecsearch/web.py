@@ -45,7 +45,6 @@ from psycopg.rows import dict_row
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__, db, server, thumbs
@@ -83,7 +82,9 @@ DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-
 
 # Query parameters shared by pages and API (module level: annotations are resolved by name).
 K = Annotated[int, Query(ge=1, le=MAX_K, description="How many neighbours.")]
-Contains = Annotated[str | None, Query(max_length=1000, description="Only paths containing this (any case).")]
+# No NUL: PostgreSQL text cannot hold one, and no stored path does.
+Contains = Annotated[str | None, Query(max_length=1000, pattern="^[^\x00]*$",
+                                       description="Only paths containing this (any case).")]
 PageNo = Annotated[int, Query(alias="page", ge=1, le=10**9)]
 # Out of range is "no such image" (404), not a database error.
 ImageId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
@@ -252,9 +253,12 @@ def _recorded_model(conn: psycopg.Connection):
     return record
 
 
-def _refuse_file(path: str):
-    raise InvalidInput(f"file terms such as {path!r} are not allowed in the web app: use image ids, "
-                       "or search by uploading the file")
+def _refuse_files(terms) -> None:
+    """Arithmetic in the web app names images by id only: a file term would read server files."""
+    files = [t for t in terms if not isinstance(t.ref, int)]
+    if files:
+        raise InvalidInput(f"file terms such as {str(files[0].ref)!r} are not allowed in the web app: "
+                           "use image ids, or search by uploading the file")
 
 
 # -- app state: settings, a connection pool, the model ------------------------------------------
@@ -365,6 +369,25 @@ def _too_large(limit: int) -> str:
             "(`vecsearch serve --max-upload-mb`)")
 
 
+class _LoopbackHostOnly:
+    """Answers only requests whose Host is a loopback name (DNS rebinding); others get the usual
+    error page or JSON, 400."""
+
+    def __init__(self, app: ASGIApp, allowed: list[str], respond):
+        self.app, self.allowed, self.respond = app, set(allowed), respond
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+        host = Headers(scope=scope).get("host", "")
+        name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+        if name not in self.allowed:
+            response = self.respond(Request(scope), 400, f"invalid Host header {host[:100]!r}: this "
+                                    "server answers to loopback names only (127.0.0.1, localhost)")
+            return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class _SecurityHeaders:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -443,7 +466,7 @@ def create_app(settings: Settings, *, weights: str | None = None,
     app.add_middleware(_SecurityHeaders)
     allowed = allowed_hosts_for(host)
     if allowed is not None:
-        app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed)
+        app.add_middleware(_LoopbackHostOnly, allowed=allowed, respond=respond)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _add_error_handlers(app, respond)
 
@@ -492,8 +515,9 @@ def create_app(settings: Settings, *, weights: str | None = None,
         from .query import similar_to
 
         terms = parse(text)
+        _refuse_files(terms)
         with state.connection() as conn:
-            vector, exclude = evaluate(conn, terms, _refuse_file)
+            vector, exclude = evaluate(conn, terms, lambda path: _refuse_files(terms))
             found = similar_to(conn, vector, k=k, exclude=exclude)
         return SimilarOut(query={"expr": text, "exclude": sorted(exclude)}, k=k,
                           results=_neighbours(found))
