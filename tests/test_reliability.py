@@ -66,7 +66,8 @@ def test_usage_errors_exit_1_not_2(few):
                  ["similar", "--no-such-option", "1"], ["load"]):
         result = run_cli(*args)
         assert result.returncode == 1, (args, result.stderr)
-        assert "Error:" in result.stderr and "Traceback" not in result.stderr
+        assert_one_line(result, 1, "error: ")  # one line, not click's Usage/Try/Error block
+        assert "Traceback" not in result.stderr and "(see `vecsearch " in result.stderr
 
 
 def test_database_from_a_newer_vecsearch_is_refused_before_anything_runs(conn, few, tmp_path):

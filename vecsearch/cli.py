@@ -42,7 +42,8 @@ _UsageError.exit_code = 1
 
 def _show_usage_error(self, file=None) -> None:
     """One `error:` line instead of click's Usage/Try/Error block."""
-    hint = f" (see `{self.ctx.command_path} --help`)" if self.ctx is not None else ""
+    words = self.ctx.command_path.split(" ")[1:] if self.ctx is not None else []
+    hint = f" (see `{' '.join(['vecsearch', *words])} --help`)"
     err.print(printable(f"error: {self.format_message()}{hint}"), markup=False)
 
 
