@@ -58,7 +58,7 @@ def load(conn, vectors: np.ndarray) -> tuple[list[int], float, float]:
         for i, v in enumerate(vectors):
             copy.write_row([f"/bench/{i:07d}.jpg", f"{i:064x}", 100_000, 1024, 768, "JPEG", MTIME, v])
     copy_s = time.perf_counter() - t
-    build_s = common.build_index(conn, definition, memory="4GB")
+    build_s = common.build_index(conn, definition)
     ids = [r[0] for r in conn.execute("SELECT id FROM images ORDER BY path")]
     return ids, copy_s, build_s
 

@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -22,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vecsearch import db, server  # noqa: E402
+from vecsearch import db, index, server  # noqa: E402
 from vecsearch.config import Settings  # noqa: E402
 
 DIM = db.DIM
@@ -61,9 +60,7 @@ def cnn_like(n: int, seed: int, clusters: int | None = None, noise: float = 1.0,
 def drop_index(conn) -> str:
     """Drop the HNSW index before a bulk COPY (far faster than inserting into the graph); its
     definition, for `build_index`."""
-    definition = conn.execute("SELECT pg_get_indexdef('images_embedding_hnsw'::regclass)").fetchone()[0]
-    conn.execute("DROP INDEX images_embedding_hnsw")
-    return definition
+    return index.drop(conn)
 
 
 @contextmanager
@@ -75,17 +72,12 @@ def copy_images(conn):
         yield copy
 
 
-def build_index(conn, definition: str, memory: str = "4GB", workers: int = 2) -> float:
-    """Build the HNSW index in bulk (the graph in memory, parallel workers), then VACUUM ANALYZE;
-    returns the seconds it took."""
-    t = time.perf_counter()
-    conn.execute(f"SET maintenance_work_mem = '{memory}'")
-    conn.execute(f"SET max_parallel_maintenance_workers = {int(workers)}")
-    conn.execute(definition)
-    conn.execute("RESET maintenance_work_mem")
-    conn.execute("RESET max_parallel_maintenance_workers")
+def build_index(conn, definition: str) -> float:
+    """Build the HNSW index in bulk as `vecsearch load` does (vecsearch.index: the graph in memory,
+    parallel workers), then VACUUM ANALYZE; returns the seconds the build took."""
+    seconds = index.rebuild_index(conn, definition)
     conn.execute("VACUUM ANALYZE images")
-    return time.perf_counter() - t
+    return seconds
 
 
 @contextmanager

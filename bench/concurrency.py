@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import MTIME, bench_database, build_index, cnn_like, copy_images, drop_index, load_average  # noqa: E402
 
-from vecsearch import db, query  # noqa: E402
+from vecsearch import db, limits  # noqa: E402
 
 SEED = 20260612
 WRITE_BATCH = 16
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,2,4,8", help="comma-separated client counts")
     parser.add_argument("--seconds", type=float, default=20.0, help="duration of each run")
     parser.add_argument("--k", type=int, default=10)
-    parser.add_argument("--ef-search", type=int, default=query.DEFAULT_EF_SEARCH,
+    parser.add_argument("--ef-search", type=int, default=limits.DEFAULT_EF_SEARCH,
                         help="hnsw.ef_search (default: vecsearch's own)")
     parser.add_argument("--no-writer", action="store_true", help="skip the runs with a concurrent writer")
     args = parser.parse_args()

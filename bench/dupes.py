@@ -197,7 +197,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--threshold", type=float, default=dupes.DEFAULT_THRESHOLD)
     parser.add_argument("--k", type=int, default=dupes.DEFAULT_K)
-    parser.add_argument("--ef-search", type=int, default=dupes.DEFAULT_EF_SEARCH)
+    parser.add_argument("--ef-search", type=int, default=dupes.EF_SEARCH)
     parser.add_argument("--jobs", type=int, help="vecsearch dupes --jobs (default: its own)")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway server home")
     args = parser.parse_args()
@@ -216,7 +216,7 @@ def main() -> None:
                 t = time.perf_counter()
                 planted, kinds, distances, definition = populate(conn, n)
                 load_s = time.perf_counter() - t
-                index_s = common.build_index(conn, definition, memory="3GB")
+                index_s = common.build_index(conn, definition)
             print(f"n={n}: COPY {load_s:.1f} s, HNSW build {index_s:.1f} s; planted copies {kinds}; "
                   "distance to original p50/max: " + ", ".join(
                       f"{k} {np.median(d):.4f}/{max(d):.4f}" for k, d in distances.items()), flush=True)

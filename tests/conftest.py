@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from PIL import Image, ImageDraw
 
-from vecsearch import db, server
+from vecsearch import db, index, server
 from vecsearch.config import Settings
 
 TEMPLATE = "vs_template"
@@ -124,16 +124,13 @@ def insert_vectors(conn: psycopg.Connection, vectors: np.ndarray,
     """Bulk-insert embeddings with COPY, rebuilding the HNSW index afterwards (much faster than
     inserting into a live graph); returns the new ids in order. Other columns get dummy values."""
     paths = paths or [f"/synthetic/{i}.jpg" for i in range(len(vectors))]
-    definition = conn.execute("SELECT pg_get_indexdef('images_embedding_hnsw'::regclass)").fetchone()[0]
-    conn.execute("DROP INDEX images_embedding_hnsw")
+    definition = index.drop(conn)
     with conn.cursor().copy(
         "COPY images (path, sha256, bytes, width, height, format, mtime, embedding) FROM STDIN"
     ) as copy:
         for i, (path, v) in enumerate(zip(paths, vectors, strict=True)):
             copy.write_row([path, f"{i:064x}", 1000 + i, 64, 48, "JPEG", "2026-01-01", v])
-    conn.execute("SET maintenance_work_mem = '512MB'")
-    conn.execute(definition)
-    conn.execute("RESET maintenance_work_mem")
+    index.rebuild_index(conn, definition)
     conn.execute("ANALYZE images")
     rows = conn.execute("SELECT id, path FROM images WHERE path = ANY(%s)", [paths]).fetchall()
     by_path = dict((p, i) for i, p in rows)

@@ -17,7 +17,7 @@ from pathlib import Path
 from conftest import cli_command, make_image
 from test_load import Recorder, rows
 
-from vecsearch import load as load_mod
+from vecsearch import pipeline as pipeline_mod
 from vecsearch.load import load
 
 # Names that must load as they are (each a copy of a.png's bytes: embedded once, stored per path).
@@ -131,7 +131,7 @@ def test_files_that_vanish_change_or_turn_into_a_fifo_during_the_load(settings, 
             (root / "fifo_later.png").unlink()
             os.mkfifo(root / "fifo_later.png")  # opening it for reading would block forever
 
-    hash_file = load_mod.sha256_of
+    hash_file = pipeline_mod.sha256_of
 
     def rewritten_while_read(f):  # another program saves changing.png while it is being read
         digest = hash_file(f)
@@ -139,7 +139,7 @@ def test_files_that_vanish_change_or_turn_into_a_fifo_during_the_load(settings, 
             make_image(root / "changing.png", 99, (80, 80))
         return digest
 
-    monkeypatch.setattr(load_mod, "sha256_of", rewritten_while_read)
+    monkeypatch.setattr(pipeline_mod, "sha256_of", rewritten_while_read)
     report = Saboteur()
     done: dict = {}
     worker = threading.Thread(target=lambda: done.update(summary=load(settings, root, embedder,
@@ -155,7 +155,7 @@ def test_files_that_vanish_change_or_turn_into_a_fifo_during_the_load(settings, 
                        "fifo_later.png": "not a regular file"}
     assert sorted(Path(p).name for p in rows(conn)) == ["steady.png"]
 
-    monkeypatch.setattr(load_mod, "sha256_of", hash_file)
+    monkeypatch.setattr(pipeline_mod, "sha256_of", hash_file)
     (root / "fifo_later.png").unlink()
     again = load(settings, root, embedder, workers=0)
     assert (again.new, again.unchanged, again.failed) == (1, 1, [])  # the changed file, now still

@@ -23,7 +23,8 @@ import pytest
 from conftest import cli_command, clustered, fresh_database, insert_vectors, make_image, run_cli
 
 from vecsearch import db, query, server
-from vecsearch import load as load_mod
+from vecsearch import index as index_mod
+from vecsearch.limits import EPOCH
 
 # -- bad queries and broken configurations --------------------------------------------------
 
@@ -210,7 +211,7 @@ def test_overlapping_loads_at_once_store_each_file_once_while_queries_keep_answe
     assert sorted(paths) == sorted(str(f) for f in files)  # each file exactly once
     news = [int(re.search(r"new (\d+),", out).group(1)) for out, _ in outputs]
     assert sum(news) == len(files)  # each row inserted by one load (the other may update it)
-    assert load_mod.hnsw_index(conn) is not None
+    assert index_mod.hnsw_index(conn) is not None
     assert_index_complete(conn, len(files) + len(ids))
 
 
@@ -359,7 +360,7 @@ def test_web_serves_a_file_only_as_it_was_indexed(conn, settings, tmp_path):
     image_id = conn.execute(
         "INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
         "VALUES (%s, %s, %s, 64, 64, 'PNG', %s, %s) RETURNING id",  # as `vecsearch load` writes it
-        [str(photo), digest, st.st_size, load_mod.EPOCH + timedelta(microseconds=st.st_mtime_ns // 1000),
+        [str(photo), digest, st.st_size, EPOCH + timedelta(microseconds=st.st_mtime_ns // 1000),
          clustered(1, seed=1)[0]]).fetchone()[0]
     app = web.create_app(settings)
     with TestClient(app, base_url="http://127.0.0.1", raise_server_exceptions=False) as client:

@@ -75,7 +75,7 @@ def restore(settings: Settings, file: Path, *, wait: float = 60,
     if revision > db.SCHEMA_REVISION:
         raise SchemaMismatch(f"{file} was made by a newer vecsearch (schema {revision}, this one has "
                              f"{db.SCHEMA_REVISION}): upgrade vecsearch")
-    from .load import hnsw_index, rebuild_index
+    from .index import hnsw_index, rebuild_index
     from .progress import as_progress
 
     # Reachable, has pgvector, is vecsearch's (another application's tables are never touched),

@@ -17,7 +17,8 @@ from rich.console import Console
 
 from . import __version__, db, server
 from .config import Settings
-from .errors import DatabaseUnavailable, InvalidInput, VecsearchError
+from .errors import DatabaseUnavailable, InvalidInput, VecsearchError, first_line
+from .limits import MAX_K
 from .output import printable
 
 app = typer.Typer(
@@ -256,7 +257,7 @@ def dupes_command(
         err.print(f"{result.unreached} images the HNSW graph search did not reach were compared "
                   "exactly with all others", markup=False)
     if result.truncated:
-        err.print(f"warning: {len(result.truncated)} images have more than {dupes.MAX_K} near "
+        err.print(f"warning: {len(result.truncated)} images have more than {MAX_K} near "
                   "neighbours; their groups may be incomplete (lower --threshold)", markup=False)
     if html is not None:
         dupes.write_contact_sheet(result, html, s.home)
@@ -641,6 +642,6 @@ def main() -> None:
         sqlstate = getattr(e, "sqlstate", None) or ""
         what = "database connection lost" if sqlstate[:2] in ("", "08") or sqlstate.startswith("57P") \
             else "database error"
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         err.print(printable(f"error: {what}: {first}"), markup=False)
         sys.exit(DatabaseUnavailable.exit_code)

@@ -13,11 +13,11 @@ import psycopg
 
 from . import server
 from .config import Settings
-from .errors import DatabaseUnavailable, InvalidInput, PgvectorMissing, SchemaMismatch
+from .errors import DatabaseUnavailable, InvalidInput, PgvectorMissing, SchemaMismatch, first_line
+from .limits import DIM
 
 # The alembic head this code expects; tests/test_migrations.py keeps it equal to migrations/.
 SCHEMA_REVISION = "0003"
-DIM = 2048
 # Every ANN query must order by this exact expression, or the planner cannot use the index
 # (pgvector indexes at most 2000 dimensions of `vector`, so the index is on a halfvec cast).
 ANN_EXPR = f"embedding::halfvec({DIM})"
@@ -139,7 +139,7 @@ def migrate_to(url: str, revision: str = "head") -> str:
         target = script.get_revision(revision)
     except (CommandError, RevisionError) as e:
         target = None
-        reason = str(e).strip().splitlines()[0]
+        reason = first_line(e)
     else:
         reason = f"no revision {revision!r}"
     if target is None:

@@ -28,6 +28,7 @@ from . import query, thumbs
 from .db import ANN_EXPR
 from .errors import InvalidInput
 from .indexed import Verified
+from .limits import DEFAULT_K, MAX_K
 
 # Cosine distance under which two images count as near-duplicates, for the pretrained
 # ResNet50. A judgement, not a measurement made here (no pretrained weights can be
@@ -37,14 +38,12 @@ from .indexed import Verified
 # deleted. Re-encodes and resizes sit far below it. Measure your own set with
 # `vecsearch eval perturb`, which prints the distances its copies actually get.
 DEFAULT_THRESHOLD = 0.05
-DEFAULT_K = 10
 # The index's candidates per image. On 100k clustered vectors (bench/dupes.py) a graph search
 # that does not even find its own starting image (a node without incoming links, or one that
 # ends in the wrong cluster) happened for 1.1% of images at ef_search 100, 0.36% at 200, still
 # 0.08% at 1000; those images get an exact pass instead, so ef_search trades speed for the
 # size of that pass, not for missed duplicates.
-DEFAULT_EF_SEARCH = 100
-MAX_K = 1000
+EF_SEARCH = 100
 CHUNK = 256
 # Exact comparison within the --under subset when subset^2 < EXACT_FACTOR * k * all images.
 EXACT_FACTOR = 3
@@ -131,7 +130,7 @@ class UnionFind:
 
 def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHOLD, *,
                     under: str | os.PathLike | None = None, k: int = DEFAULT_K,
-                    ef_search: int = DEFAULT_EF_SEARCH, chunk: int = CHUNK, jobs: int = 1,
+                    ef_search: int = EF_SEARCH, chunk: int = CHUNK, jobs: int = 1,
                     progress: Callable[[int, int], None] | None = None) -> DupesResult:
     """Groups of images closer than `threshold` (cosine distance), plus exact copies (sha256).
 

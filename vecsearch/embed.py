@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from . import models
-from .errors import InvalidInput, NotFound, SchemaMismatch, WeightsUnavailable
+from .errors import InvalidInput, NotFound, SchemaMismatch, WeightsUnavailable, first_line
 from .images import model_input, open_image
 
 DEFAULT_BATCH_SIZE = 16
@@ -181,7 +181,7 @@ class Embedder:
             state = torch.load(self._weights_file, map_location="cpu", weights_only=True)
         except Exception as e:
             raise WeightsUnavailable(f"cannot read weights file {self._weights_file}: "
-                                     f"{str(e).strip().splitlines()[0]}") from e
+                                     f"{first_line(e)}") from e
         for key in ("state_dict", "model"):  # common checkpoint wrappers
             if isinstance(state, dict) and isinstance(state.get(key), dict):
                 state = state[key]

@@ -51,3 +51,9 @@ class WeightsUnavailable(VecsearchError):
     """The pretrained weights cannot be downloaded or loaded."""
 
     exit_code = 1
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message, or its type's name: for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

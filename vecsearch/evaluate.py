@@ -35,7 +35,8 @@ from psycopg import sql
 from . import db, server
 from .config import Settings
 from .errors import InvalidInput, VecsearchError
-from .query import DEFAULT_EF_SEARCH, check_ef_search
+from .limits import DEFAULT_EF_SEARCH
+from .query import check_ef_search
 
 if TYPE_CHECKING:
     import numpy as np

@@ -17,7 +17,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InvalidInput, NotFound, UnreadableImage
+from .errors import InvalidInput, NotFound, UnreadableImage, first_line
 from .models import CROP, RESIZE
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib",
@@ -243,7 +243,7 @@ def _decode(source: str | os.PathLike | BinaryIO, draft: int | None) -> Decoded:
     except MemoryError as e:
         raise UnreadableImage("out of memory while decoding") from e
     except Exception as e:  # Pillow raises many types on corrupt data (OSError, ValueError, SyntaxError...)
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        message = first_line(e)
         if isinstance(e, OSError) and "truncated" in message:
             raise UnreadableImage(f"truncated file ({message})") from e
         raise UnreadableImage(f"cannot decode ({message})") from e

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import psycopg
 
 from .errors import SchemaMismatch
+from .limits import DIM
 
 NAME = "torchvision.models.resnet50"
-DIM = 2048
 DEFAULT_WEIGHTS = "IMAGENET1K_V2"
 # torchvision's checkpoint file name carries the first 8 hex digits of its sha256: a local copy
 # of that file given with `--weights FILE` is the same model as the default.

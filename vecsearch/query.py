@@ -22,16 +22,12 @@ import psycopg
 
 from . import db
 from .errors import InvalidInput, NotFound, SchemaMismatch
+from .limits import DEFAULT_EF_SEARCH, MAX_EF_SEARCH, MAX_K
 
 if TYPE_CHECKING:
     import numpy as np
 
-MAX_K = 1000
 COLUMNS = ("rank", "id", "similarity", "path")
-# Graph candidates per query (hnsw.ef_search): bench/ann.py at 100k CNN-like vectors measured
-# recall@10 0.985 at 100 and 0.995 at 200 for about 1 ms more. hnsw.ef_search accepts 1..1000.
-DEFAULT_EF_SEARCH = 200
-MAX_EF_SEARCH = 1000
 
 
 @dataclass(frozen=True)

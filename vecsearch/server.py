@@ -105,6 +105,8 @@ def ensure_running(home: Path) -> Running:
 
 def stop(home: Path, timeout: float = 60) -> bool:
     """Fast shutdown (open transactions roll back). False if it was not running."""
+    if not home.is_dir():
+        return False
     with _startup_lock(home):
         server = running(home)
         if server is None:

@@ -26,7 +26,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import asynccontextmanager, contextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -59,17 +59,15 @@ from .errors import (
     WeightsUnavailable,
 )
 from .indexed import Verified
+from .limits import DEFAULT_K, MAX_EF_SEARCH, WEB_DEFAULT_K, WEB_MAX_K
 
 log = logging.getLogger("vecsearch.web")
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 POOL_TIMEOUT_S = 5  # waiting for a database connection, before a 503
 PER_PAGE = 48
 MAX_PER_PAGE = 200
-DEFAULT_K = 12
-MAX_K = 100
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
 MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
         "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
@@ -81,7 +79,7 @@ DOCS_CSP = ("default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-
 
 
 # Query parameters shared by pages and API (module level: annotations are resolved by name).
-K = Annotated[int, Query(ge=1, le=MAX_K, description="How many neighbours.")]
+K = Annotated[int, Query(ge=1, le=WEB_MAX_K, description="How many neighbours.")]
 # No NUL: PostgreSQL text cannot hold one, and no stored path does.
 Contains = Annotated[str | None, Query(max_length=1000, pattern="^[^\x00]*$",
                                        description="Only paths containing this (any case).")]
@@ -451,7 +449,7 @@ def create_app(settings: Settings, *, weights: str | None = None,
     _openapi_without_422(app)
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.globals.update(version=__version__, max_upload_bytes=max_upload_bytes,
-                                 default_k=DEFAULT_K, max_k=MAX_K)
+                                 default_k=WEB_DEFAULT_K, max_k=WEB_MAX_K)
     templates.env.filters["basename"] = lambda p: os.path.basename(p)
     templates.env.filters["filesize"] = _filesize
 
@@ -531,18 +529,18 @@ def create_app(settings: Settings, *, weights: str | None = None,
         return page(request, "browse.html", data=data, q=q or "")
 
     @app.get("/images/{image_id}", response_class=HTMLResponse, include_in_schema=False)
-    def image_page(request: Request, image_id: ImageId, k: K = DEFAULT_K):
+    def image_page(request: Request, image_id: ImageId, k: K = WEB_DEFAULT_K):
         info, result = similar_data(image_id, k)
         return page(request, "image.html", image=info, result=result, k=k,
                     arith_hint=f"{image_id} + 40*0.5 - 7")
 
     @app.get("/search", response_class=HTMLResponse, include_in_schema=False)
     def search_form(request: Request):
-        return page(request, "search.html", result=None, preview=None, k=DEFAULT_K)
+        return page(request, "search.html", result=None, preview=None, k=WEB_DEFAULT_K)
 
     @app.post("/search", response_class=HTMLResponse, include_in_schema=False)
     def search_page(request: Request, file: Annotated[UploadFile, File()],
-                    k: Annotated[int, Form(ge=1, le=MAX_K)] = DEFAULT_K):
+                    k: Annotated[int, Form(ge=1, le=WEB_MAX_K)] = WEB_DEFAULT_K):
         try:
             result, preview = upload_data(file.file.read(state.max_upload_bytes + 1), file.filename, k)
         except (InvalidInput, NotFound) as e:  # shown above the form, to try another file
@@ -552,7 +550,7 @@ def create_app(settings: Settings, *, weights: str | None = None,
 
     @app.get("/arithmetic", response_class=HTMLResponse, include_in_schema=False)
     def arithmetic_page(request: Request, expr: Annotated[str, Query(max_length=2000)] = "",
-                        k: K = DEFAULT_K):
+                        k: K = WEB_DEFAULT_K):
         try:
             result = arithmetic_data(expr, k) if expr.strip() else None
         except (InvalidInput, NotFound) as e:  # shown under the expression, to fix it
@@ -594,22 +592,22 @@ def create_app(settings: Settings, *, weights: str | None = None,
 
     @app.get("/api/images/{image_id}/similar", response_model=SimilarOut, tags=["search"],
              summary="Neighbours of an image", responses=_ERRORS)
-    def api_similar(image_id: ImageId, k: K = 10, exact: bool = False,
-                    ef_search: Annotated[int | None, Query(ge=1, le=10000)] = None) -> SimilarOut:
+    def api_similar(image_id: ImageId, k: K = DEFAULT_K, exact: bool = False,
+                    ef_search: Annotated[int | None, Query(ge=1, le=MAX_EF_SEARCH)] = None) -> SimilarOut:
         """The k nearest images to image `image_id` (itself excluded), as `vecsearch similar`."""
         return similar_data(image_id, k, exact=exact, ef_search=ef_search)[1]
 
     @app.post("/api/search", response_model=SimilarOut, tags=["search"],
               summary="Search by an uploaded image", responses=_ERRORS)
     def api_search(file: Annotated[UploadFile, File(description="An image file.")],
-                   k: Annotated[int, Form(ge=1, le=MAX_K)] = 10) -> SimilarOut:
+                   k: Annotated[int, Form(ge=1, le=WEB_MAX_K)] = DEFAULT_K) -> SimilarOut:
         """The k nearest images to an uploaded image file, as `vecsearch search FILE`."""
         return upload_data(file.file.read(state.max_upload_bytes + 1), file.filename, k)[0]
 
     @app.get("/api/arithmetic", response_model=SimilarOut, tags=["search"],
              summary="Vector arithmetic", responses=_ERRORS)
     def api_arithmetic(expr: Annotated[str, Query(min_length=1, max_length=2000, description=(
-            "Weighted sum of image ids, e.g. `12 + 40*0.5 - 7`"))], k: K = 10) -> SimilarOut:
+            "Weighted sum of image ids, e.g. `12 + 40*0.5 - 7`"))], k: K = DEFAULT_K) -> SimilarOut:
         """The k nearest images to a sum of weighted image vectors (query ids excluded)."""
         return arithmetic_data(expr, k)
 

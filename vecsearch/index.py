@@ -1,0 +1,208 @@
+"""The HNSW index of `images`: found, dropped for a bulk load and rebuilt after, crash-safely.
+
+Inserting rows one by one into a live HNSW graph is far slower than building the graph once, so
+a bulk load drops the index and rebuilds it at the end. While it is dropped, the table's comment
+holds its definition (the migration's, as pg_get_indexdef read it back), so the next load
+recreates exactly that index even if this one is killed. Whoever drops or rebuilds the index
+holds a session advisory lock, released by the server when that session ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+import psycopg
+from psycopg import sql
+
+from .errors import first_line
+from .progress import Progress
+
+DROPPED_MARK = "vecsearch: HNSW index dropped for a bulk load; the next `vecsearch load` recreates it. "
+# One lock per images table (per schema) for whoever drops/rebuilds its HNSW index.
+LOCK_KEY = "hashtextextended('vecsearch.hnsw.' || 'images'::regclass::oid, 0)"
+
+
+def application_name() -> str:
+    """Names a load's sessions, so that a later load can tell one that outlived its process."""
+    return f"vecsearch load {socket.gethostname()[:30]}:{os.getpid()}"
+
+
+class BulkLoadIndex:
+    """Drops the HNSW index for a bulk load and rebuilds it after, or restores one a killed load left.
+
+    Whoever manages the index holds a session advisory lock: a concurrent load neither drops it
+    again nor "restores" it under a running bulk load; a killed one releases it with its session.
+    """
+
+    def __init__(self, conn: psycopg.Connection, report: Progress) -> None:
+        self.conn, self.report = conn, report
+        self.locked = False
+        self.definition: str | None = None  # set while this load owes the table its index
+
+    def _lock(self) -> bool:
+        take = f"SELECT pg_try_advisory_lock({LOCK_KEY})"
+        self.locked = self.conn.execute(take).fetchone()[0]
+        if not self.locked and _end_orphaned_holders(self.conn):
+            self.locked = self.conn.execute(take).fetchone()[0]
+        return self.locked
+
+    def _unlock(self) -> None:
+        if self.locked:
+            self.conn.execute(f"SELECT pg_advisory_unlock({LOCK_KEY})")
+            self.locked = False
+
+    def begin(self, bulk: bool, additions: int) -> None:
+        present = hnsw_index(self.conn)
+        if present is None:
+            stored = dropped_definition(self.conn)
+            if stored is not None and self._lock():  # lock free: the load that dropped it is gone
+                self.definition = stored[0]
+                self.report.message("the HNSW index is missing (an earlier load was interrupted): "
+                                    "it is rebuilt at the end of this load")
+            return
+        if bulk and self._lock():
+            name, definition = present
+            previous = self.conn.execute(
+                "SELECT obj_description('images'::regclass, 'pg_class')").fetchone()[0]
+            mark = DROPPED_MARK + json.dumps({"index": definition, "previous_comment": previous})
+            with self.conn.transaction():
+                self.conn.execute(sql.SQL("COMMENT ON TABLE images IS {}").format(sql.Literal(mark)))
+                self.conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(*name)))
+            self.definition = definition
+            self.report.message(f"bulk load ({additions} new rows): HNSW index dropped, rebuilt after "
+                                "the rows are in (much faster than inserting into the graph)")
+        elif bulk:
+            self.report.message("another load manages the HNSW index: inserting into it")
+
+    def end(self) -> bool:
+        """Rebuild the index if this load owes it; True if it did."""
+        try:
+            if self.definition is None:
+                return False
+            rebuild_index(self.conn, self.definition, self.report)
+            self.definition = None
+            return True
+        finally:
+            self._unlock()
+
+    def abandon(self) -> None:
+        if self.definition is not None:
+            self.report.message("the HNSW index is rebuilt by the next `vecsearch load` "
+                                "(queries scan the table until then)")
+        try:
+            self._unlock()
+        except psycopg.Error:
+            pass  # the connection is gone: so is the lock
+
+
+def _end_orphaned_holders(conn: psycopg.Connection) -> bool:
+    """End sessions holding the index lock for a load of this machine whose process is gone.
+
+    The server ends a dead client's session by itself once its socket closes; this covers a socket
+    that something else still holds open (a leftover child process, say). True if any ended.
+    """
+    from .server import pid_alive
+
+    holders = conn.execute(f"""
+        SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+        WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
+              SELECT oid FROM pg_database WHERE datname = current_database())
+          AND l.objsubid = 1 AND (l.classid::bigint << 32) | l.objid::bigint = {LOCK_KEY}
+    """).fetchall()
+    ended = False
+    prefix = f"vecsearch load {socket.gethostname()[:30]}:"
+    for backend, name in holders:
+        pid = name.removeprefix(prefix)
+        if name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
+            ended |= conn.execute("SELECT pg_terminate_backend(%s, 10000)", [backend]).fetchone()[0]
+    return ended
+
+
+def hnsw_index(conn: psycopg.Connection) -> tuple[tuple[str, str], str] | None:
+    """((schema, name), definition) of the HNSW index on `images` (found by access method, so a
+    copy made with LIKE ... INCLUDING ALL under another name counts too), or None."""
+    row = conn.execute("""
+        SELECT n.nspname, c.relname, pg_get_indexdef(c.oid)
+        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_am a ON a.oid = c.relam
+        WHERE i.indrelid = 'images'::regclass AND a.amname = 'hnsw'
+        ORDER BY c.relname LIMIT 1
+    """).fetchone()
+    return ((row[0], row[1]), row[2]) if row else None
+
+
+def dropped_definition(conn: psycopg.Connection) -> tuple[str, str | None] | None:
+    """(index definition, previous table comment) left by a bulk load, if it is for this table."""
+    comment, table = conn.execute(
+        "SELECT obj_description('images'::regclass, 'pg_class'), 'images'::regclass::oid::regclass::text"
+    ).fetchone()
+    if not comment or not comment.startswith(DROPPED_MARK):
+        return None
+    try:
+        stored = json.loads(comment[len(DROPPED_MARK):])
+        definition = stored["index"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    qualified = conn.execute(
+        "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = 'images'::regclass").fetchone()[0]
+    # Only a plain CREATE INDEX on this very table (a comment copied by LIKE names another one).
+    if (";" in definition or not definition.startswith("CREATE INDEX ")
+            or f" ON {qualified} USING hnsw " not in definition):
+        return None
+    return definition, stored.get("previous_comment")
+
+
+def drop(conn: psycopg.Connection) -> str | None:
+    """Drop the HNSW index (for a bulk COPY by a benchmark or test); its definition, or None."""
+    present = hnsw_index(conn)
+    if present is None:
+        return None
+    conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(*present[0])))
+    return present[1]
+
+
+def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress | None = None) -> float:
+    """CREATE INDEX `definition` with memory for the whole graph and parallel workers; seconds."""
+    report = report or Progress()
+    rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+    # pgvector keeps the graph in maintenance_work_mem while it fits (far faster): ~5 KB per
+    # 2048-d halfvec element with its neighbour lists.
+    mem_mb = int(min(max(64, rows * 6 / 1024 + 64), _memory_cap_mb()))
+    workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+    report.message(f"building the HNSW index on {rows} rows (maintenance_work_mem {mem_mb}MB, "
+                   f"{workers} parallel worker{'' if workers == 1 else 's'})...")
+    started = time.monotonic()
+    stored = dropped_definition(conn)
+    for attempt_workers in (workers, 0):
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(
+                    sql.Literal(f"{mem_mb}MB")))
+                conn.execute(sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(
+                    sql.Literal(attempt_workers)))
+                if hnsw_index(conn) is None:
+                    conn.execute(definition)
+                previous = stored[1] if stored else None
+                conn.execute(sql.SQL("COMMENT ON TABLE images IS {}").format(sql.Literal(previous)))
+            break
+        except (psycopg.errors.DiskFull, psycopg.errors.OutOfMemory) as e:
+            # Parallel builds share maintenance_work_mem through /dev/shm, which containers keep small.
+            if attempt_workers == 0:
+                raise
+            report.message(f"parallel index build failed ({first_line(e)}): "
+                           "building without parallel workers")
+    seconds = time.monotonic() - started
+    report.message(f"HNSW index built in {seconds:.1f} s")
+    return seconds
+
+
+def _memory_cap_mb() -> float:
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    except (ValueError, OSError, AttributeError):
+        total = 8192
+    return min(total / 4, 16384)

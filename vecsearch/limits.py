@@ -1,0 +1,21 @@
+"""Limits and defaults of a neighbour query, in one place: the CLI, the web app, dupes, eval, the
+benchmarks and the tests import them from here. The SQL functions of migration 0003 carry the
+same numbers (a migration is frozen history, so it holds its own copy); tests/test_foundation.py
+checks they agree."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+DIM = 2048  # ResNet50's pooled output; the `vector(2048)` column
+MAX_K = 1000  # neighbours one query returns at most
+DEFAULT_K = 10
+WEB_MAX_K = 100  # a page of the web gallery shows at most this many neighbours
+WEB_DEFAULT_K = 12
+# Graph candidates per query (hnsw.ef_search, which accepts 1..1000): docs/benchmarks.md has the
+# recall and latency this buys.
+DEFAULT_EF_SEARCH = 200
+MAX_EF_SEARCH = 1000
+# A path prefix (`under`) matching fewer rows than this is answered by an exact scan of those rows.
+EXACT_BELOW = 2000
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # file mtimes are stored as timestamptz from this

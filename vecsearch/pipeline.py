@@ -1,0 +1,374 @@
+"""The pipeline of `vecsearch load`, one batch of files at a time, and its tally.
+
+  decode workers (embed.map_batches): read + sha256 + decode + resize/crop  (ahead of ...)
+  this process: ResNet50 forward, only for content not already in the database  (while ...)
+  a writer thread: binary COPY into a temp table, one INSERT ... ON CONFLICT (path) DO UPDATE,
+  commit. A crash loses at most the batches in flight; a re-run completes the job.
+
+Table names are unqualified and `search_path` picks the schema, so `vecsearch eval` can load into
+a scratch schema with its own `images` and `embedding_model`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from . import db
+from .config import Settings
+from .errors import UnreadableImage
+from .images import model_input, open_decoded, sha256_of
+from .index import application_name
+from .limits import EPOCH
+from .progress import Progress
+
+COLUMNS = ("path", "sha256", "bytes", "width", "height", "format", "mtime", "embedding")
+COPY_TYPES = ("text", "text", "int8", "int4", "int4", "text", "timestamptz", "vector")
+WRITE_QUEUE = 4  # batches waiting for the writer: bounds memory, keeps the model busy
+RETRIES = 5  # deadlocks with a concurrent load on overlapping rows are retried
+
+
+@dataclass
+class LoadSummary:
+    """What a load did. found == new + updated + unchanged + len(failed)."""
+
+    found: int = 0
+    new: int = 0
+    updated: int = 0
+    unchanged: int = 0
+    duplicate: int = 0  # new or updated rows whose content was already embedded (vector reused)
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    pruned: int = 0
+    embedded: int = 0  # images that went through the model
+    index_rebuilt: bool = False
+    interrupted: bool = False
+    seconds: float = 0.0
+    decode_wait: float = 0.0  # seconds the model sat waiting for decoded files (more --workers?)
+    errors_csv_error: str | None = None  # why the --errors file could not be written
+
+    @property
+    def exit_code(self) -> int:
+        """0 all loaded, 2 some files skipped as unreadable, 130 interrupted (Ctrl-C)."""
+        return 130 if self.interrupted else 1 if self.errors_csv_error else 2 if self.failed else 0
+
+    def describe(self) -> str:
+        rate = f", {self.embedded / self.seconds:.1f} images/s" if self.embedded and self.seconds else ""
+        text = (f"found {self.found}, new {self.new}, updated {self.updated}, unchanged {self.unchanged}, "
+                f"duplicate content {self.duplicate}, failed {len(self.failed)}, pruned {self.pruned} "
+                f"(embedded {self.embedded} images in {self.seconds:.1f} s{rate})")
+        return ("interrupted: " + text) if self.interrupted else text
+
+
+def connect(settings: Settings, schema: str = "public") -> psycopg.Connection:
+    """A db.connect connection whose unqualified `images`/`embedding_model` are in `schema`."""
+    conn = db.connect(settings)
+    set_schema(conn, schema)
+    # Names this process, so a later load can tell a session that outlived its load (index.py).
+    conn.execute(sql.SQL("SET application_name = {}").format(sql.Literal(application_name())))
+    # If this process dies (SIGKILL, OOM), its backend notices within seconds, even inside a long
+    # CREATE INDEX or a lock wait, and rolls back, releasing the HNSW advisory lock for the next
+    # load, instead of finishing the work for nobody. PostgreSQL 14+; older servers skip it.
+    try:
+        conn.execute("SET client_connection_check_interval = '2s'")
+    except psycopg.errors.UndefinedObject:
+        pass
+    return conn
+
+
+def set_schema(conn: psycopg.Connection, schema: str) -> None:
+    conn.execute(sql.SQL("SET search_path TO {}, public").format(sql.Identifier(schema)))
+
+
+def fail(summary: LoadSummary, report: Progress, path: str, reason: str) -> None:
+    summary.failed.append((path, reason))
+    report.failed(path, reason)
+
+
+@dataclass
+class Row:
+    """One file on its way through the pipeline: what the decode worker found, then its vector.
+
+    Known content (its sha256 already in the table) travels without pixels and gets no vector:
+    the writer copies the existing row's.
+    """
+
+    path: str
+    sha256: str | None = None
+    bytes: int | None = None
+    mtime: datetime | None = None
+    width: int | None = None
+    height: int | None = None
+    format: str | None = None
+    pixels: Any = None  # 224 x 224 x 3 uint8, from the worker, until embedded
+    embedding: Any = None  # 2048 float32
+    duplicate: bool = False  # its content was embedded already (in the table or in this batch)
+    error: str | None = None  # why the file is skipped
+
+
+def _open_nonblocking(path: str, flags: int) -> int:
+    # A FIFO that replaced a file since discovery must not block the load: opened without
+    # waiting for a writer, it is then refused as "not a regular file".
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
+class Reader:
+    """Runs in the decode workers: one file -> its row fields and 224x224x3 pixels, or a reason.
+
+    Content already in the database (sha256) is not decoded at all: the row reuses its vector.
+    """
+
+    def __init__(self, url: str, schema: str, reuse_since: datetime | None) -> None:
+        self.url, self.schema, self.reuse_since = url, schema, reuse_since
+        self._conn: psycopg.Connection | None = None
+
+    def __getstate__(self) -> dict:  # spawn-started workers open their own connection
+        return {**self.__dict__, "_conn": None}
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _known(self, sha: str) -> bool:
+        if self._conn is None:
+            self._conn = psycopg.connect(self.url, autocommit=True)
+            set_schema(self._conn, self.schema)
+            import multiprocessing
+            import multiprocessing.util
+
+            if multiprocessing.parent_process() is not None:  # a worker: close it when it exits
+                multiprocessing.util.Finalize(self, self.close, exitpriority=10)
+        return self._conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM images WHERE sha256 = %s "
+            "AND (%s::timestamptz IS NULL OR loaded_at >= %s))",
+            [sha, self.reuse_since, self.reuse_since]).fetchone()[0]
+
+    def __call__(self, path: str, decode: bool | None = None) -> Row:
+        item = Row(path)
+        try:
+            with open(path, "rb", opener=_open_nonblocking) as f:
+                before = os.fstat(f.fileno())
+                if not stat.S_ISREG(before.st_mode):
+                    raise UnreadableImage("not a regular file")
+                if before.st_size == 0:
+                    raise UnreadableImage("empty file (0 bytes)")
+                item.sha256 = sha256_of(f)
+                item.bytes = before.st_size
+                item.mtime = EPOCH + timedelta(microseconds=before.st_mtime_ns // 1000)
+                if decode is None and self._known(item.sha256):
+                    return item  # no pixels: the writer copies the existing vector
+                f.seek(0)
+                decoded = open_decoded(f)
+                item.width, item.height, item.format = decoded.width, decoded.height, decoded.format
+                item.pixels = model_input(decoded.image)
+                after = os.fstat(f.fileno())
+                if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                    raise UnreadableImage("the file changed while it was being read: load again")
+        except UnreadableImage as e:
+            item.error = str(e)
+        except FileNotFoundError:
+            item.error = "the file vanished during the load"
+        except OSError as e:
+            item.error = e.strerror or str(e)
+        return item
+
+
+class Writer(threading.Thread):
+    """Writes embedded batches in order on its own connection, one transaction per batch."""
+
+    def __init__(self, settings: Settings, schema: str, reuse_since: datetime | None,
+                 summary: LoadSummary, report: Progress) -> None:
+        super().__init__(name="vecsearch-writer", daemon=True)
+        self.conn = connect(settings, schema)
+        self.conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS vecsearch_stage (path text, sha256 text, bytes bigint, "
+            "width integer, height integer, format text, mtime timestamptz, embedding vector(2048)) "
+            "ON COMMIT DELETE ROWS")
+        self.reuse_since, self.summary, self.report = reuse_since, summary, report
+        self.queue: queue.Queue = queue.Queue(WRITE_QUEUE)
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        self.pending: dict[str, int] = {}  # sha256 -> rows queued but not committed yet
+
+    def in_flight(self, shas: Iterable[str]) -> set[str]:
+        with self.lock:
+            return {s for s in shas if s in self.pending}
+
+    def put(self, rows: list[Row]) -> None:
+        with self.lock:
+            for row in rows:
+                self.pending[row.sha256] = self.pending.get(row.sha256, 0) + 1
+        self._put(rows)
+
+    def _put(self, item: Any) -> None:
+        while True:
+            self.check()
+            try:
+                self.queue.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """Write what is queued, stop, and raise the writer's error if it had one."""
+        try:
+            if self.is_alive():
+                self._put(None)
+                self.join()
+            self.check()
+        finally:
+            self.conn.close()
+
+    def run(self) -> None:
+        try:
+            while (rows := self.queue.get()) is not None:
+                self._write(rows)
+        except BaseException as e:
+            self.error = e
+
+    def _write(self, rows: list[Row]) -> None:
+        for attempt in range(RETRIES):
+            try:
+                with self.conn.transaction():
+                    returned = self._insert(rows)
+                break
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                if attempt == RETRIES - 1:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+        with self.lock:
+            for row in rows:
+                left = self.pending.pop(row.sha256) - 1
+                if left:
+                    self.pending[row.sha256] = left
+        for row in rows:
+            inserted = returned.get(row.path)
+            if inserted is None:  # a reused vector's row was deleted meanwhile (a concurrent prune)
+                fail(self.summary, self.report, row.path,
+                     "its content's earlier copy was removed during the load: load again")
+                continue
+            if inserted:
+                self.summary.new += 1
+            else:
+                self.summary.updated += 1
+            self.summary.duplicate += row.duplicate
+
+    def _insert(self, rows: list[Row]) -> dict[str, bool]:
+        cur = self.conn.cursor()
+        with cur.copy(f"COPY vecsearch_stage ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(COPY_TYPES)
+            for row in rows:
+                copy.write_row([getattr(row, c) for c in COLUMNS])
+        # A row without a vector takes it (and its pixel size) from a row with the same content.
+        cur.execute("""
+            INSERT INTO images AS i (path, sha256, bytes, width, height, format, mtime, embedding)
+            SELECT s.path, s.sha256, s.bytes, coalesce(s.width, d.width), coalesce(s.height, d.height),
+                   coalesce(s.format, d.format), s.mtime, coalesce(s.embedding, d.embedding)
+            FROM vecsearch_stage s
+            LEFT JOIN LATERAL (
+                SELECT width, height, format, embedding FROM images
+                WHERE s.embedding IS NULL AND sha256 = s.sha256
+                  AND (%(since)s::timestamptz IS NULL OR loaded_at >= %(since)s)
+                LIMIT 1) d ON true
+            WHERE s.embedding IS NOT NULL OR d.embedding IS NOT NULL
+            ORDER BY s.path
+            ON CONFLICT (path) DO UPDATE SET
+                sha256 = EXCLUDED.sha256, bytes = EXCLUDED.bytes, width = EXCLUDED.width,
+                height = EXCLUDED.height, format = EXCLUDED.format, mtime = EXCLUDED.mtime,
+                embedding = EXCLUDED.embedding, loaded_at = now()
+            RETURNING i.path, (i.xmax = 0)
+        """, {"since": self.reuse_since})
+        return dict(cur.fetchall())
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, schema: str, embedder, report: Progress,
+                 summary: LoadSummary, reuse_since: datetime | None) -> None:
+        self.settings, self.schema, self.embedder = settings, schema, embedder
+        self.report, self.summary, self.reuse_since = report, summary, reuse_since
+        self.reader = Reader(db.database_url(settings), schema, reuse_since)
+
+    def run(self, paths: list[str], workers: int | None) -> None:
+        from .embed import default_workers, map_batches
+
+        workers = default_workers() if workers is None else workers
+        self.report.start(len(paths))
+        # The decode workers are forked first, before this process starts any thread.
+        batches = map_batches(self.reader, paths, batch_size=self.embedder.batch_size, workers=workers)
+        writer = None
+        try:
+            with connect(self.settings, self.schema) as conn:
+                writer = Writer(self.settings, self.schema, self.reuse_since, self.summary, self.report)
+                writer.start()
+                while True:
+                    waiting = time.monotonic()
+                    batch = next(batches, None)
+                    self.summary.decode_wait += time.monotonic() - waiting
+                    if batch is None:
+                        break
+                    writer.check()
+                    rows, embedded = self._embed(conn, writer, batch)
+                    if rows:
+                        writer.put(rows)
+                    self.report.advance(len(batch), embedded)
+        finally:
+            batches.close()
+            self.reader.close()
+            try:
+                if writer is not None:
+                    writer.close()
+            finally:
+                self.report.stop()
+
+    def _embed(self, conn: psycopg.Connection, writer: Writer, batch: list[Row]) -> tuple[list[Row], int]:
+        """Embed the batch's new content (once per sha256); rows with known content get no vector."""
+        good = []
+        for item in batch:
+            if item.error is not None:
+                fail(self.summary, self.report, item.path, item.error)
+            else:
+                good.append(item)
+        shas = {item.sha256 for item in good}
+        # In flight first, then the database: a batch the writer commits in between is in one of them.
+        known = writer.in_flight(shas)
+        known |= {s for (s,) in conn.execute(
+            "SELECT DISTINCT sha256 FROM images WHERE sha256 = ANY(%s) "
+            "AND (%s::timestamptz IS NULL OR loaded_at >= %s)",
+            [list(shas - known), self.reuse_since, self.reuse_since])}
+        groups: dict[str, list[Row]] = {}
+        rows = []
+        for item in good:
+            if item.sha256 in known:
+                item.duplicate, item.pixels = True, None
+                rows.append(item)
+                continue
+            if item.pixels is None:  # the worker saw it in the database; it is gone since
+                item = self.reader(item.path, decode=True)
+                if item.error is not None:
+                    fail(self.summary, self.report, item.path, item.error)
+                    continue
+            groups.setdefault(item.sha256, []).append(item)
+        if groups:
+            import numpy as np
+
+            vectors = self.embedder.embed_arrays(np.stack([group[0].pixels for group in groups.values()]))
+            self.summary.embedded += len(groups)
+            for group, vector in zip(groups.values(), vectors, strict=True):
+                for n, item in enumerate(group):
+                    item.pixels, item.embedding, item.duplicate = None, vector, n > 0
+                    rows.append(item)
+        return rows, len(groups)
