@@ -12,7 +12,7 @@ from conftest import make_image, run_cli
 from PIL import Image, ImageFilter
 from psycopg import sql
 
-from vecsearch import db, evaluate
+from vecsearch import db, evaluate, metrics, plots, scratch
 from vecsearch.errors import InvalidInput, VecsearchError
 from vecsearch.images import open_image
 
@@ -30,26 +30,26 @@ EXPECTED = {1: (0.5, 0.1, 1 / 6), 3: (0.5, 0.45, 0.45), 5: (0.4, 0.55, (3 / 5 + 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_mean_precision_recall_f1_equals_hand_computed(k):
-    assert evaluate.mean_precision_recall_f1(RESULTS, RELEVANT, k) == pytest.approx(EXPECTED[k])
+    assert metrics.mean_precision_recall_f1(RESULTS, RELEVANT, k) == pytest.approx(EXPECTED[k])
 
 
 def test_single_query_metrics_and_edge_cases():
-    assert evaluate.precision_recall_f1(["a1", "x", "a2"], {"a1", "a2", "a3", "a4", "a5"}, 3) == \
+    assert metrics.precision_recall_f1(["a1", "x", "a2"], {"a1", "a2", "a3", "a4", "a5"}, 3) == \
         pytest.approx((2 / 3, 2 / 5, 0.5))
-    assert evaluate.precision_recall_f1([], {"a"}, 2) == (0.0, 0.0, 0.0)
-    assert evaluate.precision_recall_f1(["a"], set(), 1) == (0.0, 0.0, 0.0)
+    assert metrics.precision_recall_f1([], {"a"}, 2) == (0.0, 0.0, 0.0)
+    assert metrics.precision_recall_f1(["a"], set(), 1) == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError):
-        evaluate.precision_recall_f1(["a"], {"a"}, 0)
+        metrics.precision_recall_f1(["a"], {"a"}, 0)
 
 
 def test_ann_recall_against_exact_and_label_precision():
     ann = {"q1": [1, 2, 3], "q2": [4, 5, 6]}
     exact = {"q1": [1, 3, 9], "q2": [6, 5, 4]}
-    assert evaluate.recall_against_exact(ann, exact, 1) == pytest.approx(0.5)  # q1 1/1, q2 0/1
-    assert evaluate.recall_against_exact(ann, exact, 3) == pytest.approx((2 / 3 + 1) / 2)
-    assert evaluate.label_precision(["cat", "dog", "cat"], "cat", 2) == 0.5
-    assert evaluate.label_precision(["cat", "dog", "cat"], "cat", 3) == pytest.approx(2 / 3)
-    assert evaluate.label_precision(["cat", "dog", "cat"], "cat", 5) == pytest.approx(2 / 5)
+    assert metrics.recall_against_exact(ann, exact, 1) == pytest.approx(0.5)  # q1 1/1, q2 0/1
+    assert metrics.recall_against_exact(ann, exact, 3) == pytest.approx((2 / 3 + 1) / 2)
+    assert metrics.label_precision(["cat", "dog", "cat"], "cat", 2) == 0.5
+    assert metrics.label_precision(["cat", "dog", "cat"], "cat", 3) == pytest.approx(2 / 3)
+    assert metrics.label_precision(["cat", "dog", "cat"], "cat", 5) == pytest.approx(2 / 5)
 
 
 # -- perturbations ---------------------------------------------------------------------------
@@ -58,10 +58,10 @@ def test_ann_recall_against_exact_and_label_precision():
 def test_perturbations_are_seeded_and_change_the_picture(tmp_path):
     img = open_image(make_image(tmp_path / "a.png", seed=3, size=(160, 120)))
     pixels = np.asarray(img, dtype=np.int16)
-    for name, p in evaluate.PERTURBATIONS.items():
+    for name, p in metrics.PERTURBATIONS.items():
         assert p.description
-        one, again, other = (evaluate.perturbed(img, name, 0, 1), evaluate.perturbed(img, name, 0, 1),
-                             evaluate.perturbed(img, name, 0, 2))
+        one, again, other = (metrics.perturbed(img, name, 0, 1), metrics.perturbed(img, name, 0, 1),
+                             metrics.perturbed(img, name, 0, 2))
         assert one.mode == "RGB"
         assert np.array_equal(np.asarray(one), np.asarray(again)), name  # same seed, same copy
         if name == "jpeg":
@@ -71,8 +71,8 @@ def test_perturbations_are_seeded_and_change_the_picture(tmp_path):
         assert np.abs(np.asarray(one, dtype=np.int16) - pixels).mean() > 2, name  # visibly changed
         if name != "flip":  # the only one without randomness
             assert not np.array_equal(np.asarray(one), np.asarray(other)), name
-    assert set(evaluate.DEFAULT_PERTURBATIONS) <= set(evaluate.PERTURBATIONS)
-    assert len(evaluate.DEFAULT_PERTURBATIONS) == 5
+    assert set(metrics.DEFAULT_PERTURBATIONS) <= set(metrics.PERTURBATIONS)
+    assert len(metrics.DEFAULT_PERTURBATIONS) == 5
 
 
 # -- the scratch schema ----------------------------------------------------------------------
@@ -80,11 +80,11 @@ def test_perturbations_are_seeded_and_change_the_picture(tmp_path):
 
 def _schemas(conn) -> list[str]:
     return [r[0] for r in conn.execute(
-        "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, %s)", [evaluate.SCRATCH_PREFIX])]
+        "SELECT nspname FROM pg_namespace WHERE starts_with(nspname, %s)", [scratch.SCRATCH_PREFIX])]
 
 
 def test_scratch_schema_mirrors_the_tables_and_is_dropped(conn):
-    with evaluate.scratch_schema(conn) as schema:
+    with scratch.scratch_schema(conn) as schema:
         tables = {r[0] for r in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema])}
         assert tables == {"images", "embedding_model"}
@@ -100,15 +100,15 @@ def test_scratch_schema_mirrors_the_tables_and_is_dropped(conn):
     # A run killed with SIGKILL leaves its schema; the next run on this machine drops it.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    left = f"{evaluate.SCRATCH_PREFIX}{evaluate._host_tag()}_{dead.pid}_0000"
-    other_host = "ffffff" if evaluate._host_tag() != "ffffff" else "000000"
-    elsewhere = f"{evaluate.SCRATCH_PREFIX}{other_host}_{dead.pid}_0000"  # not ours to judge
+    left = f"{scratch.SCRATCH_PREFIX}{scratch._host_tag()}_{dead.pid}_0000"
+    other_host = "ffffff" if scratch._host_tag() != "ffffff" else "000000"
+    elsewhere = f"{scratch.SCRATCH_PREFIX}{other_host}_{dead.pid}_0000"  # not ours to judge
     for name in (left, elsewhere):
         conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(name)))
-    with evaluate.scratch_schema(conn) as schema:
+    with scratch.scratch_schema(conn) as schema:
         assert sorted(_schemas(conn)) == sorted([schema, elsewhere])
     conn.execute(sql.SQL("DROP SCHEMA {}").format(sql.Identifier(elsewhere)))
-    with pytest.raises(RuntimeError), evaluate.scratch_schema(conn):
+    with pytest.raises(RuntimeError), scratch.scratch_schema(conn):
         raise RuntimeError("a failed run drops its schema too")
     assert _schemas(conn) == []
 
@@ -117,7 +117,7 @@ def test_neighbours_in_scratch_ann_and_exact_equal_numpy(conn):
     rng = np.random.default_rng(5)
     vectors = np.maximum(rng.normal(0, 1, (60, db.DIM)), 0).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    with evaluate.scratch_schema(conn) as schema:
+    with scratch.scratch_schema(conn) as schema:
         with conn.cursor().copy(sql.SQL("COPY {}.images (path, sha256, bytes, width, height, format, mtime, "
                                         "embedding) FROM STDIN").format(sql.Identifier(schema))) as copy:
             for i, v in enumerate(vectors):
@@ -175,9 +175,9 @@ def test_perturb_end_to_end(settings, conn, embedder, tmp_path):
         images.append(open_image(original))
         work = open_image(original, draft=evaluate.WORK_PX)
         work.thumbnail((evaluate.WORK_PX, evaluate.WORK_PX))
-        for kind in evaluate.DEFAULT_PERTURBATIONS:
+        for kind in metrics.DEFAULT_PERTURBATIONS:
             names.append(f"{n:05d}_{kind}")
-            images.append(evaluate.perturbed(work, kind, 4, n))
+            images.append(metrics.perturbed(work, kind, 4, n))
     vectors = embedder.embed_images(images)
     distances = 1 - vectors @ vectors.T
     for q in report.per_query:
@@ -185,7 +185,7 @@ def test_perturb_end_to_end(settings, conn, embedder, tmp_path):
         order = [j for j in np.argsort(distances[row]) if j != row][:5]
         assert [name for name, _ in q["exact"]] == [names[j] for j in order]
         assert [d for _, d in q["exact"]] == pytest.approx([distances[row][j] for j in order], abs=1e-4)
-    assert [d["perturbation"] for d in report.details] == list(evaluate.DEFAULT_PERTURBATIONS)
+    assert [d["perturbation"] for d in report.details] == list(metrics.DEFAULT_PERTURBATIONS)
     assert all(d["copies"] == 3 for d in report.details)
     # The user's table and the scratch schema: untouched, and gone.
     assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 0
@@ -230,4 +230,27 @@ def test_labels_end_to_end_via_cli(settings, conn, embedder, tmp_path):
 def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(VecsearchError, match=r"pip install 'vecsearch\[plot\]'"):
-        evaluate.plot_available()
+        plots.plot_available()
+
+
+def test_eval_ann_neighbours_are_row_for_row_what_vecsearch_similar_returns(conn, settings):
+    """eval measures the search that ships: the same query, candidates and settings as `similar`."""
+    import json
+
+    from conftest import clustered, insert_vectors, run_cli
+
+    from vecsearch import query
+
+    ids = insert_vectors(conn, clustered(2500, seed=13))
+    probes = ids[::50]
+    for ef_search in (10, 200):
+        ann = evaluate.neighbours(conn, "public", probes, 10, exact=False, ef_search=ef_search)
+        exact = evaluate.neighbours(conn, "public", probes, 10, exact=True)
+        for q in probes:
+            shipped = query.similar(conn, q, 10, ef_search=ef_search)
+            assert ann[q] == [(n.id, n.distance) for n in shipped]
+        for q in probes[:3]:
+            cli = json.loads(run_cli("similar", str(q), "-k", "10", "--ef-search", str(ef_search), "-f", "json",
+                                     check=True).stdout)
+            assert [r["id"] for r in cli] == [i for i, _ in ann[q]]
+        assert all(len(exact[q]) == 10 for q in probes)

@@ -302,12 +302,12 @@ def _eval_run(ctx: typer.Context, experiment, folder: Path, weights: str, device
     import json
     import warnings
 
-    from . import evaluate, output
+    from . import output, plots
     from .embed import Embedder
 
     options = {key: value for key, value in options.items() if value is not None}
     if plot is not None:
-        evaluate.plot_available()  # fail before the long part
+        plots.plot_available()  # fail before the long part
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         embedder = Embedder(weights, device=device, batch_size=batch_size)
@@ -339,7 +339,7 @@ def _eval_run(ctx: typer.Context, experiment, folder: Path, weights: str, device
     if len(report.skipped) > 10:
         err.print(f"... and {len(report.skipped) - 10} more (all in --json)", markup=False)
     if plot is not None:
-        evaluate.plot(report, plot)
+        plots.plot(report, plot)
         err.print(f"plot: {plot}", markup=False)
 
 

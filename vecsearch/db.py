@@ -162,6 +162,20 @@ def downgrade(url: str, revision: str) -> None:
     command.downgrade(alembic_config(url), revision)
 
 
+def similarity_functions() -> list[str]:
+    """The CREATE statements of `vecsearch_similar_to` and `vecsearch_similar`, each as the newest
+    migration that defines it wrote it: for a copy of them in another schema (`vecsearch eval`)."""
+    from alembic.script import ScriptDirectory
+
+    found: dict[str, str] = {}
+    for revision in ScriptDirectory.from_config(alembic_config("")).walk_revisions():  # newest first
+        for name in ("SIMILAR_TO", "SIMILAR"):
+            if name not in found and getattr(revision.module, name, None):
+                found[name] = getattr(revision.module, name)
+    return [found[name].replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
+            for name in ("SIMILAR_TO", "SIMILAR")]
+
+
 def check_pgvector(url: str) -> None:
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         available = conn.execute(

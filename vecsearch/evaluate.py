@@ -1,30 +1,19 @@
 """Retrieval quality on the user's own images: `vecsearch eval perturb` and `vecsearch eval labels`.
 
-Both experiments embed their images into a scratch schema (`vecsearch_eval_*`, a copy of the
-public tables, dropped at the end), never into the user's `images` table, then ask every query
-image for its neighbours twice: through the HNSW index (halfvec candidates re-ranked by the
-exact distance, as `vecsearch similar` does) and by the exact scan. Library functions return a
-`Report`; the CLI renders it as a table, JSON or a plot, and the web app can do the same.
-
-Metrics, per query, then averaged over queries (macro average):
-- precision@k = relevant images among the k nearest / k;
-- recall@k    = relevant images among the k nearest / all relevant images;
-- F1@k        = 2 P R / (P + R) of that query (0 when both are 0);
-- ANN recall@k against exact = |ANN top k & exact top k| / k.
+Both experiments embed their images into a scratch schema (vecsearch/scratch.py), never into the
+user's `images` table, then ask every query image for its neighbours twice, with `vecsearch
+similar`'s own query: through the HNSW index, and exactly. Metrics and perturbations are in
+vecsearch/metrics.py, plots in vecsearch/plots.py. Library functions return a `Report`; the CLI
+renders it as a table, JSON or a plot.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import os
-import secrets
 import shutil
-import socket
 import tempfile
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,15 +21,22 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from . import db, server
+from . import db
 from .config import Settings
 from .errors import InvalidInput, VecsearchError
 from .limits import DEFAULT_EF_SEARCH
+from .metrics import (
+    DEFAULT_PERTURBATIONS,
+    PERTURBATIONS,
+    label_precision,
+    mean_precision_recall_f1,
+    perturbed,
+    recall_against_exact,
+)
 from .query import check_ef_search
+from .scratch import scratch_schema
 
 if TYPE_CHECKING:
-    import numpy as np
-    from PIL import Image
 
     from .embed import Embedder
 
@@ -50,139 +46,6 @@ SCRATCH_PREFIX = "vecsearch_eval_"
 WORK_PX = 1024
 # (stage, done, total): "prepare", "embed", "query".
 Progress = Callable[[str, int, int], None]
-
-
-# -- metrics (pure functions, on ids) --------------------------------------------------------
-
-
-def precision_recall_f1(retrieved: Sequence[Any], relevant: Collection[Any], k: int
-                        ) -> tuple[float, float, float]:
-    """precision@k, recall@k and F1@k of one ranked list (fewer than k retrieved count as misses)."""
-    if k < 1:
-        raise ValueError("k must be >= 1")
-    hits = len(set(retrieved[:k]) & set(relevant))
-    precision = hits / k
-    recall = hits / len(relevant) if relevant else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if hits else 0.0
-    return precision, recall, f1
-
-
-def mean_precision_recall_f1(results: Mapping[Any, Sequence[Any]], relevant: Mapping[Any, Collection[Any]],
-                             k: int) -> tuple[float, float, float]:
-    """Means over queries (the keys of `results`) of precision@k, recall@k and F1@k."""
-    if not results:
-        raise ValueError("no queries")
-    scores = [precision_recall_f1(results[q], relevant[q], k) for q in results]
-    return tuple(sum(s[i] for s in scores) / len(scores) for i in range(3))  # type: ignore[return-value]
-
-
-def recall_against_exact(ann: Mapping[Any, Sequence[Any]], exact: Mapping[Any, Sequence[Any]],
-                         k: int) -> float:
-    """Mean over queries of |ANN top k & exact top k| / k (the usual ANN recall@k)."""
-    if not ann:
-        raise ValueError("no queries")
-    return sum(len(set(ann[q][:k]) & set(exact[q][:k])) / k for q in ann) / len(ann)
-
-
-def label_precision(retrieved_labels: Sequence[str], label: str, k: int) -> float:
-    """Fraction of the k nearest whose label is the query's (fewer than k retrieved count as misses)."""
-    return sum(1 for x in retrieved_labels[:k] if x == label) / k
-
-
-# -- perturbations ---------------------------------------------------------------------------
-
-
-def _crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    w, h = img.size
-    keep = rng.uniform(0.6, 0.8)
-    cw, ch = max(1, int(w * keep)), max(1, int(h * keep))
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    return img.crop((x, y, x + cw, y + ch)).resize((w, h), _resampling().BICUBIC)
-
-
-def _rotate(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    angle = rng.uniform(10, 25) * rng.choice([-1, 1])
-    return img.rotate(angle, _resampling().BICUBIC, expand=False)
-
-
-def _color(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    import numpy as np
-    from PIL import Image, ImageEnhance
-
-    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        img = enhance(img).enhance(rng.uniform(0.6, 1.4))
-    hsv = np.asarray(img.convert("HSV")).copy()
-    hsv[..., 0] = (hsv[..., 0].astype(int) + int(rng.uniform(-0.05, 0.05) * 256)) % 256
-    return Image.fromarray(hsv, "HSV").convert("RGB")
-
-
-def _blur(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    from PIL import ImageFilter
-
-    return img.filter(ImageFilter.GaussianBlur(max(img.size) * rng.uniform(0.01, 0.02)))
-
-
-def _jpeg(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    from PIL import Image
-
-    w, h = img.size
-    small = img.resize((max(1, w // 2), max(1, h // 2)), _resampling().BILINEAR)
-    buf = io.BytesIO()
-    small.save(buf, "JPEG", quality=int(rng.integers(20, 41)))
-    buf.seek(0)
-    return Image.open(buf)
-
-
-def _noise(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    import numpy as np
-    from PIL import Image
-
-    a = np.asarray(img, dtype=np.float32)
-    a = a + rng.normal(0, rng.uniform(10, 20), a.shape)
-    return Image.fromarray(np.clip(a + 0.5, 0, 255).astype(np.uint8), "RGB")
-
-
-def _flip(img: Image.Image, rng: np.random.Generator) -> Image.Image:
-    from PIL import ImageOps
-
-    return ImageOps.mirror(img)
-
-
-def _resampling():
-    from PIL import Image
-
-    return Image.Resampling
-
-
-@dataclass(frozen=True)
-class Perturbation:
-    name: str
-    description: str
-    apply: Callable[[Image.Image, np.random.Generator], Image.Image]
-
-
-PERTURBATIONS = {p.name: p for p in [
-    Perturbation("crop", "random crop keeping 60-80% of each side, resized back to full size", _crop),
-    Perturbation("rotate", "rotation by 10-25 degrees either way, same size, black corners", _rotate),
-    Perturbation("color", "colour jitter: brightness, contrast, saturation x0.6-1.4 each, hue +-0.05 turn",
-                 _color),
-    Perturbation("blur", "Gaussian blur, radius 1-2% of the longer side", _blur),
-    Perturbation("jpeg", "halved in size, re-encoded as JPEG at quality 20-40", _jpeg),
-    Perturbation("noise", "Gaussian pixel noise, sigma 10-20 (of 255)", _noise),
-    Perturbation("flip", "mirrored left-right", _flip),
-]}
-DEFAULT_PERTURBATIONS = ("crop", "rotate", "color", "blur", "jpeg")
-
-
-def perturbed(img: Image.Image, name: str, seed: int, index: int) -> Image.Image:
-    """`img` (RGB) perturbed by PERTURBATIONS[name], reproducibly for (seed, index, name)."""
-    import numpy as np
-
-    kind = list(PERTURBATIONS).index(name)
-    return PERTURBATIONS[name].apply(img, np.random.default_rng([seed, index, kind])).convert("RGB")
-
-
-# -- reports ---------------------------------------------------------------------------------
 
 
 @dataclass
@@ -213,158 +76,20 @@ class Report:
         return asdict(self)
 
 
-def plot_available() -> None:
-    """Raise a one-line error naming the install command when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise VecsearchError("--plot needs matplotlib, which is not installed: pip install "
-                             "'vecsearch[plot]' (or pip install matplotlib)") from None
-
-
-def plot(report: Report, path: Path) -> None:
-    """One curve per metric against k (ANN solid, exact dashed), written as a PNG."""
-    plot_available()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    colours = {}
-    for column in report.columns[1:]:
-        method, _, metric = column.partition("_")
-        colour = colours.setdefault(metric, f"C{len(colours)}")
-        # exact: wide, dashed, hollow markers underneath, so equal ANN curves do not hide them
-        if method == "exact":
-            style = dict(linestyle="--", linewidth=3, alpha=0.5, marker="s", markersize=9,
-                         markerfacecolor="none")
-        else:
-            style = dict(linestyle="-", linewidth=1.5, marker="o", markersize=4)
-        ax.plot(report.ks, [row[column] for row in report.metrics], color=colour,
-                label=column.replace("_", " "), zorder=1 if method == "exact" else 2, **style)
-    ax.set_xlabel("k")
-    ax.set_xticks(report.ks)
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(f"vecsearch eval {report.experiment}: {report.queries} queries, {report.images} images\n"
-                 f"{report.model}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-# -- scratch schema --------------------------------------------------------------------------
-
-
-@contextmanager
-def scratch_schema(conn: psycopg.Connection) -> Iterator[str]:
-    """A new schema holding empty copies of the public vecsearch tables, dropped on exit.
-
-    Every table, index (under the same names: a load that drops and rebuilds
-    `images_embedding_hnsw` with `search_path = scratch, public` must find the scratch one)
-    and storage option is copied. Schemas left by killed runs on this machine are dropped first.
-    """
-    drop_stale_scratch_schemas(conn)
-    name = f"{SCRATCH_PREFIX}{_host_tag()}_{os.getpid()}_{secrets.token_hex(4)}"
-    schema = sql.Identifier(name)
-    try:
-        with conn.transaction():
-            conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
-            tables = conn.execute(
-                "SELECT c.relname, c.reloptions FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE n.nspname = 'public' AND c.relkind = 'r' AND c.relname <> 'alembic_version'"
-            ).fetchall()
-            for table, options in tables:
-                conn.execute(sql.SQL("CREATE TABLE {}.{} (LIKE public.{} INCLUDING ALL)").format(
-                    schema, sql.Identifier(table), sql.Identifier(table)))
-                if options:
-                    conn.execute(sql.SQL("ALTER TABLE {}.{} SET ({})").format(
-                        schema, sql.Identifier(table), sql.SQL(", ").join(sql.SQL(o) for o in options)))
-                _copy_index_names(conn, name, table)
-        yield name
-    finally:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(schema))
-
-
-def _copy_index_names(conn: psycopg.Connection, schema: str, table: str) -> None:
-    def indexes(nspname: str) -> dict[str, str]:
-        rows = conn.execute(
-            "SELECT i.relname, pg_get_indexdef(i.oid) FROM pg_index x "
-            "JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_class t ON t.oid = x.indrelid "
-            "JOIN pg_namespace n ON n.oid = t.relnamespace WHERE n.nspname = %s AND t.relname = %s",
-            [nspname, table]).fetchall()
-        # The definition without its own name and table, as a key.
-        return {(d.startswith("CREATE UNIQUE"), d.split(" USING ", 1)[1]): n for n, d in rows}
-
-    public, scratch = indexes("public"), indexes(schema)
-    for definition, wanted in public.items():
-        have = scratch.get(definition)
-        if have is None:
-            raise VecsearchError(f"the scratch copy of {table} lacks the index {wanted}")
-        if have != wanted:
-            conn.execute(sql.SQL("ALTER INDEX {}.{} RENAME TO {}").format(
-                sql.Identifier(schema), sql.Identifier(have), sql.Identifier(wanted)))
-
-
-def _host_tag() -> str:
-    """Six hex digits of this machine's name: a pid only says something about its own host."""
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
-
-
-def drop_stale_scratch_schemas(conn: psycopg.Connection) -> list[str]:
-    """Drop the scratch schemas of evals on this machine that were killed (their process gone)."""
-    mine = f"{SCRATCH_PREFIX}{_host_tag()}_"
-    stale = []
-    for (name,) in conn.execute("SELECT nspname FROM pg_namespace WHERE starts_with(nspname, %s)",
-                                [mine]).fetchall():
-        pid = name.removeprefix(mine).split("_", 1)[0]
-        if pid.isdigit() and not server.pid_alive(int(pid)):
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-            stale.append(name)
-    return stale
-
-
 # -- neighbours in the scratch schema --------------------------------------------------------
 
 
 def neighbours(conn: psycopg.Connection, schema: str, ids: Sequence[int], k: int, *, exact: bool,
-               ef_search: int = DEFAULT_EF_SEARCH, chunk: int = 256) -> dict[int, list[tuple[int, float]]]:
-    """The k nearest (id, distance) of each id, itself excluded, exact or through the HNSW index.
+               ef_search: int = DEFAULT_EF_SEARCH) -> dict[int, list[tuple[int, float]]]:
+    """The k nearest (id, distance) of each id, itself excluded: `vecsearch similar`'s own query
+    (query.similar) with `schema` first on the search path, exact or through the HNSW index."""
+    from .query import similar
 
-    The ANN way is `vecsearch similar`'s: max(k, ef_search) candidates from the index on
-    `embedding::halfvec(2048)`, re-ranked by the exact distance. The index is used even on a
-    small table (enable_seqscan off), so the ANN figures measure the index.
-    """
-    candidates = k if exact else max(k, ef_search)
-    order = sql.SQL("c.embedding <=> q.embedding, c.id" if exact else f"c.{db.ANN_EXPR} <=> q.{db.ANN_EXPR}")
-    query = sql.SQL("""
-        SELECT q.id, n.id, n.distance
-        FROM {s}.images q
-        CROSS JOIN LATERAL (
-            SELECT c.id, c.embedding <=> q.embedding AS distance
-            FROM {s}.images c
-            WHERE c.id <> q.id
-            ORDER BY {order}
-            LIMIT %(limit)s
-        ) n
-        WHERE q.id = ANY(%(ids)s)
-    """).format(s=sql.Identifier(schema), order=order)
-    out: dict[int, list[tuple[int, float]]] = {int(i): [] for i in ids}
     with conn.transaction():
-        conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-        conn.execute(f"SET LOCAL hnsw.ef_search = {int(candidates)}")
-        conn.execute(f"SET LOCAL enable_seqscan = {'on' if exact else 'off'}")
-        for start in range(0, len(ids), chunk):
-            batch = [int(i) for i in ids[start:start + chunk]]
-            for qid, nid, distance in conn.execute(query, {"ids": batch, "limit": candidates}, prepare=False):
-                out[qid].append((nid, distance))
-    for found in out.values():
-        found.sort(key=lambda pair: (pair[1], pair[0]))
-        del found[k:]
-    return out
+        conn.execute(sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema)))
+        return {int(q): [(n.id, n.distance)
+                         for n in similar(conn, int(q), k, ef_search=ef_search, exact=exact)]
+                for q in ids}
 
 
 # -- the experiments -------------------------------------------------------------------------
