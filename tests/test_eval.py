@@ -250,7 +250,7 @@ def test_eval_ann_neighbours_are_row_for_row_what_vecsearch_similar_returns(conn
             shipped = query.similar(conn, q, 10, ef_search=ef_search)
             assert ann[q] == [(n.id, n.distance) for n in shipped]
         for q in probes[:3]:
-            cli = json.loads(run_cli("similar", str(q), "-k", "10", "--ef-search", str(ef_search), "-f", "json",
-                                     check=True).stdout)
+            args = ("similar", str(q), "-k", "10", "--ef-search", str(ef_search), "-f", "json")
+            cli = json.loads(run_cli(*args, check=True).stdout)
             assert [r["id"] for r in cli] == [i for i, _ in ann[q]]
         assert all(len(exact[q]) == 10 for q in probes)
