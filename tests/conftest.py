@@ -203,3 +203,15 @@ def web_gallery(pg_home, embedder, tmp_path_factory) -> Iterator[Gallery]:
         with db.connect(settings) as conn:
             rows = conn.execute("SELECT path, id FROM images").fetchall()
         yield Gallery(settings, folder, {str(Path(p).relative_to(folder)): i for p, i in rows})
+
+
+def nested_plans(conn: psycopg.Connection, sql: str, params) -> str:
+    """The plans of every statement run inside `sql`, from auto_explain, as NOTICEs."""
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+    conn.execute("LOAD 'auto_explain'")
+    for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
+        conn.execute(f"SET auto_explain.{setting}")
+    conn.execute(sql, params).fetchall()
+    conn.execute("SET auto_explain.log_min_duration = -1")
+    return "\n".join(notices)

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-from conftest import insert_vectors, make_image, run_cli
+from conftest import insert_vectors, make_image, nested_plans, run_cli
 from PIL import Image
 
 from vecsearch import db, dupes
@@ -129,13 +129,11 @@ def test_neighbour_query_uses_the_hnsw_index(conn):
     # The planner prefers exact scans below ~2000 rows; at 2500 rows the plan must use the index.
     rng = np.random.default_rng(0)
     insert_vectors(conn, cnn_like(rng, 2500))
-    with conn.transaction():
-        conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-        plan = "\n".join(r[0] for r in conn.execute(
-            "EXPLAIN " + dupes.neighbours_sql(),
-            {"ids": list(range(1, 257)), "k": 10, "threshold": 0.05, "prefix": None}, prepare=False))
+    # The plans of the statements the SQL function runs for the batch (auto_explain).
+    plan = nested_plans(conn, dupes.NEIGHBOURS_SQL, {"ids": list(range(1, 257)), "k": 10, "threshold": 0.05,
+                                                     "prefix": None, "ef_search": 100, "exact": False})
     assert "Index Scan using images_embedding_hnsw" in plan, plan
-    assert "Seq Scan on images c" not in plan
+    assert "Seq Scan on images i" not in plan
 
 
 def test_cli_formats_and_contact_sheet(settings, conn, tmp_path):

@@ -8,7 +8,7 @@ import os
 import numpy as np
 import psycopg
 import pytest
-from conftest import clustered, exact_neighbours, fresh_database, insert_vectors, run_cli
+from conftest import clustered, exact_neighbours, fresh_database, insert_vectors, nested_plans, run_cli
 
 from vecsearch import db, query, reader, server
 from vecsearch.config import Settings
@@ -83,34 +83,22 @@ def test_usable_in_a_lateral_join(data, sconn):
         assert mine == alone and image_id not in [m[0] for m in mine]
 
 
-def _nested_plans(conn: psycopg.Connection, sql: str, params) -> str:
-    """The plans of every statement run inside `sql`, from auto_explain, as NOTICEs."""
-    notices: list[str] = []
-    conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
-    conn.execute("LOAD 'auto_explain'")
-    for setting in ("log_min_duration = 0", "log_nested_statements = on", "log_level = notice"):
-        conn.execute(f"SET auto_explain.{setting}")
-    conn.execute(sql, params).fetchall()
-    conn.execute("SET auto_explain.log_min_duration = -1")
-    return "\n".join(notices)
-
-
 def test_functions_use_the_hnsw_index(data, sconn):
     index_scan = "Index Scan using images_embedding_hnsw"
     # Repeated calls too: a cached generic plan must not fall back to a sequential scan.
     for _ in range(7):
-        plans = _nested_plans(sconn, "SELECT * FROM vecsearch_similar(%s, 10)", [data.ids[1]])
+        plans = nested_plans(sconn, "SELECT * FROM vecsearch_similar(%s, 10)", [data.ids[1]])
         assert index_scan in plans, plans[-2000:]
     # A path filter that most rows pass: still the index (it must not be pulled onto the path btree).
-    plans = _nested_plans(sconn, "SELECT * FROM vecsearch_similar_to("
+    plans = nested_plans(sconn, "SELECT * FROM vecsearch_similar_to("
                           "(SELECT embedding FROM images WHERE id = %s), 50, under => '/lib/')",
                           [data.ids[2]])
     assert index_scan in plans
     # Fewer than 2000 rows under the prefix (a third: 733): an exact scan of those rows instead.
-    plans = _nested_plans(sconn, "SELECT * FROM vecsearch_similar(%s, 50, under => '/lib/2/')",
+    plans = nested_plans(sconn, "SELECT * FROM vecsearch_similar(%s, 50, under => '/lib/2/')",
                           [data.ids[2]])
     assert index_scan not in plans and "(embedding <=> " in plans
-    plans = _nested_plans(sconn, "SELECT * FROM vecsearch_similar(%s, 10, exact => true)", [data.ids[1]])
+    plans = nested_plans(sconn, "SELECT * FROM vecsearch_similar(%s, 10, exact => true)", [data.ids[1]])
     assert "Seq Scan on images" in plans and index_scan not in plans
 
 

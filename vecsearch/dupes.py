@@ -25,7 +25,6 @@ from typing import Any
 import psycopg
 
 from . import query, thumbs
-from .db import ANN_EXPR
 from .errors import InvalidInput
 from .indexed import Verified
 from .limits import DEFAULT_K, MAX_K
@@ -160,8 +159,7 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
         # A small subset under --under: walking the graph past all the rows outside it costs more
         # than comparing the subset's images with each other.
         exact = result.images ** 2 < EXACT_FACTOR * k * everything
-        search = _Searcher(conn, neighbours_sql(under=prefix is not None, exact=exact), params,
-                           ef_search, exact, jobs)
+        search = _Searcher(conn, {**params, "ef_search": ef_search, "exact": exact}, jobs)
         # Exact copies: one sha256 under several paths, distance 0 whatever k is.
         with conn.cursor(name="vecsearch_dupes_sha") as cur:
             cur.execute(f"SELECT array_agg(id) FROM images q WHERE {where_q} "
@@ -214,30 +212,19 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
     return result
 
 
-def neighbours_sql(*, under: bool = False, exact: bool = False) -> str:
-    """A chunk of query images (%(ids)s) joined to their %(k)s nearest, closer than %(threshold)s.
-
-    The query image itself is among the candidates and comes back as a (q, q) row: a graph
-    search that does not find its own starting image went astray (see _exact_pass). Other
-    candidates with the query's sha256 are skipped (those copies are joined separately), so
-    they do not use up the k slots. The distance filter stays outside the LATERAL: inside it,
-    an iterative index scan would walk the graph far past k for every image that has no
-    duplicate at all. `exact` orders by the full-precision distance, which no index serves.
-    """
-    order = "c.embedding <=> q.embedding" if exact else f"c.{ANN_EXPR} <=> q.{ANN_EXPR}"
-    prefix = "AND starts_with(c.path, %(prefix)s)" if under else ""
-    return f"""
-        SELECT q.id, n.id
-        FROM images q
-        CROSS JOIN LATERAL (
-            SELECT c.id, CASE WHEN c.id = q.id THEN 0 ELSE c.embedding <=> q.embedding END AS distance
-            FROM images c
-            WHERE (c.sha256 <> q.sha256 OR c.id = q.id) {prefix}
-            ORDER BY {order}
-            LIMIT %(k)s + 1
-        ) n
-        WHERE q.id = ANY(%(ids)s) AND (n.id = q.id OR n.distance < %(threshold)s)
-    """
+# A chunk of query images (%(ids)s) joined to their %(k)s nearest closer than %(threshold)s, by
+# `vecsearch similar`'s own query (the SQL function), batched. The query image itself is not
+# excluded and comes back as a (q, q) row: a graph search that does not find its own starting
+# image went astray (see _exact_pass). Other images with the query's sha256 are excluded (those
+# copies are joined separately), so they do not use up the k slots.
+NEIGHBOURS_SQL = """
+    SELECT q.id, n.id
+    FROM images q
+    CROSS JOIN LATERAL vecsearch_similar_to(
+        q.embedding, %(k)s + 1, %(ef_search)s, %(prefix)s, %(exact)s,
+        ARRAY(SELECT c.id FROM images c WHERE c.sha256 = q.sha256 AND c.id <> q.id)) n
+    WHERE q.id = ANY(%(ids)s) AND (n.id = q.id OR n.distance < %(threshold)s)
+"""
 
 
 class _Searcher:
@@ -247,9 +234,8 @@ class _Searcher:
     searched: client memory stays bounded whatever the table size.
     """
 
-    def __init__(self, conn: psycopg.Connection, sql: str, params: dict[str, Any], ef_search: int,
-                 exact: bool, jobs: int) -> None:
-        self.sql, self.params, self.ef_search, self.exact, self.jobs = sql, params, ef_search, exact, jobs
+    def __init__(self, conn: psycopg.Connection, params: dict[str, Any], jobs: int) -> None:
+        self.params, self.jobs = params, jobs
         # The same server and database, password included (conn.info.dsn leaves it out).
         self.dsn, self.password = conn.info.dsn, conn.info.password
         self.local = threading.local()
@@ -276,19 +262,8 @@ class _Searcher:
         return conn
 
     def _one(self, ids: list[int], k: int) -> list[tuple[int, int]]:
-        conn = self._conn()
-        with conn.transaction():
-            # Iterative scans: --under and the sha256 filter still get k rows from the index;
-            # ef_search caps the rows one index scan returns, so it must cover the LIMIT.
-            conn.execute("SET LOCAL hnsw.iterative_scan = relaxed_order")
-            conn.execute(f"SET LOCAL hnsw.ef_search = {max(int(self.ef_search), int(k))}")
-            if not self.exact:
-                # The planner costs 2048-d distances and TOAST reads as nearly free and may pick
-                # a sequential scan per image on tables of a few thousand rows.
-                conn.execute("SET LOCAL enable_seqscan = off")
-            # Never prepared: after five runs PostgreSQL may switch a prepared statement to a
-            # generic plan, which does not know LIMIT k and sorts the whole table.
-            return conn.execute(self.sql, {**self.params, "ids": ids, "k": k}, prepare=False).fetchall()
+        # The function scopes its own settings (ef_search, iterative scans) to each call.
+        return self._conn().execute(NEIGHBOURS_SQL, {**self.params, "ids": ids, "k": k}).fetchall()
 
     def run(self, chunks: Iterable[list[int]], k: int) -> Iterator[tuple[list[int], list[tuple[int, int]]]]:
         """(chunk, its near pairs) for every chunk, in order."""
