@@ -469,25 +469,17 @@ def similar_command(
     weights: _WEIGHTS = None,
 ) -> None:
     """The k images nearest to an image id (itself excluded) or to an arithmetic expression."""
-    from . import expr, query
+    from . import catalogue, expr, query
 
     fmt = _output_format(fmt)
     terms = expr.parse(query_text)
     query.check_args(k, ef_search)
-    options = {"ef_search": ef_search, "exact": exact, "under": under}
-    with db.connect(settings(ctx)) as conn:
-        if len(terms) == 1 and isinstance(terms[0].ref, int) and terms[0].weight == 1:
-            image_id = terms[0].ref
-            neighbours = query.similar(conn, image_id, k, **options)
-            title = None
-            if fmt == "table":
-                title = f"neighbours of {image_id}: " + conn.execute(
-                    "SELECT path FROM images WHERE id = %s", [image_id]).fetchone()[0]
-        else:
-            with _warnings_as_lines():
-                vector, exclude = expr.evaluate(conn, terms, query.file_embedder(conn, weights))
-            neighbours = query.similar_to(conn, vector, k, exclude=exclude, **options)
-            title = f"neighbours of {query_text}"
+    with db.connect(settings(ctx)) as conn, _warnings_as_lines():
+        neighbours, _ = query.neighbours_of_terms(conn, terms, k, query.file_embedder(conn, weights),
+                                                  ef_search=ef_search, exact=exact, under=under)
+        title = f"neighbours of {query_text}"
+        if fmt == "table" and expr.is_single_id(terms):
+            title += ": " + catalogue.get_image(conn, terms[0].ref)["path"]
     _print_neighbours(neighbours, fmt, title)
 
 

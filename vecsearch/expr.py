@@ -74,6 +74,11 @@ def parse(text: str) -> list[Term]:
             raise _error(text, len(text), f"expected an image id or file after {token.text!r}")
 
 
+def is_single_id(terms: list[Term]) -> bool:
+    """An expression that is one image id, unweighted: the plain neighbours of that image."""
+    return len(terms) == 1 and isinstance(terms[0].ref, int) and terms[0].weight == 1
+
+
 def _sign(tokens: list[_Token], i: int, sign: float) -> tuple[float, int]:
     """Consume a + or - at `i`, if there is one."""
     if i < len(tokens) and tokens[i].kind == "op" and tokens[i].text in ("+", "-"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,7 @@ def file_embedder(conn: psycopg.Connection, weights: str | None = None, *, embed
             raise NotFound("the database records no model to embed files with (nothing loaded yet): "
                            "run `vecsearch load DIR` first")
         if embedder is None:
-            return _embedder(record, weights).embed_file(Path(path))
+            return embedders(weights).embed_file(record, Path(path))
         if embedder.record != record:
             raise SchemaMismatch(models.mismatch_message(record, embedder.record))
         return embedder.embed_file(Path(path))
@@ -113,12 +114,57 @@ def file_embedder(conn: psycopg.Connection, weights: str | None = None, *, embed
     return embed_file
 
 
-@functools.lru_cache(maxsize=2)
-def _embedder(record, weights: str | None):
-    """One network per model and process (building it takes seconds; torch is imported here)."""
-    from . import embed
+class Embedders:
+    """The embedder of the model a database records, built on first use (torch is imported then,
+    and building takes seconds) and kept. One forward pass at a time: a ResNet50 forward already
+    uses every core. A database re-embedded with another model meanwhile gets that model on the
+    next call. `weights`: where the recorded model's weights come from (None: its own source).
+    """
 
-    return embed.Embedder.from_record(record, weights=weights)
+    def __init__(self, weights: str | None = None) -> None:
+        self.weights = weights
+        self.loads = 0
+        self._lock = threading.Lock()
+        self._record: Any = None
+        self._embedder: Any = None
+
+    def embed_images(self, record: Any, images: Sequence[Any]) -> np.ndarray:
+        """Decoded images (images.open_image) -> n x 2048 vectors of the model `record` names."""
+        with self._lock:
+            if self._embedder is None or record != self._record:
+                from .embed import Embedder
+
+                self._embedder = Embedder.from_record(record, weights=self.weights)
+                self._record = record
+                self.loads += 1
+            return self._embedder.embed_images(images)
+
+    def embed_file(self, record: Any, path: Path) -> np.ndarray:
+        """One image file, decoded exactly as `vecsearch load` decodes it."""
+        from .images import open_image
+
+        return self.embed_images(record, [open_image(path)])[0]
+
+
+@functools.lru_cache(maxsize=4)
+def embedders(weights: str | None = None) -> Embedders:
+    """This process's Embedders for a weights source (the CLI's; the web app keeps its own)."""
+    return Embedders(weights)
+
+
+def neighbours_of_terms(conn: psycopg.Connection, terms: Sequence[Any], k: int,
+                        embed_file: Callable[[Path], np.ndarray], *, ef_search: int | None = None,
+                        exact: bool = False, under: str | Path | None = None
+                        ) -> tuple[list[Neighbor], list[int]]:
+    """Neighbours of a parsed expression (expr.parse) and the ids it excludes: an image id alone
+    is `similar`; anything else is the normalised weighted sum, its ids and files left out."""
+    from . import expr
+
+    options = {"ef_search": ef_search, "exact": exact, "under": under}
+    if expr.is_single_id(terms):
+        return similar(conn, terms[0].ref, k, **options), [terms[0].ref]
+    vector, exclude = expr.evaluate(conn, terms, embed_file)
+    return similar_to(conn, vector, k, exclude=exclude, **options), exclude
 
 
 def ids_of_paths(conn: psycopg.Connection, paths: Sequence[Path | str]) -> list[int]:
