@@ -148,44 +148,21 @@ def perturb(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *
     """
     import numpy as np
 
-    from .images import find_images, open_image
+    from .images import find_images
 
     started = time.perf_counter()
     ks = _check_ks(ks)
     check_ef_search(ef_search)
-    unknown = [p for p in perturbations if p not in PERTURBATIONS]
-    if unknown or not perturbations:
-        raise InvalidInput(f"unknown perturbation {', '.join(unknown) or '(none given)'}: choose from "
-                           f"{', '.join(PERTURBATIONS)}")
-    perturbations = list(dict.fromkeys(perturbations))
-    if originals < 2:
-        raise InvalidInput("--originals must be at least 2 (an original is judged against the others)")
+    perturbations = _check_perturbations(perturbations, originals)
     found = find_images(folder)
     files = [c.path for c in found.files]
-    skipped = list(found.failed)
-    order = np.random.default_rng(seed).permutation(len(files))
-    report = Report("perturb", _model_name(embedder), 0, 0, ks, ef_search, [], [], [], [], skipped=skipped)
+    report = Report("perturb", _model_name(embedder), 0, 0, ks, ef_search, [], [], [], [],
+                    skipped=list(found.failed))
     with tempfile.TemporaryDirectory(prefix="vecsearch-eval-") as tmp:
         work = Path(tmp)
-        chosen: list[tuple[int, str]] = []  # (index, source path)
-        for i in order:
-            if len(chosen) == originals:
-                break
-            try:
-                img = open_image(files[i], draft=WORK_PX)
-            except VecsearchError as e:
-                skipped.append((files[i], str(e)))
-                continue
-            n = len(chosen)
-            chosen.append((n, files[i]))
-            suffix = Path(files[i]).suffix.lower() or ".img"
-            shutil.copyfile(files[i], work / f"{n:05d}_original{suffix}")
-            img.thumbnail((WORK_PX, WORK_PX))
-            for name in perturbations:
-                copy = perturbed(img, name, seed, n)
-                copy.save(work / f"{n:05d}_{name}.png")
-            if progress:
-                progress("prepare", len(chosen), min(originals, len(files)))
+        order = np.random.default_rng(seed).permutation(len(files))
+        chosen = _write_copies([files[i] for i in order], originals, perturbations, seed, work,
+                               report.skipped, progress)
         if len(chosen) < 2:
             raise InvalidInput(f"{folder} has {len(chosen)} readable image(s): eval perturb needs at least 2")
         if len(chosen) < originals:
@@ -204,14 +181,7 @@ def perturb(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *
                 raise InvalidInput("fewer than 2 originals could be embedded: see the skipped files")
             report.images, report.queries = len(ids), len(queries)
             kmax = ks[-1]
-            if progress:
-                progress("query", 0, 2)
-            ann = neighbours(conn, schema, queries, kmax, exact=False, ef_search=ef_search)
-            if progress:
-                progress("query", 1, 2)
-            exact = neighbours(conn, schema, queries, kmax, exact=True)
-            if progress:
-                progress("query", 2, 2)
+            ann, exact = _ann_and_exact(conn, schema, queries, kmax, ef_search, progress)
             ann_ids = {q: [i for i, _ in found] for q, found in ann.items()}
             exact_ids = {q: [i for i, _ in found] for q, found in exact.items()}
             name = {id_: Path(path).stem for path, id_ in ids.items()}
@@ -227,6 +197,56 @@ def perturb(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *
         report.notes.append(f"{len(report.skipped)} files skipped (unreadable or failed to embed)")
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_perturbations(perturbations: Sequence[str], originals: int) -> list[str]:
+    unknown = [p for p in perturbations if p not in PERTURBATIONS]
+    if unknown or not perturbations:
+        raise InvalidInput(f"unknown perturbation {', '.join(unknown) or '(none given)'}: choose from "
+                           f"{', '.join(PERTURBATIONS)}")
+    if originals < 2:
+        raise InvalidInput("--originals must be at least 2 (an original is judged against the others)")
+    return list(dict.fromkeys(perturbations))
+
+
+def _ann_and_exact(conn: psycopg.Connection, schema: str, queries: Sequence[int], k: int, ef_search: int,
+                   progress: Progress | None) -> tuple[dict, dict]:
+    """Each query's k nearest through the HNSW index, then exactly."""
+    found = []
+    for step, exact in enumerate((False, True)):
+        if progress:
+            progress("query", step, 2)
+        found.append(neighbours(conn, schema, queries, k, exact=exact, ef_search=ef_search))
+    if progress:
+        progress("query", 2, 2)
+    return found[0], found[1]
+
+
+def _write_copies(files: Sequence[str], originals: int, perturbations: Sequence[str], seed: int,
+                  work: Path, skipped: list[tuple[str, str]], progress: Progress | None
+                  ) -> list[tuple[int, str]]:
+    """The first `originals` readable files (in the order given) copied into `work` as
+    NNNNN_original.EXT, with one NNNNN_<perturbation>.png each; [(NNNNN, source path)]."""
+    from .images import open_image
+
+    chosen: list[tuple[int, str]] = []
+    for path in files:
+        if len(chosen) == originals:
+            break
+        try:
+            img = open_image(path, draft=WORK_PX)
+        except VecsearchError as e:
+            skipped.append((path, str(e)))
+            continue
+        n = len(chosen)
+        chosen.append((n, path))
+        shutil.copyfile(path, work / f"{n:05d}_original{Path(path).suffix.lower() or '.img'}")
+        img.thumbnail((WORK_PX, WORK_PX))
+        for name in perturbations:
+            perturbed(img, name, seed, n).save(work / f"{n:05d}_{name}.png")
+        if progress:
+            progress("prepare", len(chosen), min(originals, len(files)))
+    return chosen
 
 
 def _perturb_details(conn: psycopg.Connection, schema: str, report: Report,
@@ -320,16 +340,7 @@ def labels(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *,
                     skipped=list(found.failed))
     with tempfile.TemporaryDirectory(prefix="vecsearch-eval-") as tmp:
         work = Path(tmp)
-        # Symbolic links to the chosen files under <label>/: the label is the first path part.
-        source_of: dict[str, str] = {}
-        for n, (_label, paths) in enumerate(sorted(by_label.items())):
-            if per_label is not None and len(paths) > per_label:
-                paths = [paths[i] for i in sorted(rng.choice(len(paths), per_label, replace=False))]
-            (work / f"{n:04d}").mkdir()
-            for i, path in enumerate(paths):
-                link = work / f"{n:04d}" / f"{i:06d}{Path(path).suffix.lower()}"
-                _link(path, link)
-                source_of[os.path.abspath(link)] = path
+        source_of = _link_labelled(by_label, per_label, rng, work)
         names = {f"{n:04d}": label for n, label in enumerate(sorted(by_label))}
         with db.connect(settings) as conn, scratch_schema(conn) as schema:
             ids = _embed_into_scratch(settings, conn, schema, work, embedder, progress, report.skipped)
@@ -340,11 +351,35 @@ def labels(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *,
             queries = sorted(label_of)
             report.images = report.queries = len(queries)
             kmax = ks[-1]
-            ann = neighbours(conn, schema, queries, kmax, exact=False, ef_search=ef_search)
-            exact = neighbours(conn, schema, queries, kmax, exact=True)
+            ann, exact = _ann_and_exact(conn, schema, queries, kmax, ef_search, progress)
+    report.per_query = [_query_record(q, name, ann, exact, label=label_of[q]) for q in queries]
+    _label_metrics(report, ann, exact, label_of)
+    if report.skipped:
+        report.notes.append(f"{len(report.skipped)} files skipped (unreadable or failed to embed)")
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _link_labelled(by_label: Mapping[str, list[str]], per_label: int | None, rng,
+                   work: Path) -> dict[str, str]:
+    """Symbolic links to the chosen files under work/NNNN/ (NNNN: the label's number); {link: source}."""
+    source_of: dict[str, str] = {}
+    for n, (_label, paths) in enumerate(sorted(by_label.items())):
+        if per_label is not None and len(paths) > per_label:
+            paths = [paths[i] for i in sorted(rng.choice(len(paths), per_label, replace=False))]
+        (work / f"{n:04d}").mkdir()
+        for i, path in enumerate(paths):
+            link = work / f"{n:04d}" / f"{i:06d}{Path(path).suffix.lower()}"
+            _link(path, link)
+            source_of[os.path.abspath(link)] = path
+    return source_of
+
+
+def _label_metrics(report: Report, ann: Mapping, exact: Mapping, label_of: Mapping[int, str]) -> None:
+    """Precision of same-label neighbours at each k (ANN and exact), and per label at the largest k."""
+    queries, ks = sorted(label_of), report.ks
     ann_ids = {q: [i for i, _ in found] for q, found in ann.items()}
     exact_ids = {q: [i for i, _ in found] for q, found in exact.items()}
-    report.per_query = [_query_record(q, name, ann, exact, label=label_of[q]) for q in queries]
     ann_labels = {q: [label_of[i] for i in found] for q, found in ann_ids.items()}
     exact_labels = {q: [label_of[i] for i in found] for q, found in exact_ids.items()}
     report.columns = ["k", "ann_precision", "exact_precision", "ann_recall_vs_exact"]
@@ -368,10 +403,6 @@ def labels(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *,
     if min(counts.values()) <= kmax:
         report.notes.append(f"some labels have {min(counts.values())} images or fewer, so their "
                             f"precision@{kmax} cannot reach 1")
-    if report.skipped:
-        report.notes.append(f"{len(report.skipped)} files skipped (unreadable or failed to embed)")
-    report.seconds = time.perf_counter() - started
-    return report
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -128,11 +128,17 @@ def create_app(settings: Settings, *, weights: str | None = None,
         app.add_middleware(LoopbackHostOnly, allowed=allowed, respond=respond)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _add_error_handlers(app, respond)
+    _add_pages(app, state, templates)
+    _add_media(app, state)
+    _add_api(app, state)
+    return app
+
+
+def _add_pages(app: FastAPI, state: web_state.State, templates: Jinja2Templates) -> None:
+    """The HTML pages: browse, an image and its neighbours, search by upload, arithmetic."""
 
     def page(request: Request, name: str, status_code: int = 200, **context) -> HTMLResponse:
         return templates.TemplateResponse(request, name, context, status_code=status_code)
-
-    # -- HTML pages ---------------------------------------------------------------------------
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def browse_page(request: Request, q: Contains = None, page_no: PageNo = 1,
@@ -171,6 +177,11 @@ def create_app(settings: Settings, *, weights: str | None = None,
                         status_code=_status_of(e))
         return page(request, "arithmetic.html", expr=expr, result=result, k=k)
 
+
+
+def _add_media(app: FastAPI, state: web_state.State) -> None:
+    """Files by image id: the original, or a cached thumbnail or preview, of indexed content only."""
+
     @app.api_route("/media/{image_id}/{rendition}", methods=["GET", "HEAD"], include_in_schema=False)
     def media(image_id: ImageId, rendition: Rendition):
         with state.connection() as conn:
@@ -184,11 +195,14 @@ def create_app(settings: Settings, *, weights: str | None = None,
             return Response(data, media_type=mime or "application/octet-stream",
                             headers={"content-disposition": f"{disposition}; filename*=utf-8''{name}"})
         with state.decode_slots:
-            thumb = thumbs.thumbnail(settings.home, row, thumbs.SIZES[rendition.value], state.verified)
+            thumb = thumbs.thumbnail(state.settings.home, row, thumbs.SIZES[rendition.value], state.verified)
         return FileResponse(thumb, media_type="image/jpeg",
                             headers={"cache-control": "private, max-age=86400"})
 
-    # -- JSON API -----------------------------------------------------------------------------
+
+
+def _add_api(app: FastAPI, state: web_state.State) -> None:
+    """The JSON API under /api (OpenAPI docs at /api/docs): the same data as the pages."""
 
     @app.get("/api/images", response_model=ImagePage, tags=["images"], summary="List images",
              responses=ERRORS)
@@ -222,8 +236,6 @@ def create_app(settings: Settings, *, weights: str | None = None,
             "Weighted sum of image ids, e.g. `12 + 40*0.5 - 7`"))], k: K = DEFAULT_K) -> SimilarOut:
         """The k nearest images to a sum of weighted image vectors (query ids excluded)."""
         return web_state.arithmetic(state, expr, k)
-
-    return app
 
 
 _STATUSES = [(UploadTooLarge, 413), (NotFound, 404), (InvalidInput, 400),

@@ -1,0 +1,64 @@
+"""What the `vecsearch` commands share: the consoles, the settings, output and progress helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import typer
+from rich.console import Console
+
+from .config import Settings
+from .errors import VecsearchError
+from .output import printable
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def settings(ctx: typer.Context) -> Settings:
+    return ctx.find_root().obj
+
+
+def embedded_only(s: Settings, what: str) -> None:
+    if not s.embedded:
+        raise VecsearchError(
+            f"`vecsearch db {what}` manages the embedded server, but VECSEARCH_DATABASE_URL "
+            "(or --database-url) points at another server: unset it to use the embedded one"
+        )
+
+
+def progress_bars():
+    """Transient progress bars on stderr (nothing when stderr is not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+
+
+def output_format(fmt: str) -> str:
+    from .output import Format
+
+    try:
+        return Format(fmt)
+    except ValueError:
+        raise typer.BadParameter(f"{fmt!r} is not one of {', '.join(f.value for f in Format)}",
+                                 param_hint="--format") from None
+
+
+@contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Python warnings (e.g. the random-weights test model) as one `warning: ...` line each."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *args, **kwargs: err.print(
+            printable(f"warning: {message}"), markup=False)
+        yield
+
+
+def print_neighbours(neighbours, fmt: str, title: str | None) -> None:
+    from . import output, query
+
+    output.render(query.rows(neighbours), query.COLUMNS, fmt, title=title)

@@ -1,0 +1,149 @@
+"""`vecsearch db ...`: the database's commands (server, URLs, migrations, backups, reader logins)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import db, server
+from .cli_common import embedded_only, err, out, settings
+from .errors import VecsearchError
+from .output import printable
+
+db_app = typer.Typer(help="Manage the database: start, stop, status, URL, psql, migrations.",
+                     no_args_is_help=True)
+
+
+@db_app.command("start")
+def db_start(
+    ctx: typer.Context,
+    tcp: Annotated[bool, typer.Option(
+        "--tcp/--no-tcp", help="Also listen on 127.0.0.1 with a generated password "
+        "(for tools that cannot use a unix socket).", show_default=False)] = None,
+    port: Annotated[int, typer.Option(help="TCP port with --tcp.")] = 5433,
+) -> None:
+    """Start the embedded server (commands also start it on demand) and migrate the schema."""
+    s = settings(ctx)
+    embedded_only(s, "start")
+    if tcp is not None:
+        server.configure_tcp(s.home, port if tcp else None)
+    db.connect(s).close()
+    out.print(db.database_url(s))
+
+
+@db_app.command("stop")
+def db_stop(ctx: typer.Context) -> None:
+    """Stop the embedded server."""
+    s = settings(ctx)
+    embedded_only(s, "stop")
+    out.print("stopped" if server.stop(s.home) else "not running")
+
+
+@db_app.command("url")
+def db_url(
+    ctx: typer.Context,
+    tcp: Annotated[bool, typer.Option("--tcp", help="The TCP URL (after `db start --tcp`).")] = False,
+) -> None:
+    """Print a libpq URL for psql, Metabase, Grafana or a notebook."""
+    s = settings(ctx)
+    if not tcp:
+        print(db.database_url(s))
+        return
+    embedded_only(s, "url --tcp")
+    url = server.tcp_url(s.home, server.ensure_running(s.home))
+    if url is None:
+        raise VecsearchError("TCP is off: run `vecsearch db start --tcp` first")
+    print(url)
+
+
+@db_app.command("psql", context_settings={"allow_extra_args": True,
+                                          "ignore_unknown_options": True})
+def db_psql(ctx: typer.Context) -> None:
+    """Open psql on the database (extra arguments go to psql)."""
+    s = settings(ctx)
+    db.connect(s).close()  # started and migrated first
+    url = db.database_url(s)
+    psql = str(server.bin_path("psql"))
+    os.execv(psql, [psql, url, *ctx.args])
+
+
+@db_app.command("migrate")
+def db_migrate(
+    ctx: typer.Context,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Apply schema migrations (commands also do this on first use)."""
+    out.print(printable(f"schema at {db.migrate_to(db.database_url(settings(ctx)), revision)}"),
+              markup=False)
+
+
+@db_app.command("backup")
+def db_backup(ctx: typer.Context, file: Annotated[Path, typer.Argument(help="Dump file to write.")]) -> None:
+    """Back up the database to FILE (pg_dump custom format)."""
+    from . import backup
+
+    backup.backup(settings(ctx), file)
+    out.print(printable(f"backed up to {file}"), markup=False)
+
+
+@db_app.command("restore")
+def db_restore(ctx: typer.Context, file: Annotated[Path, typer.Argument(
+        help="A file written by `vecsearch db backup`.")],
+        wait: Annotated[float, typer.Option(
+            "--wait", min=0, help="Seconds to wait for other sessions using the tables.")] = 60) -> None:
+    """Replace the rows of the vecsearch tables with a backup's (its data only: no SQL from FILE runs)."""
+    from . import backup
+
+    rows = backup.restore(settings(ctx), file, wait=wait,
+                          notify=lambda line: err.print(line, markup=False))
+    out.print(printable(f"restored {rows} images from {file}"), markup=False)
+
+
+@db_app.command("status")
+def db_status(ctx: typer.Context) -> None:
+    """Server state, versions, schema revision, image count and index size."""
+    s = settings(ctx)
+    if s.embedded:
+        running = server.running(s.home)
+        state = f"running (pid {running.pid})" if running else "stopped"
+        out.print(printable(f"server:    embedded, {state}"), markup=False)
+        out.print(printable(f"data dir:  {server.pgdata(s.home)}"), markup=False)
+        if running is None:
+            return
+        if running.listen:
+            out.print(printable(f"tcp:       {running.listen}:{running.port}"), markup=False)
+    else:
+        out.print(printable(f"server:    {db.redact(s.database_url)}"), markup=False)
+    with db.connect(s) as conn:
+        for label, value in db.status(conn):
+            out.print(printable(f"{label + ':':<10} {value}"), markup=False)
+
+
+@db_app.command("reader")
+def db_reader(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="Login name for the tool, e.g. metabase.")],
+    drop: Annotated[bool, typer.Option("--drop", help="Drop this reader login instead.")] = False,
+) -> None:
+    """Create a read-only login for an analytics tool and print its URL (again: new password).
+
+    The login can SELECT the tables and call vecsearch_similar()/vecsearch_similar_to(), nothing
+    else. Tools that cannot use a unix socket need `vecsearch db start --tcp` first.
+    """
+    from . import reader
+
+    s = settings(ctx)
+    with db.connect(s) as conn:
+        if drop:
+            reader.drop(conn, name)
+            out.print(printable(f"dropped {name}"), markup=False)
+            return
+        password = reader.create(conn, name)
+        url = reader.url(s, conn, name, password)
+    print(url)
+    if "?host=/" in url:
+        err.print("note: a unix-socket URL; for tools in a container or on another machine run "
+                  "`vecsearch db start --tcp`, then this command again", markup=False)
