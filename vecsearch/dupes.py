@@ -159,49 +159,19 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
         # A small subset under --under: walking the graph past all the rows outside it costs more
         # than comparing the subset's images with each other.
         exact = result.images ** 2 < EXACT_FACTOR * k * everything
-        search = _Searcher(conn, {**params, "ef_search": ef_search, "exact": exact}, jobs)
-        # Exact copies: one sha256 under several paths, distance 0 whatever k is.
-        with conn.cursor(name="vecsearch_dupes_sha") as cur:
-            cur.execute(f"SELECT array_agg(id) FROM images q WHERE {where_q} "
-                        "GROUP BY sha256 HAVING count(*) > 1", params)
-            for (ids,) in cur:
-                result.exact_copy_sets += 1
-                for other in ids[1:]:
-                    sets.union(ids[0], other)
-
-        def chunks_of(ids: Iterable[int]) -> Iterator[list[int]]:
-            batch: list[int] = []
-            for i in ids:
-                batch.append(i)
-                if len(batch) == chunk:
-                    yield batch
-                    batch = []
-            if batch:
-                yield batch
-
-        with search:
+        _join_exact_copies(conn, where_q, params, sets, result)
+        with _Searcher(conn, {**params, "ef_search": ef_search, "exact": exact}, jobs) as search:
             # One query image per distinct content, streamed from a server-side cursor.
-            done = 0
-            saturated: list[int] = []
-            lost: list[int] = []
             with conn.cursor(name="vecsearch_dupes_ids") as ids_cur:
                 ids_cur.itersize = chunk
                 ids_cur.execute(f"SELECT min(id) FROM images q WHERE {where_q} GROUP BY sha256 "
                                 "ORDER BY 1", params)
-                for batch, pairs in search.run(chunks_of(row[0] for row in ids_cur), k):
-                    more, unreached = _join(batch, pairs, k, sets, result)
-                    saturated += more
-                    lost += unreached
-                    done += len(batch)
-                    if progress:
-                        progress(done, total[0])
+                ids = (row[0] for row in ids_cur)
+                saturated, lost = _search(search, ids, k, chunk, sets, result, progress, total[0])
             # Images whose k nearest all were duplicates: ask again with a larger k.
             while saturated and k < MAX_K:
                 k = min(MAX_K, k * 8)
-                again: list[int] = []
-                for batch, pairs in search.run(chunks_of(saturated), k):
-                    again += _join(batch, pairs, k, sets, result)[0]
-                saturated = again
+                saturated = _search(search, saturated, k, chunk, sets, result)[0]
         result.truncated = saturated
         # Images the graph search never reached (HNSW leaves a few nodes, often near-duplicates
         # of each other, without incoming links): their near pairs come from an exact pass.
@@ -276,6 +246,47 @@ class _Searcher:
         while pending:
             ids, future = pending.popleft()
             yield ids, future.result()
+
+
+def _join_exact_copies(conn: psycopg.Connection, where_q: str, params: dict[str, Any], sets: UnionFind,
+                       result: DupesResult) -> None:
+    """Exact copies: one sha256 under several paths, distance 0 whatever k is."""
+    with conn.cursor(name="vecsearch_dupes_sha") as cur:
+        cur.execute(f"SELECT array_agg(id) FROM images q WHERE {where_q} "
+                    "GROUP BY sha256 HAVING count(*) > 1", params)
+        for (ids,) in cur:
+            result.exact_copy_sets += 1
+            for other in ids[1:]:
+                sets.union(ids[0], other)
+
+
+def _chunks(ids: Iterable[int], size: int) -> Iterator[list[int]]:
+    batch: list[int] = []
+    for i in ids:
+        batch.append(i)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _search(search: _Searcher, ids: Iterable[int], k: int, chunk: int, sets: UnionFind,
+            result: DupesResult, progress: Callable[[int, int], None] | None = None,
+            total: int = 0) -> tuple[list[int], list[int]]:
+    """Search every id's k nearest, joining near pairs; (ids whose k nearest were all near, ids
+    whose search did not find the image itself)."""
+    saturated: list[int] = []
+    lost: list[int] = []
+    done = 0
+    for batch, pairs in search.run(_chunks(ids, chunk), k):
+        more, unreached = _join(batch, pairs, k, sets, result)
+        saturated += more
+        lost += unreached
+        done += len(batch)
+        if progress:
+            progress(done, total)
+    return saturated, lost
 
 
 def _join(ids: list[int], pairs: list[tuple[int, int]], k: int, sets: UnionFind,

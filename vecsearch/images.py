@@ -123,40 +123,42 @@ def find_images(folder: str | os.PathLike) -> Found:
         except OSError as e:
             found.failed.append((display_path(directory), f"cannot list folder: {e.strerror or e}"))
             continue
-        subdirs = []
-        for entry in entries:
-            if entry.name.startswith("."):
-                continue
-            path = entry.path
-            looks_like_image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
-            try:
-                st = entry.stat()  # follows symbolic links
-            except OSError as e:
-                if looks_like_image:
-                    reason = ("symbolic link loop" if e.errno == errno.ELOOP
-                              else "broken symbolic link" if entry.is_symlink() else (e.strerror or str(e)))
-                    found.failed.append((display_path(path), reason))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                subdirs.append(path)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                if looks_like_image:
-                    found.failed.append((display_path(path), "not a regular file"))
-                continue
-            if not (looks_like_image or _sniff_file(path)):
-                continue
-            if display_path(path) != path:
-                found.failed.append((display_path(path), "file name is not valid UTF-8: rename it"))
-                continue
-            if len(path.encode()) > MAX_PATH_BYTES:
-                found.failed.append((path, f"path is {len(path.encode())} bytes long, more than the "
-                                           f"{MAX_PATH_BYTES} vecsearch can index: move it higher up"))
-                continue
-            found.files.append(Candidate(path, st.st_size, st.st_mtime_ns))
+        subdirs = [entry.path for entry in entries if not entry.name.startswith(".")
+                   and _classify(entry, found) == "folder"]
         stack.extend(reversed(subdirs))
     found.files.sort(key=lambda c: c.path)
     return found
+
+
+def _classify(entry: os.DirEntry, found: Found) -> str | None:
+    """"folder" for a folder to descend into; an image file goes into `found.files`, an unusable
+    one that looks like an image into `found.failed`; anything else is ignored."""
+    path = entry.path
+    looks_like_image = os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS
+    try:
+        st = entry.stat()  # follows symbolic links
+    except OSError as e:
+        if looks_like_image:
+            reason = ("symbolic link loop" if e.errno == errno.ELOOP
+                      else "broken symbolic link" if entry.is_symlink() else (e.strerror or str(e)))
+            found.failed.append((display_path(path), reason))
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "folder"
+    if not stat.S_ISREG(st.st_mode):
+        if looks_like_image:
+            found.failed.append((display_path(path), "not a regular file"))
+        return None
+    if not (looks_like_image or _sniff_file(path)):
+        return None
+    if display_path(path) != path:
+        found.failed.append((display_path(path), "file name is not valid UTF-8: rename it"))
+    elif len(path.encode()) > MAX_PATH_BYTES:
+        found.failed.append((path, f"path is {len(path.encode())} bytes long, more than the "
+                                   f"{MAX_PATH_BYTES} vecsearch can index: move it higher up"))
+    else:
+        found.files.append(Candidate(path, st.st_size, st.st_mtime_ns))
+    return None
 
 
 # -- decoding --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import psycopg
 from . import models
 from .config import Settings
 from .errors import InvalidInput
-from .images import find_images
+from .images import Found, find_images
 from .index import BulkLoadIndex
 from .pipeline import LoadSummary, Pipeline, connect, fail
 from .progress import Progress, as_progress
@@ -53,22 +53,10 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
 
         found = find_images(folder)
         root = os.path.abspath(os.fspath(folder))
-        for path, reason in found.failed:
-            fail(summary, report, path, reason)
         existing = _existing(conn, None if reembed else root)
-        to_read: list[str] = []
-        for c in found.files:
-            if not reembed and existing.get(c.path) == (c.size, c.mtime_ns // 1000):
-                summary.unchanged += 1
-            else:
-                to_read.append(c.path)
-        if reembed:  # every row of the table, not only those under `folder`
-            discovered = {c.path for c in found.files}
-            to_read += sorted(p for p in existing if p not in discovered and os.path.isfile(p))
-        summary.found = len(found.failed) + summary.unchanged + len(to_read)
+        to_read = _to_read(found, existing, reembed, summary, report)
         report.message(f"found {summary.found} image file{'' if summary.found == 1 else 's'} in {root}: "
                        f"{len(to_read)} to read, {summary.unchanged} unchanged")
-
         index = BulkLoadIndex(conn, report)
         additions = sum(1 for p in to_read if p not in existing)
         rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
@@ -100,6 +88,24 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
         except OSError as e:  # a full disk, say: the load itself is done and stays done
             summary.errors_csv_error = f"cannot write --errors file {errors_csv}: {e.strerror or e}"
     return summary
+
+
+def _to_read(found: Found, existing: dict[str, tuple[int, int]], reembed: bool, summary: LoadSummary,
+             report: Progress) -> list[str]:
+    """The files to read: new or changed (path, size and mtime); with `reembed`, every row's file."""
+    for path, reason in found.failed:
+        fail(summary, report, path, reason)
+    to_read: list[str] = []
+    for c in found.files:
+        if not reembed and existing.get(c.path) == (c.size, c.mtime_ns // 1000):
+            summary.unchanged += 1
+        else:
+            to_read.append(c.path)
+    if reembed:  # every row of the table, not only those under `folder`
+        discovered = {c.path for c in found.files}
+        to_read += sorted(p for p in existing if p not in discovered and os.path.isfile(p))
+    summary.found = len(found.failed) + summary.unchanged + len(to_read)
+    return to_read
 
 
 def _open_errors(path: str | os.PathLike):
