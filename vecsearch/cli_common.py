@@ -11,6 +11,7 @@ from rich.console import Console
 from .config import Settings
 from .errors import VecsearchError
 from .output import printable
+from .progress import Progress
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -28,12 +29,28 @@ def embedded_only(s: Settings, what: str) -> None:
         )
 
 
-def progress_bars():
-    """Transient progress bars on stderr (nothing when stderr is not a terminal)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+@contextmanager
+def stage_bars() -> Iterator[Progress]:
+    """A progress.Progress showing one transient bar per stage on stderr (nothing when stderr is
+    not a terminal), for dupes and eval; loads have their own (progress.for_terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as Bars
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeRemainingColumn(), console=err, transient=True, disable=not err.is_terminal)
+    bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=err, transient=True, disable=not err.is_terminal)
+
+    class Stages(Progress):
+        task = None
+
+        def start(self, total: int, stage: str = "load") -> None:
+            self.task = bars.add_task(stage, total=total)
+
+        def advance(self, files: int, images: int = 0) -> None:
+            if self.task is not None:
+                bars.advance(self.task, files)
+
+    with bars:
+        yield Stages()
 
 
 def output_format(fmt: str) -> str:

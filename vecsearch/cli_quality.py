@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from . import db
-from .cli_common import err, out, output_format, progress_bars, settings
+from .cli_common import err, out, output_format, settings, stage_bars
 from .errors import InvalidInput
 from .limits import MAX_K
 from .output import printable
@@ -52,12 +52,11 @@ def dupes_command(
     if html is not None and not html.parent.is_dir():
         raise InvalidInput(f"--html {html}: the folder {html.parent} does not exist")
     s = settings(ctx)
-    with db.connect(s) as conn, progress_bars() as bar:
-        task = bar.add_task("dupes", total=None)
+    with db.connect(s) as conn, stage_bars() as bars:
         result = dupes.find_duplicates(
             conn, threshold, under=under, k=k, ef_search=ef_search,
             jobs=jobs if jobs is not None else min(4, os.cpu_count() or 1),
-            progress=lambda done, total: bar.update(task, completed=done, total=total))
+            progress=bars)
     output.render(result.rows(), dupes.COLUMNS, fmt,
                   title=f"near-duplicates (cosine distance < {threshold:g})")
     members = sum(len(g.members) for g in result.groups)
@@ -120,16 +119,9 @@ def _eval_run(ctx: typer.Context, experiment, folder: Path, weights: str, device
         warnings.simplefilter("always")
         embedder = Embedder(weights, device=device, batch_size=batch_size)
     for w in caught:
-        err.print(f"warning: {w.message}", markup=False)
-    with progress_bars() as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        report = experiment(settings(ctx), folder, embedder, progress=progress, **options)
+        err.print(printable(f"warning: {w.message}"), markup=False)
+    with stage_bars() as bars:
+        report = experiment(settings(ctx), folder, embedder, progress=bars, **options)
     if json_out:
         json.dump(report.to_dict(), sys.stdout, indent=2, default=str)
         print()

@@ -28,6 +28,7 @@ from . import query, thumbs
 from .errors import InvalidInput
 from .indexed import Verified
 from .limits import DEFAULT_K, MAX_K
+from .progress import Progress, as_progress
 
 # Cosine distance under which two images count as near-duplicates, for the pretrained
 # ResNet50. A judgement, not a measurement made here (no pretrained weights can be
@@ -130,14 +131,14 @@ class UnionFind:
 def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHOLD, *,
                     under: str | os.PathLike | None = None, k: int = DEFAULT_K,
                     ef_search: int = EF_SEARCH, chunk: int = CHUNK, jobs: int = 1,
-                    progress: Callable[[int, int], None] | None = None) -> DupesResult:
+                    progress: Progress | Callable[[int, int], None] | None = None) -> DupesResult:
     """Groups of images closer than `threshold` (cosine distance), plus exact copies (sha256).
 
     `k` neighbours are asked per image; an image whose k neighbours all fall under the
     threshold is asked again with a larger k (up to MAX_K), so big groups are not cut. An image
     the graph search cannot reach (it does not find itself) is compared exactly with every
     image instead, in one streamed pass. `jobs` connections search chunks in parallel (each a
-    server backend, so up to the server's cores). `progress(done, total)` is called after each
+    server backend, so up to the server's cores). `progress` (stage "dupes") advances after each
     chunk.
     """
     if not 0 <= threshold < 2:
@@ -167,7 +168,12 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
                 ids_cur.execute(f"SELECT min(id) FROM images q WHERE {where_q} GROUP BY sha256 "
                                 "ORDER BY 1", params)
                 ids = (row[0] for row in ids_cur)
-                saturated, lost = _search(search, ids, k, chunk, sets, result, progress, total[0])
+                report = as_progress(progress)
+                report.start(total[0], "dupes")
+                try:
+                    saturated, lost = _search(search, ids, k, chunk, sets, result, report)
+                finally:
+                    report.stop()
             # Images whose k nearest all were duplicates: ask again with a larger k.
             while saturated and k < MAX_K:
                 k = min(MAX_K, k * 8)
@@ -272,20 +278,17 @@ def _chunks(ids: Iterable[int], size: int) -> Iterator[list[int]]:
 
 
 def _search(search: _Searcher, ids: Iterable[int], k: int, chunk: int, sets: UnionFind,
-            result: DupesResult, progress: Callable[[int, int], None] | None = None,
-            total: int = 0) -> tuple[list[int], list[int]]:
+            result: DupesResult, progress: Progress | None = None) -> tuple[list[int], list[int]]:
     """Search every id's k nearest, joining near pairs; (ids whose k nearest were all near, ids
     whose search did not find the image itself)."""
     saturated: list[int] = []
     lost: list[int] = []
-    done = 0
     for batch, pairs in search.run(_chunks(ids, chunk), k):
         more, unreached = _join(batch, pairs, k, sets, result)
         saturated += more
         lost += unreached
-        done += len(batch)
         if progress:
-            progress(done, total)
+            progress.advance(len(batch))
     return saturated, lost
 
 

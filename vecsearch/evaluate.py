@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +33,7 @@ from .metrics import (
     perturbed,
     recall_against_exact,
 )
+from .progress import Progress
 from .query import check_ef_search
 from .scratch import scratch_schema
 
@@ -44,8 +45,6 @@ SCRATCH_PREFIX = "vecsearch_eval_"
 # Working copies are made from the original scaled to fit this many pixels: the model sees
 # 224 x 224 after resizing anyway, and full-size PNGs of 12-megapixel photos are slow to write.
 WORK_PX = 1024
-# (stage, done, total): "prepare", "embed", "query".
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -108,11 +107,7 @@ def _embed_into_scratch(settings: Settings, conn: psycopg.Connection, schema: st
     """Load `folder` into the scratch schema; return {absolute path: id}; failures go to `skipped`."""
     from .load import load
 
-    def on_load(done: int, total: int) -> None:
-        if progress:
-            progress("embed", done, total)
-
-    summary = load(settings, folder, embedder, schema=schema, progress=on_load if progress else None)
+    summary = load(settings, folder, embedder, schema=schema, progress=progress)
     skipped += summary.failed
     rows = conn.execute(sql.SQL("SELECT path, id FROM {}.images").format(sql.Identifier(schema))).fetchall()
     return {path: id_ for path, id_ in rows}
@@ -213,12 +208,13 @@ def _ann_and_exact(conn: psycopg.Connection, schema: str, queries: Sequence[int]
                    progress: Progress | None) -> tuple[dict, dict]:
     """Each query's k nearest through the HNSW index, then exactly."""
     found = []
-    for step, exact in enumerate((False, True)):
+    for exact in (False, True):
         if progress:
-            progress("query", step, 2)
+            progress.start(len(queries), "query (exact)" if exact else "query (HNSW)")
         found.append(neighbours(conn, schema, queries, k, exact=exact, ef_search=ef_search))
-    if progress:
-        progress("query", 2, 2)
+        if progress:
+            progress.advance(len(queries))
+            progress.stop()
     return found[0], found[1]
 
 
@@ -229,6 +225,8 @@ def _write_copies(files: Sequence[str], originals: int, perturbations: Sequence[
     NNNNN_original.EXT, with one NNNNN_<perturbation>.png each; [(NNNNN, source path)]."""
     from .images import open_image
 
+    if progress:
+        progress.start(min(originals, len(files)), "prepare")
     chosen: list[tuple[int, str]] = []
     for path in files:
         if len(chosen) == originals:
@@ -245,7 +243,9 @@ def _write_copies(files: Sequence[str], originals: int, perturbations: Sequence[
         for name in perturbations:
             perturbed(img, name, seed, n).save(work / f"{n:05d}_{name}.png")
         if progress:
-            progress("prepare", len(chosen), min(originals, len(files)))
+            progress.advance(1)
+    if progress:
+        progress.stop()
     return chosen
 
 

@@ -1,4 +1,10 @@
-"""What a long job (a load) reports while it runs: a rich bar on a terminal, plain lines otherwise."""
+"""What a long job (load, dupes, eval) reports while it runs: one protocol, `Progress`.
+
+A job goes through stages ("load", "dupes", "prepare", "query"...), each started with its
+total and advanced as items are done; a load also reports messages and skipped files. The CLI
+shows a rich bar on a terminal and plain lines otherwise; a library caller may pass a plain
+`fn(done, total)` instead (`as_progress`).
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,16 @@ from .output import printable
 
 
 class Progress:
-    """The hooks `vecsearch.load.load` calls; this base class says nothing at all."""
+    """The hooks a long job calls; this base class says nothing at all."""
 
     def message(self, text: str) -> None:
         """A phase worth telling (files found, index dropped or rebuilt)."""
 
-    def start(self, total: int) -> None:
-        """`total` files are about to be read."""
+    def start(self, total: int, stage: str = "load") -> None:
+        """A stage begins: `total` items (files, images, queries) to do."""
 
     def advance(self, files: int, images: int = 0) -> None:
-        """`files` more files done, `images` of them embedded by the model."""
+        """`files` more items done (for a load, `images` of them embedded by the model)."""
 
     def failed(self, path: str, reason: str) -> None:
         """A file was skipped."""
@@ -35,8 +41,8 @@ class Callback(Progress):
     def __init__(self, fn: Callable[[int, int], None]) -> None:
         self.fn, self.done, self.total = fn, 0, 0
 
-    def start(self, total: int) -> None:
-        self.total = total
+    def start(self, total: int, stage: str = "load") -> None:
+        self.total, self.done = total, 0
         self.fn(0, total)
 
     def advance(self, files: int, images: int = 0) -> None:
@@ -64,7 +70,7 @@ class _Counting(Progress):
         self.total = self.done = self.images = 0
         self.started = time.monotonic()
 
-    def start(self, total: int) -> None:
+    def start(self, total: int, stage: str = "load") -> None:
         self.total, self.done, self.images, self.started = total, 0, 0, time.monotonic()
 
     def advance(self, files: int, images: int = 0) -> None:
@@ -121,7 +127,7 @@ class Bar(_Counting):
     def message(self, text: str) -> None:
         self.console.print(printable(text), markup=False, highlight=False)
 
-    def start(self, total: int) -> None:
+    def start(self, total: int, stage: str = "load") -> None:
         super().start(total)
         self.task = self.bar.add_task("load", total=total, rate="")
         self.bar.start()
