@@ -18,7 +18,7 @@ from .cli_common import err, out, output_format, print_neighbours, settings, war
 from .cli_db import db_app
 from .cli_quality import dupes_command, eval_app
 from .config import Settings
-from .errors import DatabaseUnavailable, VecsearchError, first_line
+from .errors import VecsearchError, database_failure
 from .output import printable
 
 app = typer.Typer(
@@ -253,11 +253,6 @@ def main() -> None:
 
         if debug or not isinstance(e, psycopg.OperationalError):
             raise
-        # Class 08 and 57P (shutdown, crash) or no SQLSTATE: the connection itself is gone; else the
-        # server refused the work (disk full, out of memory...). One line either way.
-        sqlstate = getattr(e, "sqlstate", None) or ""
-        what = "database connection lost" if sqlstate[:2] in ("", "08") or sqlstate.startswith("57P") \
-            else "database error"
-        first = first_line(e)
-        err.print(printable(f"error: {what}: {first}"), markup=False)
-        sys.exit(DatabaseUnavailable.exit_code)
+        failure = database_failure(e)
+        err.print(printable(f"error: {failure}"), markup=False)
+        sys.exit(failure.exit_code)

@@ -50,7 +50,7 @@ def connect(settings: Settings, *, migrate: bool = True, autocommit: bool = True
             "postgresql://USER:PASSWORD@HOST:PORT/DBNAME"
         ) from e
     except psycopg.OperationalError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__  # libpq's last line
         where = "VECSEARCH_DATABASE_URL" if settings.database_url else "the embedded server"
         raise DatabaseUnavailable(
             f"cannot connect to {redact(url)} ({reason}): check {where}, or run "

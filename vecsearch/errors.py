@@ -53,6 +53,15 @@ class WeightsUnavailable(VecsearchError):
     exit_code = 1
 
 
+def database_failure(e: BaseException) -> DatabaseUnavailable:
+    """A psycopg.OperationalError as one line: "database connection lost" (class 08, 57P shutdown
+    or crash, or no SQLSTATE: the connection itself is gone), else "database error" (the server
+    refused the work: disk full, out of memory...)."""
+    sqlstate = getattr(e, "sqlstate", None) or ""
+    lost = sqlstate[:2] in ("", "08") or sqlstate.startswith("57P")
+    return DatabaseUnavailable(f"{'database connection lost' if lost else 'database error'}: {first_line(e)}")
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message, or its type's name: for one-line errors."""
     text = str(e).strip()

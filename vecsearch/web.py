@@ -48,6 +48,7 @@ from .errors import (
     SchemaMismatch,
     VecsearchError,
     WeightsUnavailable,
+    database_failure,
 )
 from .limits import DEFAULT_K, MAX_EF_SEARCH, WEB_DEFAULT_K, WEB_MAX_K
 from .web_guard import LoopbackHostOnly, SecurityHeaders, UploadLimit, UploadTooLarge, allowed_hosts_for
@@ -271,7 +272,7 @@ def _add_error_handlers(app: FastAPI, respond) -> None:
     @app.exception_handler(psycopg.OperationalError)
     async def database_error(request: Request, exc: psycopg.OperationalError) -> Response:
         log.warning("database error on %s: %s", request.url.path, exc)
-        return respond(request, 503, f"database unavailable: {str(exc).strip() or type(exc).__name__}")
+        return respond(request, 503, str(database_failure(exc)))
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> Response:

@@ -16,7 +16,7 @@ import psycopg
 from . import db, expr, query, server
 from .catalogue import count_images, get_image, list_images
 from .config import Settings
-from .errors import DatabaseUnavailable, InvalidInput, NotFound, UnreadableImage
+from .errors import DatabaseUnavailable, InvalidInput, NotFound, UnreadableImage, database_failure
 from .indexed import Verified
 from .web_guard import UploadTooLarge, too_large
 from .web_models import ImageInfo, ImagePage, SimilarOut, image_info, neighbour_list
@@ -92,7 +92,7 @@ class State:
             self._pool(fresh=True)  # a pool that kept failing to reconnect starts over next time
             raise DatabaseUnavailable(f"no database connection available: {e}") from e
         except psycopg.OperationalError as e:
-            raise DatabaseUnavailable(f"database connection lost: {e}") from e
+            raise database_failure(e) from e
 
 
 def _recorded_model(conn: psycopg.Connection):
