@@ -123,13 +123,12 @@ _WEIGHTS = Annotated[str | None, typer.Option(
     "(only used to embed image files).", show_default=False)]
 
 
-@app.command("similar")
-def similar_command(
+def neighbours_command(
     ctx: typer.Context,
     query_text: Annotated[str, typer.Argument(
-        metavar="QUERY", help="An image id; or arithmetic on ids and image files, e.g. "
+        metavar="QUERY", help="similar: an image id; or arithmetic on ids and image files, e.g. "
         "'12 + 40*0.5 - 7' or './beach.jpg + 40' (weighted sum of unit vectors; the ids in it "
-        "are excluded from the results).")],
+        "are excluded from the results). search: an image file; it need not be in the database.")],
     k: _K = 10,
     ef_search: _EF_SEARCH = None,
     exact: _EXACT = False,
@@ -137,40 +136,30 @@ def similar_command(
     fmt: _FORMAT = "table",
     weights: _WEIGHTS = None,
 ) -> None:
-    """The k images nearest to an image id (itself excluded) or to an arithmetic expression."""
+    """`vecsearch similar QUERY` and `vecsearch search FILE`: one command, two readings of QUERY."""
     from . import catalogue, expr, query
 
     fmt = output_format(fmt)
-    terms = expr.parse(query_text)
-    query.check_args(k, ef_search)
+    options = {"ef_search": ef_search, "exact": exact, "under": under}
     with db.connect(settings(ctx)) as conn, warnings_as_lines():
+        if ctx.info_name == "search":
+            neighbours = query.search_file(conn, query_text, k, weights=weights, **options)
+            print_neighbours(neighbours, fmt, f"neighbours of {query_text}")
+            return
+        terms = expr.parse(query_text)
+        query.check_args(k, ef_search)
         neighbours, _ = query.neighbours_of_terms(conn, terms, k, query.file_embedder(conn, weights),
-                                                  ef_search=ef_search, exact=exact, under=under)
+                                                  **options)
         title = f"neighbours of {query_text}"
         if fmt == "table" and expr.is_single_id(terms):
             title += ": " + catalogue.get_image(conn, terms[0].ref)["path"]
     print_neighbours(neighbours, fmt, title)
 
 
-@app.command("search")
-def search_command(
-    ctx: typer.Context,
-    file: Annotated[Path, typer.Argument(help="An image file; it need not be in the database.")],
-    k: _K = 10,
-    ef_search: _EF_SEARCH = None,
-    exact: _EXACT = False,
-    under: _UNDER = None,
-    fmt: _FORMAT = "table",
-    weights: _WEIGHTS = None,
-) -> None:
-    """The k images nearest to an image file, embedded with the model the database records."""
-    from . import query
-
-    fmt = output_format(fmt)
-    with db.connect(settings(ctx)) as conn, warnings_as_lines():
-        neighbours = query.search_file(conn, file, k, weights=weights, ef_search=ef_search,
-                                       exact=exact, under=under)
-    print_neighbours(neighbours, fmt, f"neighbours of {file}")
+app.command("similar", help="The k images nearest to an image id (itself excluded) or to an "
+            "arithmetic expression.")(neighbours_command)
+app.command("search", help="The k images nearest to an image file, embedded with the model the "
+            "database records.")(neighbours_command)
 
 
 # -- load -----------------------------------------------------------------------------------

@@ -10,13 +10,9 @@ class VecsearchError(Exception):
 class NotFound(VecsearchError):
     """An image id, file or folder that does not exist."""
 
-    exit_code = 1
-
 
 class InvalidInput(VecsearchError):
     """A malformed argument: a bad k, a broken arithmetic expression, an unreadable image."""
-
-    exit_code = 1
 
 
 class DatabaseUnavailable(VecsearchError):
@@ -27,8 +23,6 @@ class DatabaseUnavailable(VecsearchError):
 
 class DatabaseBusy(VecsearchError):
     """Other sessions hold what a command needs, for longer than it was told to wait."""
-
-    exit_code = 1
 
 
 class PgvectorMissing(VecsearchError):
@@ -49,8 +43,6 @@ class UnreadableImage(InvalidInput):
 
 class WeightsUnavailable(VecsearchError):
     """The pretrained weights cannot be downloaded or loaded."""
-
-    exit_code = 1
 
 
 def database_failure(e: BaseException) -> DatabaseUnavailable:
