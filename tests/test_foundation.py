@@ -25,6 +25,21 @@ def test_schema_revision_constant_matches_alembic_head():
     assert script.get_current_head() == db.SCHEMA_REVISION
 
 
+def test_the_sql_functions_limits_are_vecsearch_limits():
+    """The newest migration's function carries its own copy of the limits (migrations are frozen
+    history); they must be the ones the CLI, web and dupes check against."""
+    from alembic.script import ScriptDirectory
+
+    from vecsearch import limits
+
+    script = ScriptDirectory.from_config(db.alembic_config("postgresql://unused"))
+    newest = script.get_revision(script.get_current_head()).module
+    assert (newest.MAX_K, newest.DEFAULT_EF_SEARCH, newest.EXACT_BELOW) == \
+        (limits.MAX_K, limits.DEFAULT_EF_SEARCH, limits.EXACT_BELOW)
+    assert f"k must be between 1 and {limits.MAX_K}" in newest.SIMILAR_TO
+    assert f"ef_search must be between 1 and {limits.MAX_EF_SEARCH}" in newest.SIMILAR_TO
+
+
 def test_migrations_down_and_up_on_fresh_database(pg_home):
     running = server.ensure_running(pg_home)
     with server.psql_connection(running) as conn:
