@@ -6,6 +6,7 @@ few perturbed copies so that near-duplicates have something to find.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -107,20 +108,33 @@ def main() -> int:
     from . import output, query
 
     label = " (random weights: similarity shows the machinery, not semantics)" if random else ""
+    first = None
     with db.connect(settings) as conn:
         for stem in PERTURBED:
             row = conn.execute("SELECT id, path FROM images WHERE path = %s",
                                [str(next(p for p in photos if p.stem == stem))]).fetchone()
             if row is None:
                 continue
+            first = first or row[0]
             neighbours = query.similar(conn, row[0], k=3)
             print(f"\nvecsearch similar {row[0]} -k 3   # {row[1]}{label}")
-            output.render([{"rank": rank, "id": n.id, "similarity": n.similarity, "path": n.path}
-                           for rank, n in enumerate(neighbours, 1)],
-                          ["rank", "id", "similarity", "path"], "table")
-    print("\nnext: `vecsearch similar ID`, `vecsearch search FILE`, `vecsearch serve`, "
-          "`psql \"$(vecsearch db url)\"`")
+            output.render(query.rows(neighbours), query.COLUMNS, "table")
+    print("\n" + next_steps(first or 1))
     return 0
+
+
+def next_steps(image_id: int) -> str:
+    """The exact commands to type next: `vecsearch` is in this environment's bin folder, which is
+    on PATH only once the environment is activated."""
+    bin_dir = Path(sys.executable).parent
+    found = shutil.which("vecsearch")
+    lines = ["next, in this shell:"]
+    if found is None or Path(found).parent != bin_dir:
+        activate = bin_dir / "activate"
+        lines.append(f"  source {activate}" if activate.exists() else f"  export PATH={bin_dir}:$PATH")
+    lines += [f"  vecsearch similar {image_id}", "  vecsearch serve          # the web gallery",
+              "  vecsearch db psql        # the same tables in SQL"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

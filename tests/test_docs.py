@@ -1,0 +1,55 @@
+"""The docs a newcomer reads: README stays short, its links resolve, every command and option is
+documented somewhere in README.md or docs/."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import typer.main
+
+from vecsearch.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _commands(group: click.Group, prefix: str = "vecsearch") -> list[tuple[str, click.Command]]:
+    found = []
+    for name, command in group.commands.items():
+        path = f"{prefix} {name}"
+        found.append((path, command))
+        if isinstance(command, click.Group):
+            found += _commands(command, path)
+    return found
+
+
+def test_readme_starts_with_the_two_commands_and_stays_short():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200
+    block = lines[lines.index("```sh") + 1:lines.index("```")]
+    assert [line.split()[0:2] for line in block] == [["./dev", "demo"], ["./dev", "test"]]
+
+
+def test_links_in_the_docs_resolve():
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", doc.read_text()):
+            if not target.startswith("http"):
+                assert (doc.parent / target).exists(), f"{doc.name} links to missing {target}"
+
+
+def test_every_command_and_option_is_documented():
+    text = "\n".join(doc.read_text() for doc in DOCS)
+    root = typer.main.get_command(app)
+    missing = []
+    for option in root.params:
+        missing += [f"vecsearch {o}" for o in option.opts if o.startswith("--") and o not in text]
+    for path, command in _commands(root):
+        if path not in text:
+            missing.append(path)
+        for param in command.params:
+            for opt in param.opts:
+                if opt.startswith("--") and opt != "--help" and opt not in text:
+                    missing.append(f"{path} {opt}")
+    assert not missing, "not in README.md or docs/: " + ", ".join(missing)
