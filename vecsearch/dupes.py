@@ -38,11 +38,10 @@ from .progress import Progress, as_progress
 # deleted. Re-encodes and resizes sit far below it. Measure your own set with
 # `vecsearch eval perturb`, which prints the distances its copies actually get.
 DEFAULT_THRESHOLD = 0.05
-# The index's candidates per image. On 100k clustered vectors (bench/dupes.py) a graph search
-# that does not even find its own starting image (a node without incoming links, or one that
-# ends in the wrong cluster) happened for 1.1% of images at ef_search 100, 0.36% at 200, still
-# 0.08% at 1000; those images get an exact pass instead, so ef_search trades speed for the
-# size of that pass, not for missed duplicates.
+# The index's candidates per image. Some graph searches do not even find their own starting
+# image (a node without incoming links, or one that ends in the wrong cluster), at any
+# ef_search (docs/benchmarks.md); those images get an exact pass instead, so ef_search trades
+# speed for the size of that pass, not for missed duplicates.
 EF_SEARCH = 100
 CHUNK = 256
 # Exact comparison within the --under subset when subset^2 < EXACT_FACTOR * k * all images.
