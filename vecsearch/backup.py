@@ -24,6 +24,7 @@ from psycopg import sql
 from . import db, server
 from .config import Settings
 from .errors import DatabaseBusy, InvalidInput, NotFound, SchemaMismatch, VecsearchError
+from .limits import RESTORE_WAIT_S
 
 
 def backup(settings: Settings, file: Path) -> None:
@@ -60,7 +61,7 @@ def backup_revision(file: Path) -> str:
     return found.group(1)
 
 
-def restore(settings: Settings, file: Path, *, wait: float = 60,
+def restore(settings: Settings, file: Path, *, wait: float = RESTORE_WAIT_S,
             notify: Callable[[str], None] = lambda line: None) -> int:
     """Replace the rows of vecsearch's tables with those in `file` (made by `backup`); their count.
 

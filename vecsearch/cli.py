@@ -19,6 +19,7 @@ from .cli_db import db_app
 from .cli_quality import dupes_command, eval_app
 from .config import Settings
 from .errors import VecsearchError, database_failure
+from .limits import DEFAULT_BATCH_SIZE, DEFAULT_K, WEB_MAX_UPLOAD_MB, WEB_PORT
 from .output import printable
 
 app = typer.Typer(
@@ -87,13 +88,13 @@ def serve_command(
     host: Annotated[str, typer.Option(
         "--host", help="Address to listen on. Anything but loopback lets everyone who can reach "
         "this machine browse and download your indexed images.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one).")] = 8000,
+    port: Annotated[int, typer.Option("--port", help="TCP port (0: any free one).")] = WEB_PORT,
     weights: Annotated[str | None, typer.Option(
         "--weights", help="Weights of the recorded model for search by upload: a state-dict FILE, "
         "or 'random' for a database loaded with --weights random (default: the recorded model's "
         "own). Loaded on the first upload.", show_default=False)] = None,
     max_upload_mb: Annotated[int, typer.Option(
-        "--max-upload-mb", min=1, help="Largest image upload accepted, in MB.")] = 20,
+        "--max-upload-mb", min=1, help="Largest image upload accepted, in MB.")] = WEB_MAX_UPLOAD_MB,
 ) -> None:
     """Web gallery: browse thumbnails, click for neighbours, search by upload or arithmetic; JSON API."""
     from . import web
@@ -129,7 +130,7 @@ def neighbours_command(
         metavar="QUERY", help="similar: an image id; or arithmetic on ids and image files, e.g. "
         "'12 + 40*0.5 - 7' or './beach.jpg + 40' (weighted sum of unit vectors; the ids in it "
         "are excluded from the results). search: an image file; it need not be in the database.")],
-    k: _K = 10,
+    k: _K = DEFAULT_K,
     ef_search: _EF_SEARCH = None,
     exact: _EXACT = False,
     under: _UNDER = None,
@@ -175,7 +176,8 @@ def load_command(
         "TORCH_HOME); FILE: a local ResNet50 state dict (air-gapped machines); random: a seeded "
         "untrained network, for smoke tests only.")] = "default",
     device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per model forward.")] = 16,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Images per model forward.")] = DEFAULT_BATCH_SIZE,
     workers: Annotated[int | None, typer.Option(
         "--workers", help="Decode processes [default: CPU cores - 1; 0 decodes in the main process].",
         show_default=False)] = None,

@@ -11,6 +11,7 @@ import typer
 from . import db, server
 from .cli_common import embedded_only, err, out, settings
 from .errors import VecsearchError
+from .limits import RESTORE_WAIT_S
 from .output import printable
 
 db_app = typer.Typer(help="Manage the database: start, stop, status, URL, psql, migrations.",
@@ -93,7 +94,8 @@ def db_backup(ctx: typer.Context, file: Annotated[Path, typer.Argument(help="Dum
 def db_restore(ctx: typer.Context, file: Annotated[Path, typer.Argument(
         help="A file written by `vecsearch db backup`.")],
         wait: Annotated[float, typer.Option(
-            "--wait", min=0, help="Seconds to wait for other sessions using the tables.")] = 60) -> None:
+            "--wait", min=0, help="Seconds to wait for other sessions using the tables.")] = RESTORE_WAIT_S
+) -> None:
     """Replace the rows of the vecsearch tables with a backup's (its data only: no SQL from FILE runs)."""
     from . import backup
 

@@ -9,10 +9,10 @@ from typing import Annotated
 
 import typer
 
-from . import db
+from . import db, dupes
 from .cli_common import err, out, output_format, settings, stage_bars
 from .errors import InvalidInput
-from .limits import MAX_K
+from .limits import DEFAULT_BATCH_SIZE, DEFAULT_K, MAX_K
 from .output import printable
 
 
@@ -24,13 +24,14 @@ def dupes_command(
         "measurement (pretrained weights could not be downloaded where vecsearch was built): half "
         "of imagededup's CNN default (similarity 0.9), favouring precision; re-encodes and "
         "resizes should sit far below it. `vecsearch eval perturb` prints the distances copies "
-        "get on your own images. Exact copies (same sha256) are always grouped.")] = 0.05,
+        "get on your own images. Exact copies (same sha256) are always grouped.")] = dupes.DEFAULT_THRESHOLD,
     under: Annotated[Path | None, typer.Option(
         "--under", help="Only images whose path is under DIR.", show_default=False)] = None,
     k: Annotated[int, typer.Option(
-        "--k", "-k", help="Neighbours asked per image (grown automatically for big groups).")] = 10,
+        "--k", "-k", help="Neighbours asked per image (grown automatically for big groups).")] = DEFAULT_K,
     ef_search: Annotated[int, typer.Option(
-        "--ef-search", help="HNSW candidates per image: higher is slower and misses fewer.")] = 100,
+        "--ef-search", help="HNSW candidates per image: higher is slower and misses fewer.")
+    ] = dupes.EF_SEARCH,
     jobs: Annotated[int | None, typer.Option(
         "--jobs", "-j", help="Parallel database connections [default: CPU cores, at most 4].",
         show_default=False)] = None,
@@ -158,7 +159,7 @@ def eval_perturb(
     ef_search: _EVAL_EF = None,
     weights: _EVAL_WEIGHTS = "default",
     device: _EVAL_DEVICE = "auto",
-    batch_size: _EVAL_BATCH = 16,
+    batch_size: _EVAL_BATCH = DEFAULT_BATCH_SIZE,
     json_out: _EVAL_JSON = False,
     plot: _EVAL_PLOT = None,
 ) -> None:
@@ -188,7 +189,7 @@ def eval_labels(
     ef_search: _EVAL_EF = None,
     weights: _EVAL_WEIGHTS = "default",
     device: _EVAL_DEVICE = "auto",
-    batch_size: _EVAL_BATCH = 16,
+    batch_size: _EVAL_BATCH = DEFAULT_BATCH_SIZE,
     json_out: _EVAL_JSON = False,
     plot: _EVAL_PLOT = None,
 ) -> None:

@@ -23,8 +23,8 @@ from PIL import Image
 from . import models
 from .errors import InvalidInput, NotFound, SchemaMismatch, WeightsUnavailable, first_line
 from .images import model_input, open_image
+from .limits import DEFAULT_BATCH_SIZE
 
-DEFAULT_BATCH_SIZE = 16
 DOWNLOAD_TIMEOUT = 30  # seconds without data before a download is given up
 PRECISIONS = ("fp32", "bf16")
 # bf16 autocast is used only if, on the first batch, it keeps every vector this close to fp32

@@ -50,14 +50,14 @@ from .errors import (
     WeightsUnavailable,
     database_failure,
 )
-from .limits import DEFAULT_K, MAX_EF_SEARCH, WEB_DEFAULT_K, WEB_MAX_K
+from .limits import DEFAULT_K, MAX_EF_SEARCH, WEB_DEFAULT_K, WEB_MAX_K, WEB_MAX_UPLOAD_MB, WEB_PORT
 from .web_guard import LoopbackHostOnly, SecurityHeaders, UploadLimit, UploadTooLarge, allowed_hosts_for
 from .web_models import ERRORS, ImageInfo, ImagePage, SimilarOut
 
 log = logging.getLogger("vecsearch.web")
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_UPLOAD_BYTES = WEB_MAX_UPLOAD_MB * 1024 * 1024
 MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
         "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
 
@@ -305,7 +305,7 @@ def _filesize(n: int) -> str:
     return f"{n} B"
 
 
-def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, weights: str | None = None,
+def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = WEB_PORT, weights: str | None = None,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, announce=print) -> None:
     """Run the gallery with uvicorn until Ctrl-C; fails fast with one-line errors before that."""
     import socket
