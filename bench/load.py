@@ -114,7 +114,9 @@ def child_throughput(folder: str, url: str, batch_size: int, workers: int, weigh
     batches = max(3, min(8, len(paths) // batch_size))
     forward_before, forward_cpu = _bare_forward(embedder, batch_size, batches)
 
-    reader = loader._Reader(url, "public", None)
+    from vecsearch.pipeline import Reader
+
+    reader = Reader(url, "public", None)
     started = time.perf_counter()
     for _ in map_batches(reader, paths, batch_size=batch_size, workers=workers):
         pass

@@ -159,14 +159,15 @@ def exact_neighbours(vectors: np.ndarray, ids: list[int], q: np.ndarray, k: int,
 
 @pytest.fixture(scope="session")
 def embedder():
-    """One `--weights random` Embedder for the whole session (torch import + build: ~5-8 s)."""
+    """One `--weights random` Embedder for the whole session (torch import + build: ~5-8 s), on the
+    fp32 reference path: tests compare its vectors exactly (the engine choice has its own tests)."""
     import warnings
 
     from vecsearch.embed import Embedder, RandomWeightsWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
-        return Embedder(weights="random").prepare()
+        return Embedder(weights="random", precision="fp32").prepare()
 
 
 @dataclass(frozen=True)

@@ -163,7 +163,9 @@ def test_sigkilled_loads_and_server_end_like_an_uninterrupted_load(settings, emb
 
 def _crash_and_recover(home: Path, env: dict, photos: Path, reference: dict, original_index: str,
                        tmp_path: Path) -> None:
-    args = (str(photos), "--weights", "random", "--batch-size", BATCH, "--workers", "1")
+    # fp32: the vectors are compared with the in-process reference load's
+    args = (str(photos), "--weights", "random", "--precision", "fp32", "--batch-size", BATCH,
+            "--workers", "1")
     url = server.running(home).url()
     snapshots = []
 

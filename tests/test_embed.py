@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_image, run_cli
 
-from vecsearch import embed, models
+from vecsearch import engine, models
 from vecsearch.embed import Embedder, RandomWeightsWarning
 from vecsearch.errors import InvalidInput, NotFound, SchemaMismatch, WeightsUnavailable
 from vecsearch.images import model_input, open_image
@@ -149,24 +149,24 @@ def test_model_record_is_kept_and_a_different_one_refused(conn, embedder):
 
 def test_bf16_is_kept_only_when_close_to_fp32_and_faster(embedder, tmp_path):
     pixels = np.stack([model_input(open_image(make_image(tmp_path / f"{i}.png", i))) for i in range(2)])
-    fp32 = embedder.embed_arrays(pixels)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
+        fp32 = Embedder(weights="random", precision="fp32", batch_size=2).embed_arrays(pixels)
         fast = Embedder(weights="random", precision="bf16", batch_size=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = fast.embed_arrays(pixels)
-    check = fast.bf16_check
+    check = fast.choice
     if fast.active_precision == "bf16":
-        assert check["min_cosine"] >= 0.999 and check["bf16_s"] < check["fp32_s"] and not caught
-        assert (got * fp32).sum(axis=1).min() >= 0.999
+        assert check.min_cosine >= engine.MIN_COSINE and check.speedup > 1 and not caught
+        assert (got * fp32).sum(axis=1).min() >= engine.MIN_COSINE
     else:  # a CPU without fast bf16: said so, and the vectors are fp32's
         assert "using fp32" in str(caught[-1].message)
         assert np.allclose(got, fp32, atol=1e-5)
     # The rule itself: both conditions, each named when it fails.
-    assert embed.bf16_refusal(0.9995, 2.0, 1.0) is None
-    assert "cosine to fp32 0.99800 < 0.999" in embed.bf16_refusal(0.998, 2.0, 1.0)
-    assert "not faster here" in embed.bf16_refusal(0.99999, 1.0, 1.5)
+    assert engine.refusal(0.99995, 2.0, 1.0) is None
+    assert "cosine to fp32 0.99980 < 0.9999" in engine.refusal(0.9998, 2.0, 1.0)
+    assert "not faster here" in engine.refusal(0.99999, 1.0, 1.5)
 
 
 def test_importing_the_cli_and_load_modules_does_not_import_torch():

@@ -14,12 +14,22 @@ from typing import Annotated
 import typer
 
 from . import __version__, db
-from .cli_common import err, out, output_format, print_neighbours, settings, warnings_as_lines
+from .cli_common import (
+    BATCH_HELP,
+    DEVICE_HELP,
+    PRECISION_HELP,
+    err,
+    out,
+    output_format,
+    print_neighbours,
+    settings,
+    warnings_as_lines,
+)
 from .cli_db import db_app
 from .cli_quality import dupes_command, eval_app
 from .config import Settings
 from .errors import VecsearchError, database_failure
-from .limits import DEFAULT_BATCH_SIZE, DEFAULT_K, WEB_MAX_UPLOAD_MB, WEB_PORT
+from .limits import DEFAULT_K, WEB_MAX_UPLOAD_MB, WEB_PORT
 from .output import printable
 
 app = typer.Typer(
@@ -175,15 +185,13 @@ def load_command(
         "--weights", help="default: torchvision's ImageNet weights (IMAGENET1K_V2, downloaded once into "
         "TORCH_HOME); FILE: a local ResNet50 state dict (air-gapped machines); random: a seeded "
         "untrained network, for smoke tests only.")] = "default",
-    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(
-        "--batch-size", help="Images per model forward.")] = DEFAULT_BATCH_SIZE,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    batch_size: Annotated[int | None, typer.Option(
+        "--batch-size", help=BATCH_HELP, show_default=False)] = None,
     workers: Annotated[int | None, typer.Option(
         "--workers", help="Decode processes [default: CPU cores - 1; 0 decodes in the main process].",
         show_default=False)] = None,
-    precision: Annotated[str, typer.Option(
-        "--precision", help="fp32, or bf16: autocast, used only if on the first batch it keeps cosine >= "
-        "0.999 to fp32 and is faster (else fp32, with a warning).")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "auto",
     prune: Annotated[bool, typer.Option(
         "--prune", help="Delete rows under FOLDER whose files are gone.")] = False,
     reembed: Annotated[bool, typer.Option(

@@ -10,9 +10,9 @@ from typing import Annotated
 import typer
 
 from . import db, dupes
-from .cli_common import err, out, output_format, settings, stage_bars
+from .cli_common import BATCH_HELP, DEVICE_HELP, err, out, output_format, settings, stage_bars
 from .errors import InvalidInput
-from .limits import DEFAULT_BATCH_SIZE, DEFAULT_K, MAX_K
+from .limits import DEFAULT_K, MAX_K
 from .output import printable
 
 
@@ -82,8 +82,8 @@ eval_app = typer.Typer(help="Measure retrieval quality on your own images (embed
 _EVAL_WEIGHTS = Annotated[str, typer.Option(
     "--weights", help="'default' (torchvision's ImageNet weights), a state-dict FILE, or 'random' "
     "(an untrained network: a smoke test only).")]
-_EVAL_DEVICE = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
-_EVAL_BATCH = Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")]
+_EVAL_DEVICE = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+_EVAL_BATCH = Annotated[int | None, typer.Option("--batch-size", help=BATCH_HELP, show_default=False)]
 _EVAL_EF = Annotated[int | None, typer.Option(
     "--ef-search", help="HNSW candidates per query for the ANN side [default: that of `vecsearch "
     "similar`].", show_default=False)]
@@ -159,7 +159,7 @@ def eval_perturb(
     ef_search: _EVAL_EF = None,
     weights: _EVAL_WEIGHTS = "default",
     device: _EVAL_DEVICE = "auto",
-    batch_size: _EVAL_BATCH = DEFAULT_BATCH_SIZE,
+    batch_size: _EVAL_BATCH = None,
     json_out: _EVAL_JSON = False,
     plot: _EVAL_PLOT = None,
 ) -> None:
@@ -189,7 +189,7 @@ def eval_labels(
     ef_search: _EVAL_EF = None,
     weights: _EVAL_WEIGHTS = "default",
     device: _EVAL_DEVICE = "auto",
-    batch_size: _EVAL_BATCH = DEFAULT_BATCH_SIZE,
+    batch_size: _EVAL_BATCH = None,
     json_out: _EVAL_JSON = False,
     plot: _EVAL_PLOT = None,
 ) -> None:

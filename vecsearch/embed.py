@@ -20,16 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from . import models
+from . import engine, models
 from .errors import InvalidInput, NotFound, SchemaMismatch, WeightsUnavailable, first_line
 from .images import model_input, open_image
-from .limits import DEFAULT_BATCH_SIZE
 
 DOWNLOAD_TIMEOUT = 30  # seconds without data before a download is given up
-PRECISIONS = ("fp32", "bf16")
-# bf16 autocast is used only if, on the first batch, it keeps every vector this close to fp32
-# and runs faster (CPUs without bf16 units run it slower): checked where it runs, not assumed.
-BF16_MIN_COSINE = 0.999
 FILE_PREFIX = "file:sha256="
 
 
@@ -53,21 +48,22 @@ class Embedder:
     """
 
     def __init__(self, weights: str = "default", device: str = "auto",
-                 batch_size: int = DEFAULT_BATCH_SIZE, precision: str = "fp32") -> None:
-        if batch_size < 1:
+                 batch_size: int | None = None, precision: str = "auto") -> None:
+        """device: auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda[:N] or mps.
+        precision: auto (a reduced precision where the first-batch check keeps it, see
+        vecsearch/engine.py), fp32 (the reference), bf16 or fp16 (also checked).
+        batch_size: images per forward (default: the device's, engine.BATCH_SIZES)."""
+        if batch_size is not None and batch_size < 1:
             raise InvalidInput(f"--batch-size must be at least 1, not {batch_size}")
-        if precision not in PRECISIONS:
-            raise InvalidInput(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-        if device != "auto" and device != "cpu" and not device.startswith("cuda"):
-            raise InvalidInput(f"--device must be auto, cpu or cuda, not {device!r}")
+        engine.check_choice(device, precision)
         self.weights = weights
         self.device_name = device
-        self.batch_size = batch_size
+        self._batch_size = batch_size
         self.precision = precision
         self.images_embedded = 0  # images that went through the network (tests count model work)
+        self.choice: engine.Choice | None = None  # set by the first batch
         self._model = None
         self._device = None
-        self._bf16: bool | None = None if precision == "bf16" else False  # None: not yet checked
         self._weights_file: Path | None = None
         if weights == "default":
             label = models.DEFAULT_WEIGHTS
@@ -89,7 +85,7 @@ class Embedder:
 
     @classmethod
     def from_record(cls, record: models.ModelRecord, weights: str | None = None, *,
-                    device: str = "auto", batch_size: int = DEFAULT_BATCH_SIZE) -> Embedder:
+                    device: str = "auto", batch_size: int | None = None) -> Embedder:
         """The embedder that produced a database whose model record is `record`.
 
         A record made with a weights file needs that file again (`weights`); its sha256 must match.
@@ -120,12 +116,7 @@ class Embedder:
         import torch
         from torchvision.models import resnet50
 
-        if self.device_name == "auto":
-            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            device = torch.device(self.device_name)
-            if device.type == "cuda" and not torch.cuda.is_available():
-                raise InvalidInput("--device cuda: no CUDA device is available here; use --device cpu")
+        device = engine.pick_device(self.device_name)
         if self.weights == "random":
             # Seeded without disturbing the caller's RNG. zero_init_residual spreads embeddings out
             # (plain random init maps every image into a cone of cosine >= 0.997).
@@ -194,6 +185,13 @@ class Embedder:
         self.prepare()
         return str(self._device)
 
+    @property
+    def batch_size(self) -> int:
+        """As given, else the device's default (the CPU's until the network is built)."""
+        if self._batch_size is not None:
+            return self._batch_size
+        return engine.batch_size_for(self._device.type if self._device is not None else "cpu")
+
     def state_dict(self) -> dict:
         """The network's parameters (fc excluded): save with torch.save for `--weights FILE`."""
         return self.prepare()._model.state_dict()
@@ -206,47 +204,44 @@ class Embedder:
 
         self.prepare()
         out = np.empty((len(pixels), models.DIM), dtype=np.float32)
+        gpu = self._device.type != "cpu"
         for start in range(0, len(pixels), self.batch_size):
             chunk = torch.from_numpy(np.ascontiguousarray(pixels[start:start + self.batch_size]))
+            if gpu and self._device.type == "cuda":
+                chunk = chunk.pin_memory()  # page-locked: the copy below runs asynchronously
             with torch.inference_mode():
                 # NHWC -> NCHW view: already channels_last in memory, no copy.
-                x = chunk.to(self._device, non_blocking=True).permute(0, 3, 1, 2).float()
+                x = chunk.to(self._device, non_blocking=gpu).permute(0, 3, 1, 2).float()
                 x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
-                features = self._check_bf16(x) if self._bf16 is None else self._forward(x, self._bf16)
+                if self.choice is None:
+                    features = self._choose(x)
+                else:
+                    features = self._forward(x, self.choice.precision)
             out[start:start + len(chunk)] = features.cpu().numpy()
             self.images_embedded += len(chunk)
         return out
 
-    def _forward(self, x, bf16: bool):
+    def _forward(self, x, precision: str):
         import torch
 
-        with torch.autocast(self._device.type, dtype=torch.bfloat16, enabled=bf16):
+        dtype = engine.autocast_dtype(precision)
+        with torch.autocast(self._device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             features = self._model(x)
         return torch.nn.functional.normalize(features.float(), dim=1)
 
     @property
     def active_precision(self) -> str:
-        """"bf16" once the first batch showed it is close and faster here; else "fp32"."""
-        return "bf16" if self._bf16 else "fp32"
+        """The precision the first-batch check kept ("fp32" until then)."""
+        return self.choice.precision if self.choice else "fp32"
 
-    def _check_bf16(self, x):
-        """Embed the first batch in both precisions; keep bf16 only if close enough and faster."""
-        import time
-
-        self._forward(x[:2], False), self._forward(x[:2], True)  # first calls pay kernel set-up
-        started = time.perf_counter()
-        fp32 = self._forward(x, False)
-        fp32_s = time.perf_counter() - started
-        started = time.perf_counter()
-        bf16 = self._forward(x, True)
-        bf16_s = time.perf_counter() - started
-        cosine = float((fp32 * bf16).sum(dim=1).min())
-        self.bf16_check = {"min_cosine": cosine, "fp32_s": fp32_s, "bf16_s": bf16_s}
-        why = bf16_refusal(cosine, fp32_s, bf16_s)
-        self._bf16 = why is None
-        if why:
-            warnings.warn(f"--precision bf16: {why}; using fp32", stacklevel=3)
-        return bf16 if self._bf16 else fp32
+    def _choose(self, x):
+        """The first batch decides the precision (vecsearch/engine.py); an explicit request that
+        the check refuses is said so."""
+        self.choice, features = engine.choose(self._forward, x, str(self._device), self.precision)
+        if self.precision not in ("auto", "fp32") and self.choice.precision == "fp32":
+            reasons = "; ".join(why for _, why in self.choice.tried)
+            warnings.warn(f"--precision {self.precision}: {reasons}; using fp32", stacklevel=3)
+        return features
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB Pillow images (as from images.open_image) -> n x 2048 float32, L2-normalised."""
@@ -259,15 +254,6 @@ class Embedder:
     def embed_file(self, path: str | os.PathLike) -> np.ndarray:
         """One image file, decoded exactly as `vecsearch load` decodes it -> (2048,) float32."""
         return self.embed_images([open_image(path)])[0]
-
-
-def bf16_refusal(min_cosine: float, fp32_s: float, bf16_s: float) -> str | None:
-    """Why bf16 must not be used after this measurement, or None when it may."""
-    if min_cosine < BF16_MIN_COSINE:
-        return f"cosine to fp32 {min_cosine:.5f} < {BF16_MIN_COSINE}"
-    if bf16_s >= fp32_s:
-        return f"not faster here ({bf16_s:.2f} s vs {fp32_s:.2f} s for fp32)"
-    return None
 
 
 # -- parallel decoding -------------------------------------------------------------------------

@@ -19,7 +19,6 @@ MAX_EF_SEARCH = 1000
 # A path prefix (`under`) matching fewer rows than this is answered by an exact scan of those rows.
 EXACT_BELOW = 2000
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)  # file mtimes are stored as timestamptz from this
-DEFAULT_BATCH_SIZE = 16  # images per model forward
 WEB_PORT = 8000
 WEB_MAX_UPLOAD_MB = 20
 RESTORE_WAIT_S = 60  # `db restore` waits this long for other sessions using the tables
