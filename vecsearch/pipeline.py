@@ -54,6 +54,9 @@ class LoadSummary:
     interrupted: bool = False
     seconds: float = 0.0
     decode_wait: float = 0.0  # seconds the model sat waiting for decoded files (more --workers?)
+    write_wait: float = 0.0  # seconds the model sat waiting for the database writer
+    model_seconds: float = 0.0  # seconds in the network
+    engine: str = ""  # where and how the network ran (engine.Choice.describe)
     errors_csv_error: str | None = None  # why the --errors file could not be written
 
     @property
@@ -67,6 +70,17 @@ class LoadSummary:
                 f"duplicate content {self.duplicate}, failed {len(self.failed)}, pruned {self.pruned} "
                 f"(embedded {self.embedded} images in {self.seconds:.1f} s{rate})")
         return ("interrupted: " + text) if self.interrupted else text
+
+    @property
+    def limited_by(self) -> str:
+        """The stage that set the rate: what the model waited for most, else the model itself."""
+        waits = {"decode": self.decode_wait, "database writes": self.write_wait}
+        stage, longest = max(waits.items(), key=lambda item: item[1])
+        return stage if longest > 0.25 * max(self.model_seconds, 1e-9) else "model"
+
+    def stages(self) -> str:
+        return (f"rate limited by {self.limited_by}: model {self.model_seconds:.1f} s, waiting for "
+                f"decoded files {self.decode_wait:.1f} s, for database writes {self.write_wait:.1f} s")
 
 
 def connect(settings: Settings, schema: str = "public") -> psycopg.Connection:
@@ -323,7 +337,9 @@ class Pipeline:
                     writer.check()
                     rows, embedded = self._embed(conn, writer, batch)
                     if rows:
+                        waiting = time.monotonic()
                         writer.put(rows)
+                        self.summary.write_wait += time.monotonic() - waiting
                     self.report.advance(len(batch), embedded)
         finally:
             batches.close()
@@ -333,6 +349,8 @@ class Pipeline:
                     writer.close()
             finally:
                 self.report.stop()
+                if self.summary.embedded:
+                    self.report.message(self.summary.stages())
 
     def _embed(self, conn: psycopg.Connection, writer: Writer, batch: list[Row]) -> tuple[list[Row], int]:
         """Embed the batch's new content (once per sha256); rows with known content get no vector."""
@@ -365,7 +383,13 @@ class Pipeline:
         if groups:
             import numpy as np
 
+            started = time.monotonic()
             vectors = self.embedder.embed_arrays(np.stack([group[0].pixels for group in groups.values()]))
+            self.summary.model_seconds += time.monotonic() - started
+            choice = getattr(self.embedder, "choice", None)
+            if not self.summary.engine and choice is not None:
+                self.summary.engine = choice.describe()
+                self.report.message(f"engine: {self.summary.engine}")
             self.summary.embedded += len(groups)
             for group, vector in zip(groups.values(), vectors, strict=True):
                 for n, item in enumerate(group):
