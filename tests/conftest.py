@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -216,3 +217,52 @@ def nested_plans(conn: psycopg.Connection, sql: str, params) -> str:
     conn.execute(sql, params).fetchall()
     conn.execute("SET auto_explain.log_min_duration = -1")
     return "\n".join(notices)
+
+
+def make_dng(path: Path, rgb: np.ndarray, orientation: int = 1, claim: tuple[int, int] | None = None) -> Path:
+    """A minimal uncompressed Bayer (RGGB) DNG of an RGB uint8 array (even sides), as a camera
+    writes one (libraw reads it); `claim`: the (width, height) its header states instead."""
+    h, w, _ = rgb.shape
+    wide = rgb.astype(np.uint16) * 257
+    cfa = np.empty((h, w), np.uint16)
+    cfa[0::2, 0::2], cfa[0::2, 1::2] = wide[0::2, 0::2, 0], wide[0::2, 1::2, 1]
+    cfa[1::2, 0::2], cfa[1::2, 1::2] = wide[1::2, 0::2, 1], wide[1::2, 1::2, 2]
+    data = cfa.astype("<u2").tobytes()
+    short, long, byte, text, rational, srational = 3, 4, 1, 2, 5, 10
+    cw, ch = claim or (w, h)
+    tags = {  # tag: (TIFF type, values)
+        254: (long, [0]), 256: (long, [cw]), 257: (long, [ch]), 258: (short, [16]), 259: (short, [1]),
+        262: (short, [32803]), 271: (text, "vecsearch"), 272: (text, "test camera"), 273: (long, [0]),
+        274: (short, [orientation]), 277: (short, [1]), 278: (long, [h]), 279: (long, [len(data)]),
+        284: (short, [1]), 33421: (short, [2, 2]), 33422: (byte, [0, 1, 1, 2]),
+        50706: (byte, [1, 4, 0, 0]), 50707: (byte, [1, 1, 0, 0]), 50708: (text, "vecsearch test camera"),
+        50717: (long, [65535]),  # WhiteLevel
+        50721: (srational, [(1, 1), (0, 1), (0, 1), (0, 1), (1, 1), (0, 1), (0, 1), (0, 1), (1, 1)]),
+        50728: (rational, [(1, 1), (1, 1), (1, 1)]),  # AsShotNeutral
+        50778: (short, [21]),  # CalibrationIlluminant1: D65
+    }
+    codes = {short: "H", long: "I", byte: "B"}
+    encoded = {}
+    for tag, (kind, values) in tags.items():
+        if kind == text:
+            raw = values.encode() + b"\0"
+        elif kind in (rational, srational):
+            raw = b"".join(struct.pack("<II" if kind == rational else "<ii", *v) for v in values)
+        else:
+            raw = struct.pack("<" + codes[kind] * len(values), *values)
+        encoded[tag] = (kind, len(raw) if kind == text else len(values), raw)
+    ifd_size = 2 + 12 * len(tags) + 4
+    extra, entries = b"", []
+    for tag, (kind, count, raw) in sorted(encoded.items()):
+        if len(raw) > 4:
+            offset = 8 + ifd_size + len(extra)
+            extra += raw + b"\0" * (len(raw) % 2)
+            raw = struct.pack("<I", offset)
+        entries.append([tag, kind, count, raw.ljust(4, b"\0")])
+    for entry in entries:
+        if entry[0] == 273:  # StripOffsets: the pixels come last
+            entry[3] = struct.pack("<I", 8 + ifd_size + len(extra))
+    ifd = struct.pack("<H", len(entries))
+    ifd += b"".join(struct.pack("<HHI", t, k, c) + v for t, k, c, v in entries)
+    path.write_bytes(b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + extra + data)
+    return path

@@ -17,11 +17,13 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import formats
 from .errors import InvalidInput, NotFound, UnreadableImage, first_line
 from .models import CROP, RESIZE
+from .output import check_utf8, display_path
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".bmp", ".dib",
-                              ".gif", ".tif", ".tiff"})
+                              ".gif", ".tif", ".tiff"}) | formats.HEIF_EXTENSIONS | formats.RAW_EXTENSIONS
 # Pillow's own decompression-bomb threshold, applied to the pixels actually decoded (after JPEG
 # draft), so a 100-megapixel JPEG still loads at 1/8 scale while a 20000 x 20000 PNG is refused.
 # Pillow itself refuses any header above twice this before decoding anything.
@@ -70,7 +72,7 @@ def sniff(head: bytes) -> str | None:
     # "BM" alone is too weak a signature: also require a known DIB header size.
     if head[:2] == b"BM" and int.from_bytes(head[14:18], "little") in (12, 40, 52, 56, 64, 108, 124):
         return "BMP"
-    return None
+    return formats.sniff(head)
 
 
 def _sniff_file(path: str) -> bool:
@@ -79,19 +81,6 @@ def _sniff_file(path: str) -> bool:
             return sniff(f.read(32)) is not None
     except OSError:
         return False
-
-
-def display_path(path: str) -> str:
-    """`path` printable and storable as UTF-8 (undecodable bytes shown as \\x escapes)."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def check_utf8(path: str) -> str:
-    """`path` itself, or InvalidInput if its bytes are not valid UTF-8 (vecsearch stores text)."""
-    if display_path(path) != path:
-        raise InvalidInput(f"{display_path(path)}: the path is not valid UTF-8: rename it (or the "
-                           "folder it is in) to use it with vecsearch")
-    return path
 
 
 def find_images(folder: str | os.PathLike) -> Found:
@@ -188,28 +177,38 @@ class Decoded:
     height: int
 
 
-def open_image(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESIZE) -> Image.Image:
+def open_image(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESIZE,
+               name: str | None = None) -> Image.Image:
     """Decode an image file into an RGB Pillow image, the same way everywhere.
 
     First frame of animations; EXIF orientation applied; palette, alpha (over white), CMYK,
-    greyscale and 16-bit modes converted to 8-bit RGB. `draft`: a JPEG is decoded at the
-    smallest 1/2, 1/4 or 1/8 scale whose short side stays >= `draft` pixels (None: full size).
+    greyscale and 16-bit modes converted to 8-bit RGB; HEIC, AVIF and camera RAW too
+    (vecsearch/formats.py). `draft`: a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale
+    whose short side stays >= `draft` pixels, a RAW file at half size likewise (None: full size).
+    `name`: the file's name, for bytes given without one (RAW formats are told by extension).
     Raises UnreadableImage with a one-line reason.
     """
-    return open_decoded(source, draft=draft).image
+    return open_decoded(source, draft=draft, name=name).image
 
 
-def open_decoded(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESIZE) -> Decoded:
+def open_decoded(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESIZE,
+                 name: str | None = None) -> Decoded:
     """open_image, plus the format and full pixel size (for the images row)."""
     if not isinstance(source, (str, os.PathLike)):
-        return _decode(source, draft)
+        return _decode(source, draft, name or getattr(source, "name", None))
     try:
-        return _decode(source, draft)
+        return _decode(source, draft, os.fspath(source))
     except UnreadableImage as e:
         raise UnreadableImage(f"{display_path(os.fspath(source))}: {e}") from e.__cause__
 
 
-def _decode(source: str | os.PathLike | BinaryIO, draft: int | None) -> Decoded:
+def _decode(source: str | os.PathLike | BinaryIO, draft: int | None, name: str | None) -> Decoded:
+    head = _head(source)
+    if formats.is_raw(name if isinstance(name, str) else None, head):
+        rgb, width, height = formats.decode_raw(source, draft, MAX_PIXELS, MAX_DECODED_BYTES)
+        ext = os.path.splitext(name or "")[1].lstrip(".").upper()
+        return Decoded(Image.fromarray(rgb, "RGB"), ext or formats.sniff(head) or "RAW", width, height)
+    formats.register_heif()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -238,7 +237,10 @@ def _decode(source: str | os.PathLike | BinaryIO, draft: int | None) -> Decoded:
         raise UnreadableImage(
             f"decompression bomb? {_pixels(e)} is over the limit of {MAX_PIXELS} pixels") from e
     except UnidentifiedImageError as e:
-        fmt = _sniff_source(source)
+        missing = formats.missing_decoder(head)
+        if missing:
+            raise UnreadableImage(missing) from e
+        fmt = sniff(head)
         if fmt:
             raise UnreadableImage(f"a {fmt} file of a kind Pillow cannot decode") from e
         raise UnreadableImage("not an image (no image format recognised in its content)") from e
@@ -324,15 +326,18 @@ def _jpeg_blocks(img: Image.Image, full_size: tuple[int, int], size: int = 8) ->
     return sum(-(-w * la[1] // hmax // size) * -(-h * la[2] // vmax // size) for la in layers)
 
 
-def _sniff_source(source: str | os.PathLike | BinaryIO) -> str | None:
+def _head(source: str | os.PathLike | BinaryIO) -> bytes:
+    """The first bytes of a file (a file object is left where it was)."""
     try:
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as f:
-                return sniff(f.read(32))
-        source.seek(0)
-        return sniff(source.read(32))
+                return f.read(32)
+        position = source.tell()
+        head = source.read(32)
+        source.seek(position)
+        return head
     except (OSError, ValueError):
-        return None
+        return b""
 
 
 def _orientation(img: Image.Image) -> int:

@@ -1,4 +1,5 @@
-"""Result rendering shared by every command that prints rows: table, json, csv or paths."""
+"""Text for people and pipes: result rows as table, json, csv or paths; paths and messages made
+printable (control characters escaped) and storable (valid UTF-8)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from enum import StrEnum
 from typing import Any
+
+from .errors import InvalidInput
 
 
 class Format(StrEnum):
@@ -31,6 +34,19 @@ def printable(text: str, *, lines: bool = False) -> str:
         return "\n".join(printable(line) for line in text.split("\n"))
     return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1] if ord(m.group()) < 0x100
                             else f"\\u{ord(m.group()):04x}", text)
+
+
+def display_path(path: str) -> str:
+    """`path` printable and storable as UTF-8 (undecodable bytes shown as \\x escapes)."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def check_utf8(path: str) -> str:
+    """`path` itself, or InvalidInput if its bytes are not valid UTF-8 (vecsearch stores text)."""
+    if display_path(path) != path:
+        raise InvalidInput(f"{display_path(path)}: the path is not valid UTF-8: rename it (or the "
+                           "folder it is in) to use it with vecsearch")
+    return path
 
 
 def render(rows: Sequence[dict[str, Any]], columns: Sequence[str], fmt: Format | str,

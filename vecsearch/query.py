@@ -181,7 +181,7 @@ def absolute(path: str | Path) -> Path:
 
     InvalidInput for a path that is not valid UTF-8: no stored path can be such a one.
     """
-    from .images import check_utf8
+    from .output import check_utf8
 
     return Path(os.path.abspath(os.path.expanduser(check_utf8(str(path)))))
 

@@ -45,7 +45,8 @@ def thumbnail(home: Path, row: dict, px: int, verified: Verified) -> Path:
     from .images import open_image
 
     data = verified.read(row["id"], row["path"], row["sha256"], row["bytes"])
-    img = open_image(io.BytesIO(data), draft=px)  # a big JPEG decodes at 1/2..1/8 scale, still >= px
+    # A big JPEG decodes at 1/2..1/8 scale, a RAW file at half size, still >= px.
+    img = open_image(io.BytesIO(data), draft=px, name=row["path"])
     img.thumbnail((px, px), Image.Resampling.LANCZOS, reducing_gap=3.0)
     cache_dir(home).mkdir(parents=True, exist_ok=True, mode=0o700)
     target.parent.mkdir(exist_ok=True, mode=0o700)

@@ -59,7 +59,8 @@ log = logging.getLogger("vecsearch.web")
 HERE = Path(__file__).resolve().parent
 DEFAULT_MAX_UPLOAD_BYTES = WEB_MAX_UPLOAD_MB * 1024 * 1024
 MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
-        "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff"}
+        "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff", "HEIF": "image/heic",
+        "AVIF": "image/avif"}
 
 
 # Query parameters shared by pages and API (module level: annotations are resolved by name).

@@ -169,7 +169,7 @@ def decode_upload(data: bytes, filename: str | None):
     from .images import open_image
 
     try:
-        return open_image(io.BytesIO(data))
+        return open_image(io.BytesIO(data), name=os.path.basename(filename or ""))
     except UnreadableImage as e:
         name = os.path.basename(filename or "")[:200] or "the upload"
         raise UnreadableImage(f"{name}: {str(e).removeprefix('image: ')}") from e
