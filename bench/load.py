@@ -1,4 +1,5 @@
-"""`vecsearch load` throughput: bare model forward vs decode-only vs end-to-end, and peak RSS.
+"""`vecsearch load` throughput: bare model forward vs decode-only vs end-to-end, and peak RSS, for
+the engine `--precision auto` keeps on this machine and for the fp32 reference, side by side.
 
     .venv/bin/python bench/load.py [--sizes 100,300] [--batch-size 16] [--workers N] [--weights random]
 
@@ -14,11 +15,11 @@ measures, at the same batch size:
   - peak RSS of the process and of its largest decode worker;
   - CPU time per image (this process and its decode workers), which a machine shared with
     other jobs disturbs far less than wall-clock rates.
-A last child measures bf16 autocast (forward rate and worst cosine to fp32 on scikit-image's
-photos, plus an end-to-end load) and how far JPEG draft() decoding moves vectors from a
-full-size decode (scikit-image's photos saved as JPEG q90, and the drift of a q70 re-encode
-for scale). A throwaway embedded server under a temporary VECSEARCH_HOME is used (removed at
-the end) unless VECSEARCH_DATABASE_URL is set.
+Both engines load the same folder alternately; the table gives the worst cosine between their
+vectors. A last child compares them on scikit-image's real photos and measures how far JPEG
+draft() decoding moves vectors from a full-size decode (scikit-image's photos saved as JPEG q90,
+and the drift of a q70 re-encode for scale). A throwaway embedded server under a temporary
+VECSEARCH_HOME is used (removed at the end) unless VECSEARCH_DATABASE_URL is set.
 """
 
 from __future__ import annotations
@@ -74,11 +75,16 @@ def _child(*args: str) -> dict:
 
 
 def _quiet_embedder(weights: str, batch_size: int, precision: str = "fp32"):
+    """An Embedder, built, that has made its engine choice (on one batch of noise)."""
     from vecsearch.embed import Embedder
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return Embedder(weights, batch_size=batch_size, precision=precision).prepare()
+        embedder = Embedder(weights, batch_size=batch_size, precision=precision).prepare()
+    import numpy as np
+
+    embedder.embed_arrays(np.random.default_rng(0).integers(0, 256, (batch_size, 224, 224, 3), np.uint8))
+    return embedder
 
 
 def _cpu() -> float:
@@ -87,21 +93,23 @@ def _cpu() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def _bare_forward(embedder, batch_size: int, batches: int, bf16: bool = False) -> tuple[float, float]:
-    """(images/s, CPU ms per image) of the network alone."""
+def _bare_forward(embedder, batch_size: int, batches: int) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of the network alone, in the precision the embedder kept."""
     import torch
 
     x = torch.randn(batch_size, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    precision = embedder.active_precision
     with torch.inference_mode():
-        embedder._forward(x, bf16)  # warm-up
+        embedder._forward(x, precision)  # warm-up
         started, cpu = time.perf_counter(), _cpu()
         for _ in range(batches):
-            embedder._forward(x, bf16)
+            embedder._forward(x, precision)
     n = batch_size * batches
     return n / (time.perf_counter() - started), (_cpu() - cpu) * 1000 / n
 
 
-def child_throughput(folder: str, url: str, batch_size: int, workers: int, weights: str) -> dict:
+def child_throughput(folder: str, url: str, batch_size: int, workers: int, weights: str,
+                     precision: str) -> dict:
     from vecsearch import db
     from vecsearch import load as loader
     from vecsearch.embed import map_batches
@@ -109,7 +117,7 @@ def child_throughput(folder: str, url: str, batch_size: int, workers: int, weigh
 
     settings = Settings(database_url=url, home=Path(tempfile.gettempdir()))
     db.connect(settings).close()  # migrated
-    embedder = _quiet_embedder(weights, batch_size)
+    embedder = _quiet_embedder(weights, batch_size, precision)
     paths = [c.path for c in find_images(folder).files]
     batches = max(3, min(8, len(paths) // batch_size))
     forward_before, forward_cpu = _bare_forward(embedder, batch_size, batches)
@@ -129,22 +137,27 @@ def child_throughput(folder: str, url: str, batch_size: int, workers: int, weigh
     load_cpu = (_cpu() - cpu) * 1000 / summary.embedded
     assert summary.embedded == len(paths) and not summary.failed, summary.describe()
     forward_after, forward_cpu_after = _bare_forward(embedder, batch_size, batches)
+    with db.connect(settings) as conn:
+        vectors = {p: v.to_numpy().tolist() for p, v in conn.execute("SELECT path, embedding FROM images")}
+    Path(folder, "..", f"vectors-{precision}-{len(paths)}.json").write_text(json.dumps(vectors))
 
     kib = 1024  # ru_maxrss is in KiB on Linux
     return {"files": len(paths), "forward": (forward_before + forward_after) / 2,
             "forward_before": forward_before, "forward_after": forward_after, "decode": decode,
             "end_to_end": end_to_end, "forward_cpu_ms": (forward_cpu + forward_cpu_after) / 2,
             "load_cpu_ms": load_cpu, "decode_wait": summary.decode_wait, "load_s": summary.seconds,
+            "write_wait": summary.write_wait, "model_s": summary.model_seconds,
+            "limited_by": summary.limited_by, "engine": embedder.choice.describe(),
             "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kib,
             "worker_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kib,
             "load_avg": os.getloadavg()[0]}
 
 
-def child_extra(folder: str, url: str, batch_size: int, workers: int, weights: str) -> dict:
+def child_extra(folder: str, url: str, batch_size: int, workers: int, weights: str, precision: str) -> dict:
+    """The auto engine against fp32 on real photos (worst cosine), and JPEG draft drift."""
     import numpy as np
     import skimage.data
 
-    from vecsearch import load as loader
     from vecsearch.errors import UnreadableImage
     from vecsearch.images import model_input, open_image
 
@@ -154,22 +167,13 @@ def child_extra(folder: str, url: str, batch_size: int, workers: int, weights: s
             photos.append((path, open_image(path, draft=None)))
         except UnreadableImage:
             continue
-    fp32 = _quiet_embedder(weights, batch_size)
+    fp32 = _quiet_embedder(weights, batch_size, "fp32")
     pixels = np.stack([model_input(img) for _, img in photos])
     reference = fp32.embed_arrays(pixels)
-
-    bf16 = _quiet_embedder(weights, batch_size, precision="bf16")
-    vectors = bf16.embed_arrays(pixels)
-    result = {"photos": len(photos), "bf16_kept": bf16.active_precision == "bf16",
-              "bf16_min_cosine": float((reference * vectors).sum(axis=1).min()),
-              "bf16_check": bf16.bf16_check}
-    batches = max(3, min(8, len(photos) // batch_size))
-    result["forward_fp32"], result["cpu_fp32"] = _bare_forward(fp32, batch_size, batches)
-    result["forward_bf16"], result["cpu_bf16"] = _bare_forward(fp32, batch_size, batches, bf16=True)
-    started = time.perf_counter()
-    summary = loader.load(Settings(database_url=url, home=Path(tempfile.gettempdir())), folder, bf16,
-                          workers=workers)
-    result["end_to_end_bf16"] = summary.embedded / (time.perf_counter() - started)
+    auto = _quiet_embedder(weights, batch_size, "auto")
+    vectors = auto.embed_arrays(pixels)
+    result = {"photos": len(photos), "engine": auto.choice.describe(),
+              "min_cosine": float((reference * vectors).sum(axis=1).min())}
 
     # Draft drift: photos big enough for draft (short side >= 464) saved as JPEG q90.
     drift, reencode, scales = [], [], []
@@ -201,10 +205,12 @@ def main() -> None:
     parser.add_argument("--child", choices=["throughput", "extra"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         fn = child_throughput if args.child == "throughput" else child_extra
-        print(json.dumps(fn(args.folder, args.url, args.batch_size, args.workers, args.weights)))
+        print(json.dumps(fn(args.folder, args.url, args.batch_size, args.workers, args.weights,
+                            args.precision)))
         return
 
     from vecsearch.embed import default_workers
@@ -223,37 +229,48 @@ def main() -> None:
         common = ["--batch-size", str(args.batch_size), "--workers", str(workers), "--weights", args.weights]
         results = {}
         for n in sizes:
-            print(f"loading {n} images...", file=sys.stderr)
-            url = _database(external, running, f"bench_load_{n}")
-            results[n] = _child("--child", "throughput", "--folder", str(folders[n]), "--url", url, *common)
-        print("bf16 and draft drift...", file=sys.stderr)
+            for precision in ("fp32", "auto"):  # alternately, so a busy machine favours neither
+                print(f"loading {n} images, --precision {precision}...", file=sys.stderr)
+                url = _database(external, running, f"bench_load_{n}_{precision}")
+                results[n, precision] = _child("--child", "throughput", "--folder", str(folders[n]),
+                                               "--url", url, "--precision", precision, *common)
+            vectors = [json.loads((home / f"vectors-{p}-{n}.json").read_text()) for p in ("fp32", "auto")]
+            results[n, "auto"]["min_cosine"] = _min_cosine(*vectors)
+        print("real photos and draft drift...", file=sys.stderr)
         extra = _child("--child", "extra", "--folder", str(folders[sizes[0]]),
-                       "--url", _database(external, running, "bench_load_bf16"), *common)
+                       "--url", _database(external, running, "bench_load_extra"), *common)
     finally:
         if running is not None:
             server.stop(home)
         shutil.rmtree(home, ignore_errors=True)
+    _report(results, extra, args, workers)
 
+
+def _min_cosine(a: dict, b: dict) -> float:
+    import numpy as np
+
+    return min(float(np.dot(a[p], b[p])) for p in a)
+
+
+def _report(results: dict, extra: dict, args, workers: int) -> None:
     print(f"vecsearch load, weights {args.weights}, batch size {args.batch_size}, {workers} decode "
           f"worker(s), {os.cpu_count()} CPUs")
-    print(f"{'files':>6} {'forward img/s':>14} {'decode img/s':>13} {'load img/s':>11} {'load/forward':>13} "
-          f"{'peak RSS MB':>12} {'worker RSS MB':>14} {'load avg':>9}")
-    for r in results.values():
-        print(f"{r['files']:>6} {r['forward']:>14.2f} {r['decode']:>13.1f} {r['end_to_end']:>11.2f} "
-              f"{r['end_to_end'] / r['forward']:>13.2f} {r['rss_mb']:>12.0f} {r['worker_rss_mb']:>14.0f} "
-              f"{r['load_avg']:>9.1f}")
-    for n, r in results.items():
-        print(f"  {n} files: bare forward {r['forward_before']:.2f} img/s before the load, "
-              f"{r['forward_after']:.2f} after; CPU per image: forward {r['forward_cpu_ms']:.0f} ms, "
-              f"load {r['load_cpu_ms']:.0f} ms (this process + decode workers; the database server's "
-              f"share not counted): forward/load {r['forward_cpu_ms'] / r['load_cpu_ms']:.2f}; the model "
-              f"waited {r['decode_wait']:.1f} s of {r['load_s']:.1f} s for decoded files")
-    print(f"bf16 autocast: forward {extra['forward_bf16']:.2f} img/s vs fp32 {extra['forward_fp32']:.2f} "
-          f"({extra['forward_bf16'] / extra['forward_fp32']:.2f}x; CPU per image "
-          f"{extra['cpu_bf16']:.0f} ms vs {extra['cpu_fp32']:.0f} ms); worst cosine to fp32 over "
-          f"{extra['photos']} photos {extra['bf16_min_cosine']:.6f}; kept by the first-batch check: "
-          f"{extra['bf16_kept']}; end-to-end load with --precision bf16 ({sizes[0]} files): "
-          f"{extra['end_to_end_bf16']:.2f} img/s")
+    print(f"{'files':>6} {'precision':>9} {'forward img/s':>14} {'decode img/s':>13} {'load img/s':>11} "
+          f"{'load/forward':>13} {'limited by':>11} {'min cos':>8} {'peak RSS MB':>12} {'load avg':>9}")
+    for (n, precision), r in results.items():
+        cosine = f"{r['min_cosine']:.5f}" if "min_cosine" in r else "ref"
+        print(f"{n:>6} {precision:>9} {r['forward']:>14.2f} {r['decode']:>13.1f} {r['end_to_end']:>11.2f} "
+              f"{r['end_to_end'] / r['forward']:>13.2f} {r['limited_by']:>11} {cosine:>8} "
+              f"{r['rss_mb']:>12.0f} {r['load_avg']:>9.1f}")
+    for n in sorted({n for n, _ in results}):
+        fp32, auto = results[n, "fp32"], results[n, "auto"]
+        print(f"  {n} files: auto is {auto['end_to_end'] / fp32['end_to_end']:.2f}x fp32 end to end "
+              f"({auto['engine']}); stages (auto): model {auto['model_s']:.1f} s, waiting for decode "
+              f"{auto['decode_wait']:.1f} s, for writes {auto['write_wait']:.1f} s "
+              f"of {auto['load_s']:.1f} s; "
+              f"CPU per image: forward {auto['forward_cpu_ms']:.0f} ms, load {auto['load_cpu_ms']:.0f} ms")
+    print(f"real photos ({extra['photos']} from scikit-image): {extra['engine']}; worst cosine to fp32 "
+          f"{extra['min_cosine']:.6f}")
     print(f"JPEG draft vs full-size decode ({extra['draft_photos']} photos, draft scales "
           f"{', '.join(extra['draft_scales'])}): cosine distance mean {extra['draft_mean']:.6f}, max "
           f"{extra['draft_max']:.6f} (a q70 re-encode of the same photos: mean "

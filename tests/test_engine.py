@@ -67,7 +67,7 @@ def test_a_reduced_precision_is_kept_only_if_close_and_faster():
                                {"fp32": 0, "fp16": 1e-4, "bf16": 1e-4})
     choice, vectors = engine.choose(fast_close, x, "cuda", "auto")
     assert choice.precision == "fp16" and choice.speedup > 1.5 and choice.min_cosine >= engine.MIN_COSINE
-    assert "fp16 autocast on cuda" in choice.describe()
+    assert "fp16 autocast, traced and frozen, on cuda" in choice.describe()
 
     far = _fake_forward({"fp32": 0.02, "fp16": 0.005, "bf16": 0.005}, {"fp32": 0, "fp16": 0.05, "bf16": 0.05})
     choice, _ = engine.choose(far, x, "cuda", "auto")
@@ -111,5 +111,5 @@ def test_load_names_the_engine_and_the_limiting_stage(settings, tmp_path):
         make_image(folder / f"{i}.png", 60 + i, (64, 64))
     result = run_cli("load", str(folder), "--weights", "random", "--workers", "0")
     assert result.returncode == 0, result.stderr
-    assert "engine: torch " in result.stderr and " on cpu" in result.stderr
+    assert "engine: torch " in result.stderr and "on cpu" in result.stderr
     assert "rate limited by " in result.stderr

@@ -62,6 +62,7 @@ class Embedder:
         self.precision = precision
         self.images_embedded = 0  # images that went through the network (tests count model work)
         self.choice: engine.Choice | None = None  # set by the first batch
+        self._frozen_models: dict = {}
         self._model = None
         self._device = None
         self._weights_file: Path | None = None
@@ -225,9 +226,29 @@ class Embedder:
         import torch
 
         dtype = engine.autocast_dtype(precision)
-        with torch.autocast(self._device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        if dtype is None:  # the fp32 reference: the eager network, exactly as built
             features = self._model(x)
+        else:
+            with torch.autocast(self._device.type, dtype=dtype):
+                features = self._frozen(precision, x)(x)
         return torch.nn.functional.normalize(features.float(), dim=1)
+
+    def _frozen(self, precision: str, x):
+        """The network traced and frozen under autocast for a reduced precision: batch norms
+        folded into the convolutions and the backend's fusions, a quarter faster than eager
+        autocast on a CPU (docs/benchmarks.md), same weights. The eager network if tracing fails."""
+        import torch
+
+        if precision not in self._frozen_models:
+            try:
+                with warnings.catch_warnings(), torch.autocast(self._device.type,
+                                                               dtype=engine.autocast_dtype(precision)):
+                    warnings.simplefilter("ignore")  # the tracer's notes are for its own developers
+                    model = torch.jit.freeze(torch.jit.trace(self._model, x[:2]))
+            except Exception:  # an op the tracer or this backend does not take: eager autocast
+                model = self._model
+            self._frozen_models[precision] = model
+        return self._frozen_models[precision]
 
     @property
     def active_precision(self) -> str:

@@ -85,8 +85,8 @@ class Choice:
         if self.precision == "fp32":
             why = "; ".join(f"{p} refused: {reason}" for p, reason in self.tried)
             return f"torch fp32 on {self.device}" + (f" ({why})" if why else "")
-        return (f"torch {self.precision} autocast on {self.device} ({self.speedup:.2f}x fp32 on the "
-                f"first batch, cosine to fp32 >= {self.min_cosine:.5f})")
+        return (f"torch {self.precision} autocast, traced and frozen, on {self.device} ({self.speedup:.2f}x "
+                f"fp32 on the first batch, cosine to fp32 >= {self.min_cosine:.5f})")
 
 
 def refusal(min_cosine: float, fp32_s: float, reduced_s: float) -> str | None:
