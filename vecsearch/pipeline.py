@@ -319,7 +319,9 @@ class Pipeline:
     def run(self, paths: list[str], workers: int | None) -> None:
         from .embed import default_workers, map_batches
 
-        workers = default_workers() if workers is None else workers
+        if workers is None:
+            device = getattr(self.embedder, "_device", None)
+            workers = default_workers(gpu=device is not None and device.type != "cpu")
         self.report.start(len(paths))
         # The decode workers are forked first, before this process starts any thread.
         batches = map_batches(self.reader, paths, batch_size=self.embedder.batch_size, workers=workers)
