@@ -13,7 +13,7 @@ import pytest
 from conftest import insert_vectors, make_image, nested_plans, run_cli
 from PIL import Image
 
-from vecsearch import db, dupes
+from vecsearch import db, dupes, sheet
 
 MTIME = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -170,7 +170,7 @@ def test_cli_formats_and_contact_sheet(settings, conn, tmp_path):
 def test_contact_sheet_of_no_groups(conn, settings, tmp_path):
     result = dupes.find_duplicates(conn)
     assert result.groups == [] and result.images == 0
-    assert dupes.write_contact_sheet(result, tmp_path / "empty.html", settings.home) == 0
+    assert sheet.write_contact_sheet(result, tmp_path / "empty.html", settings.home) == 0
     assert "0 groups among 0 images" in (tmp_path / "empty.html").read_text()
 
 

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from . import db, dupes
+from . import db, dupes, sheet
 from .cli_common import BATCH_HELP, DEVICE_HELP, err, out, output_format, settings, stage_bars
 from .errors import InvalidInput
 from .limits import DEFAULT_K, MAX_K
@@ -71,7 +71,7 @@ def dupes_command(
         err.print(f"warning: {len(result.truncated)} images have more than {MAX_K} near "
                   "neighbours; their groups may be incomplete (lower --threshold)", markup=False)
     if html is not None:
-        dupes.write_contact_sheet(result, html, s.home)
+        sheet.write_contact_sheet(result, html, s.home)
         err.print(printable(f"contact sheet: {html}"), markup=False)
 
 
