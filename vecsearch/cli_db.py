@@ -124,6 +124,26 @@ def db_status(ctx: typer.Context) -> None:
             out.print(printable(f"{label + ':':<10} {value}"), markup=False)
 
 
+@db_app.command("reindex")
+def db_reindex(
+    ctx: typer.Context,
+    m: Annotated[int | None, typer.Option(
+        "--m", help="HNSW links per node (2-100) [default: the index's own].", show_default=False)] = None,
+    ef_construction: Annotated[int | None, typer.Option(
+        "--ef-construction", help="Candidates while building (4-1000, at least 2 m) [default: the "
+        "index's own].", show_default=False)] = None,
+) -> None:
+    """Rebuild the HNSW index, with new build parameters if given (parallel, memory for the whole
+    graph). Queries use the old index meanwhile; a killed rebuild leaves the old one in place."""
+    from . import index, progress
+
+    with db.connect(settings(ctx)) as conn:
+        definition, seconds = index.reindex(conn, m, ef_construction, progress.for_terminal(err))
+        options = index.index_options(conn)
+    out.print(printable(f"reindexed in {seconds:.1f} s: m={options['m']}, "
+                        f"ef_construction={options['ef_construction']}"), markup=False)
+
+
 @db_app.command("reader")
 def db_reader(
     ctx: typer.Context,

@@ -203,8 +203,10 @@ def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
                pg_size_pretty(pg_total_relation_size('images')),
                -- NULL ("none") while a bulk load has the index dropped
                pg_size_pretty(pg_relation_size(to_regclass('images_embedding_hnsw'))),
+               (SELECT array_to_string(reloptions, ', ') FROM pg_class
+                WHERE oid = to_regclass('images_embedding_hnsw')),
                (SELECT format('%s, weights %s', name, weights) FROM embedding_model)
     """).fetchone()
-    labels = ["postgres", "pgvector", "schema", "images", "table", "hnsw", "model"]
+    labels = ["postgres", "pgvector", "schema", "images", "table", "hnsw", "hnsw opts", "model"]
     return [(label, "none" if value is None else str(value))
             for label, value in zip(labels, row, strict=True)]

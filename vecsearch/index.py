@@ -17,7 +17,7 @@ import time
 import psycopg
 from psycopg import sql
 
-from .errors import first_line
+from .errors import DatabaseBusy, InvalidInput, NotFound, first_line
 from .progress import Progress
 
 DROPPED_MARK = "vecsearch: HNSW index dropped for a bulk load; the next `vecsearch load` recreates it. "
@@ -166,8 +166,80 @@ def drop(conn: psycopg.Connection) -> str | None:
 
 
 def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress | None = None) -> float:
-    """CREATE INDEX `definition` with memory for the whole graph and parallel workers; seconds."""
+    """CREATE INDEX `definition` (unless the table has its HNSW index again), restoring the table
+    comment a bulk load replaced; seconds."""
+    stored = dropped_definition(conn)
+
+    def build() -> None:
+        if hnsw_index(conn) is None:
+            conn.execute(definition)
+        previous = stored[1] if stored else None
+        conn.execute(sql.SQL("COMMENT ON TABLE images IS {}").format(sql.Literal(previous)))
+
+    return _build(conn, build, report or Progress())
+
+
+def reindex(conn: psycopg.Connection, m: int | None = None, ef_construction: int | None = None,
+            report: Progress | None = None) -> tuple[str, float]:
+    """Rebuild the HNSW index, with new `m` / `ef_construction` if given (else its own); returns
+    the new definition and the seconds the build took.
+
+    The new index is built under another name and swapped in within one transaction: queries use
+    the old one meanwhile, and a kill at any point leaves one complete index, old or new.
+    """
     report = report or Progress()
+    present = hnsw_index(conn)
+    if present is None:
+        raise NotFound("the images table has no HNSW index (a bulk load is rebuilding it, or was "
+                       "interrupted): run `vecsearch load` on any folder to restore it first")
+    (schema, name), definition = present
+    options = dict(index_options(conn) or {})
+    options.update({k: v for k, v in (("m", m), ("ef_construction", ef_construction)) if v is not None})
+    check_options(options)
+    head, _, _ = definition.partition(" WITH (")
+    new = head.replace(f"CREATE INDEX {name} ON ", f"CREATE INDEX {name}_rebuilt ON ", 1)
+    new += f" WITH (m='{int(options['m'])}', ef_construction='{int(options['ef_construction'])}')"
+    if not conn.execute("SELECT pg_try_advisory_lock(" + LOCK_KEY + ")").fetchone()[0]:
+        raise DatabaseBusy("a load is managing the HNSW index right now: run `vecsearch db reindex` "
+                           "when it has finished")
+
+    def build() -> None:
+        conn.execute(new)
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(schema, name)))
+        conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+            sql.Identifier(schema, f"{name}_rebuilt"), sql.Identifier(name)))
+
+    try:
+        seconds = _build(conn, build, report)
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(" + LOCK_KEY + ")")
+    return hnsw_index(conn)[1], seconds
+
+
+def index_options(conn: psycopg.Connection) -> dict[str, int] | None:
+    """The HNSW index's build parameters (m, ef_construction), pgvector's defaults filled in."""
+    present = hnsw_index(conn)
+    if present is None:
+        return None
+    stored = conn.execute("SELECT reloptions FROM pg_class WHERE oid = %s::regclass",
+                          [".".join(f'"{part}"' for part in present[0])]).fetchone()[0] or []
+    options = {"m": 16, "ef_construction": 64}  # pgvector's defaults
+    options.update({k: int(v) for k, v in (o.split("=", 1) for o in stored) if k in options})
+    return options
+
+
+def check_options(options: dict[str, int]) -> None:
+    """pgvector's ranges: m 2..100, ef_construction 4..1000 and at least 2 m."""
+    m, ef = options["m"], options["ef_construction"]
+    if not 2 <= m <= 100:
+        raise InvalidInput(f"--m must be from 2 to 100, not {m}")
+    if not 4 <= ef <= 1000 or ef < 2 * m:
+        raise InvalidInput(f"--ef-construction must be from 4 to 1000 and at least 2 x m ({2 * m}), not {ef}")
+
+
+def _build(conn: psycopg.Connection, build, report: Progress) -> float:
+    """Run `build` (the CREATE INDEX and what goes with it) in one transaction, with memory for the
+    whole graph and parallel workers; again without workers if those fail. Seconds taken."""
     rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
     # pgvector keeps the graph in maintenance_work_mem while it fits (far faster): ~5 KB per
     # 2048-d halfvec element with its neighbour lists.
@@ -176,7 +248,6 @@ def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress | 
     report.message(f"building the HNSW index on {rows} rows (maintenance_work_mem {mem_mb}MB, "
                    f"{workers} parallel worker{'' if workers == 1 else 's'})...")
     started = time.monotonic()
-    stored = dropped_definition(conn)
     for attempt_workers in (workers, 0):
         try:
             with conn.transaction():
@@ -184,10 +255,7 @@ def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress | 
                     sql.Literal(f"{mem_mb}MB")))
                 conn.execute(sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(
                     sql.Literal(attempt_workers)))
-                if hnsw_index(conn) is None:
-                    conn.execute(definition)
-                previous = stored[1] if stored else None
-                conn.execute(sql.SQL("COMMENT ON TABLE images IS {}").format(sql.Literal(previous)))
+                build()
             break
         except (psycopg.errors.DiskFull, psycopg.errors.OutOfMemory) as e:
             # Parallel builds share maintenance_work_mem through /dev/shm, which containers keep small.
