@@ -245,7 +245,9 @@ def _crash_and_recover(home: Path, env: dict, photos: Path, reference: dict, ori
 
 def test_ctrl_c_stops_cleanly_with_a_summary_and_a_rerun_finishes(settings, photos, tmp_path):
     folder = photos / "album0"
-    run = Run(tmp_path, {}, str(folder), "--weights", "random", "--batch-size", "4", "--workers", "1")
+    # fp32 and small batches: the load must still be running when Ctrl-C comes
+    run = Run(tmp_path, {}, str(folder), "--weights", "random", "--precision", "fp32", "--batch-size", "2",
+              "--workers", "1")
     wait_for(lambda: count(settings.database_url) >= 4, 180, "the first batch", run.proc)
     run.kill(signal.SIGINT)  # to the whole process group, as Ctrl-C in a terminal
     code, out, err = run.wait(120)
@@ -279,7 +281,8 @@ def test_sigkill_of_the_load_alone_leaves_no_worker_and_the_next_load_repairs_th
         big.mkdir(exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)).save(big / f"{i:02d}.png")
     url = settings.database_url
-    run = Run(tmp_path, {}, str(big), "--weights", "random", "--batch-size", "4", "--workers", "2")
+    run = Run(tmp_path, {}, str(big), "--weights", "random", "--precision", "fp32", "--batch-size", "4",
+              "--workers", "2")
     wait_for(lambda: count(url) >= 4, 180, "the first batch", run.proc)
     workers = psutil.Process(run.proc.pid).children(recursive=True)
     assert len(workers) == 2, workers
