@@ -244,8 +244,8 @@ def _crash_and_recover(home: Path, env: dict, photos: Path, reference: dict, ori
 
 
 def test_ctrl_c_stops_cleanly_with_a_summary_and_a_rerun_finishes(settings, photos, tmp_path):
-    folder = photos / "album0"
-    # fp32 and small batches: the load must still be running when Ctrl-C comes
+    # All 48 photos, fp32, small batches: the load must still be running when Ctrl-C comes.
+    folder, total = photos, FOLDERS * PER_FOLDER
     run = Run(tmp_path, {}, str(folder), "--weights", "random", "--precision", "fp32", "--batch-size", "2",
               "--workers", "1")
     wait_for(lambda: count(settings.database_url) >= 4, 180, "the first batch", run.proc)
@@ -257,17 +257,17 @@ def test_ctrl_c_stops_cleanly_with_a_summary_and_a_rerun_finishes(settings, phot
     assert any(line.startswith("interrupted") for line in summary), out + err
     with connect(settings.database_url) as conn:
         kept = table(conn)
-        assert 0 < len(kept) < PER_FOLDER
+        assert 0 < len(kept) < total
         assert f"new {len(kept)}, " in out  # the summary counts what was committed
         assert index_mod.hnsw_index(conn) is not None  # a clean stop leaves a usable index
         assert_index_complete(conn, len(kept))
 
     code, out, err = Run(tmp_path, {}, str(folder), "--weights", "random", "--workers", "1").wait()
     assert code == 0, err
-    assert f"new {PER_FOLDER - len(kept)}, updated 0, unchanged {len(kept)}" in out
+    assert f"new {total - len(kept)}, updated 0, unchanged {len(kept)}" in out
     with connect(settings.database_url) as conn:
         assert_same_rows(kept, table(conn))
-        assert count(settings.database_url) == PER_FOLDER
+        assert count(settings.database_url) == total
 
 
 def test_sigkill_of_the_load_alone_leaves_no_worker_and_the_next_load_repairs_the_index(
