@@ -73,8 +73,11 @@ class Run:
     def __init__(self, tmp_path: Path, env: dict, *args: str) -> None:
         self.out, self.err = (tmp_path / f"load_{time.monotonic_ns()}.{s}" for s in ("out", "err"))
         with open(self.out, "w") as out, open(self.err, "w") as err:
+            # SIGINT as a terminal's foreground job has it: a runner started in the background
+            # (`cmd &` in a script) ignores SIGINT, and its children would inherit that.
             self.proc = subprocess.Popen(cli_command("load", *args), stdout=out, stderr=err,
-                                         env={**os.environ, **env}, start_new_session=True)
+                                         env={**os.environ, **env}, start_new_session=True,
+                                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         Run.started.append(self)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
