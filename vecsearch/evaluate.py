@@ -81,14 +81,20 @@ class Report:
 def neighbours(conn: psycopg.Connection, schema: str, ids: Sequence[int], k: int, *, exact: bool,
                ef_search: int = DEFAULT_EF_SEARCH) -> dict[int, list[tuple[int, float]]]:
     """The k nearest (id, distance) of each id, itself excluded: `vecsearch similar`'s own query
-    (query.similar) with `schema` first on the search path, exact or through the HNSW index."""
-    from .query import similar
-
+    (the `vecsearch_similar` function, which query.similar calls), one statement for all ids, with
+    `schema` first on the search path, exact or through the HNSW index."""
+    out: dict[int, list[tuple[int, float]]] = {int(q): [] for q in ids}
     with conn.transaction():
         conn.execute(sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema)))
-        return {int(q): [(n.id, n.distance)
-                         for n in similar(conn, int(q), k, ef_search=ef_search, exact=exact)]
-                for q in ids}
+        rows = conn.execute(
+            "SELECT q.id, n.id, n.distance FROM images q CROSS JOIN LATERAL vecsearch_similar("
+            "q.id, k => %(k)s, ef_search => %(ef)s, exact => %(exact)s) n WHERE q.id = ANY(%(ids)s)",
+            {"k": k, "ef": ef_search, "exact": exact, "ids": [int(q) for q in ids]})
+        for qid, nid, distance in rows:
+            out[qid].append((nid, distance))
+    for found in out.values():
+        found.sort(key=lambda pair: (pair[1], pair[0]))  # the function's own order
+    return out
 
 
 # -- the experiments -------------------------------------------------------------------------
