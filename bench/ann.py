@@ -1,22 +1,23 @@
-"""Recall@10 and latency of neighbour queries, side by side in one run.
+"""Recall@10, latency, build time and size of neighbour search, side by side in one run.
 
-    .venv/bin/python bench/ann.py [--sizes 20000,100000] [--queries 200] [--exact-queries 30]
+    .venv/bin/python bench/ann.py [--sizes 20000,100000] [--data easy,hard,real]
+        [--configs 16x64,32x128,32x200] [--ef-search 40,100,200,400] [--queries 200]
 
-For each size: synthetic CNN-like vectors (2048-d, non-negative with about a third of zeros,
-clustered, L2-normalised, fixed seed) go into a throwaway embedded PostgreSQL (its own home
-under /tmp, removed at the end; or VECSEARCH_DATABASE_URL, whose images table must be empty)
-with binary COPY; the HNSW index is then built in bulk (big
-maintenance_work_mem, parallel workers). Query images are drawn from the table; each query asks
-the 10 nearest other images. Ground truth: exact cosine distances in numpy (float64).
+Three distributions (bench/datasets.py: today's easy generator, a hard one, test-model
+embeddings of real photos), each with two kinds of query: by id (a row: its 10 nearest other
+rows) and held out (vectors that are not rows, as `vecsearch search FILE` sends: fresh draws
+and near-copies). Ground truth: exact cosine in numpy, float64.
 
-Measured per query, from Python over the unix socket (no process start-up; `vecsearch similar`
-as a whole process adds ~0.3 s of Python imports):
-  (a) vecsearch ANN: `query.similar()` = vecsearch_similar(): HNSW candidates, exact re-rank,
-      at several ef_search values;
-  (b) exact scan in PostgreSQL: `query.similar(..., exact=True)`;
-  (c) numpy brute force on the vectors in memory (float32 matrix-vector product + argpartition);
-  (d) Annoy (angular), n_trees 10 and 100, default search_k and a larger one.
-p50/p95 are over the queries (the exact scan uses fewer, --exact-queries: it is slow).
+Rows of each table, all on the same vectors and queries:
+  - vecsearch ANN (`query.similar` / `query.similar_to`: vecsearch_similar*(), HNSW candidates
+    then the exact re-rank) for each index config (m x ef_construction) at several ef_search;
+  - the exact scan in PostgreSQL (`exact=True`), on --exact-queries queries (it is slow);
+  - numpy brute force on the matrix in memory;
+  - FAISS IndexHNSWFlat with the same m / ef_construction / ef_search (in RAM, float32);
+  - Annoy (angular), 100 trees, default search_k and 10 x that.
+Latency is per query, one at a time from Python (no process start-up). Build times use every
+core (pgvector's parallel build; FAISS's OpenMP; Annoy's n_jobs); the first config is also built
+with no parallel workers, the "before" of the build-speed figure.
 """
 
 from __future__ import annotations
@@ -33,152 +34,228 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
+import datasets  # noqa: E402
 from common import DIM, MTIME  # noqa: E402
 
-from vecsearch import db, query  # noqa: E402
+from vecsearch import db, index, query  # noqa: E402
 from vecsearch.config import Settings  # noqa: E402
 
-SEED = 20260611
 K = 10
-NOISE = 1.0  # per-channel noise around the cluster centres, relative to the channel scale
-EF_SEARCH = (20, 40, 100, 200)
-ANNOY_TREES = (10, 100)
 
 
-def cnn_like(n: int, seed: int = SEED, clusters: int | None = None, chunk: int = 8192) -> np.ndarray:
-    """n x 2048 float32: ReLU(cluster centre + noise), per-channel scales, L2-normalised."""
-    return common.cnn_like(n, seed, clusters, NOISE, chunk)
+def truth_of(rows: np.ndarray, queries: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+    """Row indexes of the K nearest rows to each query (its own row excluded for id queries)."""
+    out = np.empty((len(queries), K), dtype=np.int64)
+    for start in range(0, len(queries), 256):
+        q = queries[start:start + 256].astype(np.float64)
+        d = -(q @ rows.T.astype(np.float64))
+        if exclude is not None:
+            d[np.arange(len(q)), exclude[start:start + 256]] = np.inf
+        out[start:start + len(q)] = np.argsort(d, axis=1)[:, :K]
+    return out
 
 
-def load(conn, vectors: np.ndarray) -> tuple[list[int], float, float]:
-    """Binary COPY into an index-less table, then the HNSW build; returns ids and both times."""
-    definition = common.drop_index(conn)
-    t = time.perf_counter()
-    with common.copy_images(conn) as copy:
-        for i, v in enumerate(vectors):
-            copy.write_row([f"/bench/{i:07d}.jpg", f"{i:064x}", 100_000, 1024, 768, "JPEG", MTIME, v])
-    copy_s = time.perf_counter() - t
-    build_s = common.build_index(conn, definition)
-    ids = [r[0] for r in conn.execute("SELECT id FROM images ORDER BY path")]
-    return ids, copy_s, build_s
+def recall(found: list[list[int]], truth: np.ndarray) -> float:
+    return statistics.fmean(len(set(f) & set(t.tolist())) / K for f, t in zip(found, truth, strict=True))
 
 
-def ground_truth(vectors: np.ndarray, queries: np.ndarray) -> list[set[int]]:
-    """Row indexes of the K nearest other rows of each query row (exact, float64)."""
-    truth = []
-    for q in queries:
-        d = 1 - vectors @ vectors[q].astype(np.float64)
-        d[q] = np.inf
-        truth.append(set(np.argpartition(d, K)[:K].tolist()))
-    return truth
+class Run:
+    """One distribution at one size: its queries, ground truth and result rows."""
 
-
-def timed(fn, items) -> tuple[list, list[float]]:
-    results, times = [], []
-    for item in items:
+    def __init__(self, data: datasets.Dataset, queries: int, exact_queries: int) -> None:
+        self.data, self.n = data, len(data.rows)
+        rng = np.random.default_rng(datasets.SEED + 7)
+        self.by_id = rng.choice(self.n, size=queries, replace=False)
+        self.held = data.held_out[:queries]
+        self.exact_queries = exact_queries
         t = time.perf_counter()
-        results.append(fn(item))
-        times.append(time.perf_counter() - t)
-    return results, times
+        self.truth_id = truth_of(data.rows, data.rows[self.by_id], self.by_id)
+        self.truth_held = truth_of(data.rows, self.held, None)
+        print(f"  ground truth in {time.perf_counter() - t:.0f} s", flush=True)
+        self.results: list[dict] = []
+
+    def measure(self, method: str, params: str, by_id, held, few: int | None = None,
+                build: float | None = None, size_mb: float | None = None) -> dict:
+        """by_id(row index) / held(vector) -> row indexes; timed one query at a time."""
+        count = few or len(self.by_id)
+        found_id, found_held, times = [], [], []
+        for q in self.by_id[:count]:
+            t = time.perf_counter()
+            found_id.append(by_id(int(q)))
+            times.append(time.perf_counter() - t)
+        for v in self.held[:count]:
+            t = time.perf_counter()
+            found_held.append(held(v))
+            times.append(time.perf_counter() - t)
+        ms = sorted(1000 * t for t in times)
+        result = {"method": method, "params": params,
+                  "recall id": recall(found_id, self.truth_id[:count]),
+                  "recall held": recall(found_held, self.truth_held[:count]),
+                  "p50": statistics.median(ms), "p95": ms[min(len(ms) - 1, int(0.95 * len(ms)))],
+                  "queries": len(times), "build": build, "size": size_mb}
+        self.results.append(result)
+        print(f"  {method} {params}: recall id {result['recall id']:.3f} held {result['recall held']:.3f}"
+              f" p50 {result['p50']:.1f} ms", flush=True)
+        return result
 
 
-def row(method: str, found: list[set[int]], truth: list[set[int]], times: list[float],
-        build: str = "") -> dict:
-    recall = statistics.fmean(len(f & t) / K for f, t in zip(found, truth, strict=True))
-    ms = sorted(1000 * t for t in times)
-    return {"method": method, "recall@10": recall, "p50 ms": statistics.median(ms),
-            "p95 ms": ms[min(len(ms) - 1, int(0.95 * len(ms)))], "queries": len(times), "build": build}
-
-
-def bench_size(n: int, args: argparse.Namespace, settings: Settings) -> list[dict]:
-    print(f"\n== {n} vectors ==", flush=True)
-    t = time.perf_counter()
-    vectors = cnn_like(n)
-    print(f"generated in {time.perf_counter() - t:.1f} s; zeros {np.mean(vectors == 0):.0%}", flush=True)
-    rng = np.random.default_rng(SEED + 1)
-    queries = rng.choice(n, size=args.queries, replace=False)
-    truth = ground_truth(vectors, queries)
-    results = []
+def bench_postgres(run: Run, settings: Settings, configs: list[tuple[int, int]],
+                   ef_searches: list[int]) -> None:
+    rows = run.data.rows
     with db.connect(settings) as conn:
         conn.execute("TRUNCATE images")
-        ids, copy_s, build_s = load(conn, vectors)
-        index_of = {image_id: i for i, image_id in enumerate(ids)}
-        size = conn.execute("SELECT pg_size_pretty(pg_relation_size('images_embedding_hnsw'))").fetchone()[0]
-        print(f"COPY {n / copy_s:,.0f} rows/s; HNSW build {build_s:.1f} s, index {size}", flush=True)
-        warm = [int(ids[q]) for q in rng.choice(n, size=20, replace=False)]
-        for image_id in warm:  # page cache and backend caches, as a running server has them
-            query.similar(conn, image_id, K)
+        definition = index.drop(conn) or index.dropped_definition(conn)[0]
+        head = definition.partition(" WITH (")[0]
+        t = time.perf_counter()
+        with common.copy_images(conn) as copy:
+            for i, v in enumerate(rows):
+                copy.write_row([f"/bench/{i:07d}.jpg", f"{i:064x}", 100_000, 1024, 768, "JPEG", MTIME, v])
+        print(f"  COPY {len(rows) / (time.perf_counter() - t):,.0f} rows/s", flush=True)
+        conn.execute("VACUUM ANALYZE images")
+        ids = np.array([r[0] for r in conn.execute("SELECT id FROM images ORDER BY path")])
+        index_of = {int(image_id): i for i, image_id in enumerate(ids)}
 
-        def vecsearch(image_id: int, **options) -> set[int]:
-            return {index_of[x.id] for x in query.similar(conn, image_id, K, **options)}
+        def by_id(**options):
+            return lambda q: [index_of[x.id] for x in query.similar(conn, int(ids[q]), K, **options)]
 
-        for ef in EF_SEARCH:
-            found, times = timed(lambda q, ef=ef: vecsearch(int(ids[q]), ef_search=ef), queries)
-            results.append(row(f"vecsearch ANN + re-rank, ef_search {ef}", found, truth, times,
-                               f"HNSW {build_s:.0f} s"))
-        few = queries[:args.exact_queries]
-        found, times = timed(lambda q: vecsearch(int(ids[q]), exact=True), few)
-        results.append(row("exact scan in PostgreSQL", found, truth[:len(few)], times))
+        def held(**options):
+            return lambda v: [index_of[x.id] for x in query.similar_to(conn, v, K, **options)]
+
+        for number, (m, efc) in enumerate(configs):
+            index.drop(conn)
+            new = f"{head} WITH (m = {m}, ef_construction = {efc})"
+            if number == 0:
+                serial = index.rebuild_index(conn, new, workers=0)
+                run.results.append({"method": "pgvector HNSW build, no parallel workers",
+                                    "params": f"m {m}, ef_c {efc}", "build": serial})
+                print(f"  build m {m} ef_c {efc} without workers: {serial:.0f} s", flush=True)
+                index.drop(conn)
+            build = index.rebuild_index(conn, new)
+            size = conn.execute("SELECT pg_relation_size('images_embedding_hnsw')").fetchone()[0] / 2**20
+            for image_id in ids[:20]:  # caches warm, as on a running server
+                query.similar(conn, int(image_id), K)
+            for ef in ef_searches:
+                run.measure("vecsearch ANN + re-rank", f"m {m}, ef_c {efc}, ef_search {ef}",
+                            by_id(ef_search=ef), held(ef_search=ef), build=build, size_mb=size)
+        run.measure("exact scan in PostgreSQL", "", by_id(exact=True), held(exact=True),
+                    few=run.exact_queries)
         conn.execute("TRUNCATE images")
 
-    def brute(q: int) -> set[int]:
-        d = vectors @ vectors[q]
+
+def bench_numpy(run: Run) -> None:
+    rows = run.data.rows
+
+    def by_id(q: int) -> list[int]:
+        d = rows @ rows[q]
         d[q] = -np.inf
-        return set(np.argpartition(-d, K)[:K].tolist())
+        top = np.argpartition(-d, K)[:K]
+        return top[np.argsort(-d[top])].tolist()
 
-    found, times = timed(brute, queries)
-    results.append(row("numpy brute force (in memory)", found, truth, times))
-    results.extend(bench_annoy(vectors, queries, truth))
-    return results
+    def held(v: np.ndarray) -> list[int]:
+        d = rows @ v
+        top = np.argpartition(-d, K)[:K]
+        return top[np.argsort(-d[top])].tolist()
+
+    run.measure("numpy brute force (in memory)", "", by_id, held)
 
 
-def bench_annoy(vectors: np.ndarray, queries: np.ndarray, truth: list[set[int]]) -> list[dict]:
+def bench_faiss(run: Run, configs: list[tuple[int, int]], ef_searches: list[int]) -> None:
+    import faiss
+
+    rows = run.data.rows
+    for m, efc in configs:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        idx = faiss.IndexHNSWFlat(DIM, m, faiss.METRIC_INNER_PRODUCT)
+        idx.hnsw.efConstruction = efc
+        t = time.perf_counter()
+        idx.add(rows)
+        build = time.perf_counter() - t
+        faiss.omp_set_num_threads(1)  # one query at a time, as the other rows
+        for ef in ef_searches:
+            idx.hnsw.efSearch = ef
+
+            def by_id(q: int) -> list[int]:
+                _, found = idx.search(rows[q:q + 1], K + 1)
+                return [int(i) for i in found[0] if i != q][:K]
+
+            def held(v: np.ndarray) -> list[int]:
+                return idx.search(v[None, :], K)[1][0].tolist()
+
+            run.measure("FAISS IndexHNSWFlat", f"m {m}, ef_c {efc}, ef_search {ef}", by_id, held,
+                        build=build, size_mb=rows.nbytes / 2**20 + len(rows) * m * 2 * 4 / 2**20)
+        del idx
+
+
+def bench_annoy(run: Run, trees: int = 100) -> None:
     from annoy import AnnoyIndex
 
-    results = []
-    for trees in ANNOY_TREES:
-        index = AnnoyIndex(DIM, "angular")
-        for i, v in enumerate(vectors):
-            index.add_item(i, v)
-        t = time.perf_counter()
-        index.build(trees, n_jobs=2)
-        build_s = time.perf_counter() - t
-        for search_k in (-1, 20 * trees * (K + 1)):
-            def nns(q: int, search_k=search_k, index=index) -> set[int]:
-                return {i for i in index.get_nns_by_item(int(q), K + 1, search_k=search_k) if i != q}
-
-            found, times = timed(nns, queries)
-            label = "default" if search_k < 0 else str(search_k)
-            results.append(row(f"Annoy n_trees {trees}, search_k {label}", found, truth, times,
-                               f"{build_s:.0f} s"))
-        index.unload()
-    return results
+    rows = run.data.rows
+    idx = AnnoyIndex(DIM, "angular")
+    for i, v in enumerate(rows):
+        idx.add_item(i, v)
+    t = time.perf_counter()
+    idx.build(trees, n_jobs=os.cpu_count() or 1)
+    build = time.perf_counter() - t
+    for search_k in (trees * K, 10 * trees * K):
+        run.measure("Annoy", f"{trees} trees, search_k {search_k}",
+                    lambda q, s=search_k: [i for i in idx.get_nns_by_item(q, K + 1, search_k=s) if i != q][:K],
+                    lambda v, s=search_k: idx.get_nns_by_vector(v, K, search_k=s), build=build)
+    idx.unload()
 
 
-def print_table(n: int, results: list[dict]) -> None:
-    exact = next(r for r in results if r["method"].startswith("exact"))
-    print(f"\n{n} vectors, {results[0]['queries']} queries (exact scan: {exact['queries']}), k = {K}")
-    print("| method | recall@10 | p50 ms | p95 ms | p50 / exact p50 | build |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        print(f"| {r['method']} | {r['recall@10']:.3f} | {r['p50 ms']:.2f} | {r['p95 ms']:.2f} "
-              f"| {r['p50 ms'] / exact['p50 ms']:.1%} | {r['build']} |")
+def print_table(name: str, n: int, run: Run) -> None:
+    exact = next(r for r in run.results if r["method"].startswith("exact"))
+    queries = run.results[-1]["queries"]
+    print(f"\n### {name}, {n:,} rows: {queries // 2} queries by id + {queries // 2} held out, "
+          f"k = {K} (exact scan: {exact['queries']} queries)\n")
+    print("| method | params | recall@10 by id | recall@10 held out | p50 ms | p95 ms "
+          "| p50 / exact | build s | size MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in run.results:
+        if "recall id" not in r:
+            print(f"| {r['method']} | {r['params']} | | | | | | {r['build']:.0f} | |")
+            continue
+        build = f"{r['build']:.0f}" if r["build"] is not None else ""
+        size = f"{r['size']:.0f}" if r["size"] is not None else ""
+        print(f"| {r['method']} | {r['params']} | {r['recall id']:.3f} | {r['recall held']:.3f} "
+              f"| {r['p50']:.2f} | {r['p95']:.2f} | {r['p50'] / exact['p50']:.1%} | {build} | {size} |")
+
+
+def pairs(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in c.split("x")) for c in text.split(",")]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="20000,100000", help="comma-separated row counts")
-    parser.add_argument("--queries", type=int, default=200, help="queries per method")
-    parser.add_argument("--exact-queries", type=int, default=30, help="queries for the slow exact scan")
+    parser.add_argument("--data", default=",".join(datasets.NAMES), help="distributions")
+    parser.add_argument("--configs", default="16x64,32x128,32x200", help="HNSW m x ef_construction")
+    parser.add_argument("--faiss-configs", default="16x64,32x200", help="FAISS HNSW m x ef_construction")
+    parser.add_argument("--ef-search", default="40,100,200,400", help="ef_search values")
+    parser.add_argument("--queries", type=int, default=200, help="queries of each kind")
+    parser.add_argument("--exact-queries", type=int, default=20, help="of each kind, for the exact scan")
+    parser.add_argument("--no-peers", action="store_true", help="skip FAISS and Annoy")
     args = parser.parse_args()
-    sizes = [int(s) for s in args.sizes.split(",")]
+    ef_searches = [int(e) for e in args.ef_search.split(",")]
     started = time.perf_counter()
+    tables = []
     with common.bench_database("ann") as settings:
         print(common.load_average(), flush=True)
-        tables = [(n, bench_size(n, args, settings)) for n in sizes]
-    for n, results in tables:
-        print_table(n, results)
-    print(f"\ntotal {time.perf_counter() - started:.0f} s; load average now {os.getloadavg()[0]:.1f}")
+        for n in (int(s) for s in args.sizes.split(",")):
+            for name in args.data.split(","):
+                print(f"\n== {name}, {n:,} rows ==", flush=True)
+                run = Run(datasets.make(name, n, args.queries), args.queries, args.exact_queries)
+                bench_postgres(run, settings, pairs(args.configs), ef_searches)
+                bench_numpy(run)
+                if not args.no_peers:
+                    bench_faiss(run, pairs(args.faiss_configs), ef_searches)
+                    bench_annoy(run)
+                tables.append((name, n, run))
+                print_table(name, n, run)
+    print("\n## All tables")
+    for name, n, run in tables:
+        print_table(name, n, run)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; {common.load_average()}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 
@@ -165,9 +166,10 @@ def drop(conn: psycopg.Connection) -> str | None:
     return present[1]
 
 
-def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress | None = None) -> float:
+def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress | None = None,
+                  workers: int | None = None) -> float:
     """CREATE INDEX `definition` (unless the table has its HNSW index again), restoring the table
-    comment a bulk load replaced; seconds."""
+    comment a bulk load replaced; seconds. `workers`: parallel build workers (default: all cores)."""
     stored = dropped_definition(conn)
 
     def build() -> None:
@@ -176,7 +178,7 @@ def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress | 
         previous = stored[1] if stored else None
         conn.execute(sql.SQL("COMMENT ON TABLE images IS {}").format(sql.Literal(previous)))
 
-    return _build(conn, build, report or Progress())
+    return _build(conn, build, report or Progress(), _m_of(definition), workers)
 
 
 def reindex(conn: psycopg.Connection, m: int | None = None, ef_construction: int | None = None,
@@ -210,7 +212,7 @@ def reindex(conn: psycopg.Connection, m: int | None = None, ef_construction: int
             sql.Identifier(schema, f"{name}_rebuilt"), sql.Identifier(name)))
 
     try:
-        seconds = _build(conn, build, report)
+        seconds = _build(conn, build, report, int(options["m"]))
     finally:
         conn.execute("SELECT pg_advisory_unlock(" + LOCK_KEY + ")")
     return hnsw_index(conn)[1], seconds
@@ -237,14 +239,23 @@ def check_options(options: dict[str, int]) -> None:
         raise InvalidInput(f"--ef-construction must be from 4 to 1000 and at least 2 x m ({2 * m}), not {ef}")
 
 
-def _build(conn: psycopg.Connection, build, report: Progress) -> float:
+def _m_of(definition: str) -> int:
+    found = re.search(r"\bm\s*=\s*'?(\d+)", definition.partition(" WITH (")[2])
+    return int(found.group(1)) if found else 16
+
+
+def _build(conn: psycopg.Connection, build, report: Progress, m: int = 16,
+           workers: int | None = None) -> float:
     """Run `build` (the CREATE INDEX and what goes with it) in one transaction, with memory for the
     whole graph and parallel workers; again without workers if those fail. Seconds taken."""
     rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
-    # pgvector keeps the graph in maintenance_work_mem while it fits (far faster): ~5 KB per
-    # 2048-d halfvec element with its neighbour lists.
-    mem_mb = int(min(max(64, rows * 6 / 1024 + 64), _memory_cap_mb()))
-    workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+    # pgvector keeps the graph in maintenance_work_mem while it fits (far faster, and a graph
+    # that outgrows it is finished on disk one insert at a time): a 2048-d halfvec element is
+    # 4 KB, plus 2 m neighbours of ~40 bytes on layer 0 and the upper layers' few.
+    per_row = 4096 + 2 * m * 40 + 512
+    mem_mb = int(min(max(64, rows * per_row / 2**20 * 1.2 + 64), _memory_cap_mb()))
+    if workers is None:
+        workers = min(8, max(0, (os.cpu_count() or 1) - 1))
     report.message(f"building the HNSW index on {rows} rows (maintenance_work_mem {mem_mb}MB, "
                    f"{workers} parallel worker{'' if workers == 1 else 's'})...")
     started = time.monotonic()
