@@ -174,16 +174,15 @@ def bench_faiss(run: Run, configs: list[tuple[int, int]], ef_searches: list[int]
         for ef in ef_searches:
             idx.hnsw.efSearch = ef
 
-            def by_id(q: int) -> list[int]:
+            def by_id(q: int, idx=idx) -> list[int]:
                 _, found = idx.search(rows[q:q + 1], K + 1)
                 return [int(i) for i in found[0] if i != q][:K]
 
-            def held(v: np.ndarray) -> list[int]:
+            def held(v: np.ndarray, idx=idx) -> list[int]:
                 return idx.search(v[None, :], K)[1][0].tolist()
 
             run.measure("FAISS IndexHNSWFlat", f"m {m}, ef_c {efc}, ef_search {ef}", by_id, held,
                         build=build, size_mb=rows.nbytes / 2**20 + len(rows) * m * 2 * 4 / 2**20)
-        del idx
 
 
 def bench_annoy(run: Run, trees: int = 100) -> None:
@@ -198,7 +197,8 @@ def bench_annoy(run: Run, trees: int = 100) -> None:
     build = time.perf_counter() - t
     for search_k in (trees * K, 10 * trees * K):
         run.measure("Annoy", f"{trees} trees, search_k {search_k}",
-                    lambda q, s=search_k: [i for i in idx.get_nns_by_item(q, K + 1, search_k=s) if i != q][:K],
+                    lambda q, s=search_k: [i for i in idx.get_nns_by_item(q, K + 1, search_k=s)
+                                           if i != q][:K],
                     lambda v, s=search_k: idx.get_nns_by_vector(v, K, search_k=s), build=build)
     idx.unload()
 

@@ -21,9 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 import common
+import numpy as np
 from common import DIM
 
 SEED = 20261202

@@ -28,7 +28,7 @@ from .cli_common import (
 from .cli_db import db_app
 from .cli_quality import dupes_command, eval_app
 from .config import Settings
-from .errors import VecsearchError, database_failure
+from .errors import InvalidInput, VecsearchError, database_failure
 from .limits import DEFAULT_K, WEB_MAX_UPLOAD_MB, WEB_PORT
 from .output import printable
 
@@ -200,6 +200,10 @@ def load_command(
         "--quiet", "-q", help="Print only skipped files and errors.")] = False,
     errors: Annotated[Path | None, typer.Option(
         "--errors", help="Write the skipped files to this CSV (path, reason).", show_default=False)] = None,
+    shard: Annotated[str | None, typer.Option(
+        "--shard", metavar="K/N", help="Load only share K of N of the files (by a hash of the path): "
+        "N loaders, on N machines or GPUs, split one folder; together they equal one load.",
+        show_default=False)] = None,
 ) -> None:
     """Embed the images under FOLDER into the database; unchanged files are not read again.
 
@@ -223,7 +227,7 @@ def load_command(
             embedder = Embedder(weights, device=device, batch_size=batch_size, precision=precision)
             summary = loader.load(settings(ctx), folder, embedder, prune=prune, reembed=reembed,
                                   progress=progress.for_terminal(err, quiet), errors_csv=errors,
-                                  workers=workers)
+                                  workers=workers, shard=_parse_shard(shard))
         except KeyboardInterrupt:
             err.print("interrupted: rows committed so far are kept; run the same load again to finish",
                       markup=False)
@@ -235,6 +239,15 @@ def load_command(
     if summary.errors_csv_error:
         err.print(printable(f"error: {summary.errors_csv_error}"), markup=False)
     raise typer.Exit(summary.exit_code)
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    k, sep, n = text.partition("/")
+    if not (sep and k.strip().isdigit() and n.strip().isdigit() and int(n) >= 1):
+        raise InvalidInput(f"--shard {text!r}: give K/N, e.g. --shard 2/4 for the second of 4 loaders")
+    return int(k), int(n)
 
 
 def main() -> None:

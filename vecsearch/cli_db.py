@@ -14,7 +14,8 @@ from .errors import VecsearchError
 from .limits import RESTORE_WAIT_S
 from .output import printable
 
-db_app = typer.Typer(help="Manage the database: start, stop, status, URL, psql, migrations.",
+db_app = typer.Typer(help="Manage the database: start, stop, status, URL, psql, migrations, "
+                     "Citus distribution.",
                      no_args_is_help=True)
 
 
@@ -119,9 +120,30 @@ def db_status(ctx: typer.Context) -> None:
             out.print(printable(f"tcp:       {running.listen}:{running.port}"), markup=False)
     else:
         out.print(printable(f"server:    {db.redact(s.database_url)}"), markup=False)
+    from . import citus
+
     with db.connect(s) as conn:
-        for label, value in db.status(conn):
+        cluster = citus.status(conn)
+        replaced = dict(cluster)
+        lines = [(label, replaced.pop(label, value)) for label, value in db.status(conn)]
+        lines += [(label, value) for label, value in cluster if label in replaced]
+        for label, value in lines:
             out.print(printable(f"{label + ':':<10} {value}"), markup=False)
+
+
+@db_app.command("distribute")
+def db_distribute(
+    ctx: typer.Context,
+    shards: Annotated[int | None, typer.Option(
+        "--shards", help="Shards of the images table [default: 2 per worker].",
+        show_default=False)] = None,
+) -> None:
+    """On a Citus coordinator: distribute the images table by path (one HNSW graph per shard)
+    and make the model record a reference table. Safe to run again (docs/scaling.md)."""
+    from . import citus
+
+    with db.connect(settings(ctx)) as conn:
+        out.print(printable(citus.distribute(conn, shards)), markup=False)
 
 
 @db_app.command("reindex")

@@ -187,14 +187,21 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
 # `vecsearch similar`'s own query (the SQL function), batched. The query image itself is not
 # excluded and comes back as a (q, q) row: a graph search that does not find its own starting
 # image went astray (see _exact_pass). Other images with the query's sha256 are excluded (those
-# copies are joined separately), so they do not use up the k slots.
+# copies are joined separately), so they do not use up the k slots. The query rows are read
+# first (materialised CTEs): Citus runs no function call per row of a distributed table.
 NEIGHBOURS_SQL = """
+    WITH q AS MATERIALIZED (
+        SELECT id, sha256, embedding FROM images WHERE id = ANY(%(ids)s)
+    ), copies AS MATERIALIZED (
+        SELECT c.sha256, array_agg(c.id) AS ids FROM images c
+        WHERE c.sha256 IN (SELECT sha256 FROM q) GROUP BY c.sha256
+    )
     SELECT q.id, n.id
-    FROM images q
+    FROM q LEFT JOIN copies USING (sha256)
     CROSS JOIN LATERAL vecsearch_similar_to(
         q.embedding, %(k)s + 1, %(ef_search)s, %(prefix)s, %(exact)s,
-        ARRAY(SELECT c.id FROM images c WHERE c.sha256 = q.sha256 AND c.id <> q.id)) n
-    WHERE q.id = ANY(%(ids)s) AND (n.id = q.id OR n.distance < %(threshold)s)
+        array_remove(copies.ids, q.id)) n
+    WHERE n.id = q.id OR n.distance < %(threshold)s
 """
 
 
@@ -343,16 +350,20 @@ def _describe(conn: psycopg.Connection, groups: list[list[int]]) -> list[Group]:
         return []
     ids = [i for g in groups for i in g]
     numbers = [n for n, g in enumerate(groups) for _ in g]
+    # The members are read first (a materialised CTE), then ranked and compared among themselves:
+    # Citus joins a distributed table to itself only on its distribution column.
     rows = conn.execute("""
-        WITH m AS (
-            SELECT g.grp, i.id, i.path, i.width, i.height, i.bytes, i.format, i.sha256,
-                   first_value(i.id) OVER (PARTITION BY g.grp ORDER BY i.width::bigint * i.height DESC,
-                                           i.bytes DESC, i.id) AS keeper
+        WITH g AS MATERIALIZED (
+            SELECT g.grp, i.id, i.path, i.width, i.height, i.bytes, i.format, i.sha256, i.embedding
             FROM unnest(%s::bigint[], %s::int[]) AS g(id, grp) JOIN images i USING (id)
+        ), m AS (
+            SELECT g.*, first_value(g.id) OVER (PARTITION BY g.grp ORDER BY g.width::bigint * g.height DESC,
+                                                g.bytes DESC, g.id) AS keeper
+            FROM g
         )
         SELECT m.grp, m.id, m.path, m.width, m.height, m.bytes, m.format, m.sha256,
-               CASE WHEN m.id = m.keeper THEN 0 ELSE i.embedding <=> k.embedding END
-        FROM m JOIN images i ON i.id = m.id JOIN images k ON k.id = m.keeper
+               CASE WHEN m.id = m.keeper THEN 0 ELSE m.embedding <=> k.embedding END
+        FROM m JOIN g k ON k.id = m.keeper AND k.grp = m.grp
         ORDER BY m.grp, m.id <> m.keeper, 9, m.id
     """, [ids, numbers]).fetchall()
     by_group: dict[int, list[Member]] = {}

@@ -248,20 +248,29 @@ def _build(conn: psycopg.Connection, build, report: Progress, m: int = 16,
            workers: int | None = None) -> float:
     """Run `build` (the CREATE INDEX and what goes with it) in one transaction, with memory for the
     whole graph and parallel workers; again without workers if those fail. Seconds taken."""
+    from . import citus
+
     rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+    # On Citus every shard builds its own graph, in parallel on the workers, which get these
+    # settings by SET LOCAL propagation.
+    distributed = citus.is_distributed(conn)
+    shards = citus.shard_count(conn) if distributed else 1
     # pgvector keeps the graph in maintenance_work_mem while it fits (far faster, and a graph
     # that outgrows it is finished on disk one insert at a time): a 2048-d halfvec element is
     # 4 KB, plus 2 m neighbours of ~40 bytes on layer 0 and the upper layers' few.
     per_row = 4096 + 2 * m * 40 + 512
-    mem_mb = int(min(max(64, rows * per_row / 2**20 * 1.2 + 64), _memory_cap_mb()))
+    mem_mb = int(min(max(64, rows / shards * per_row / 2**20 * 1.2 + 64), _memory_cap_mb()))
     if workers is None:
         workers = min(8, max(0, (os.cpu_count() or 1) - 1))
-    report.message(f"building the HNSW index on {rows} rows (maintenance_work_mem {mem_mb}MB, "
+    where = f" in {shards} shards" if distributed else ""
+    report.message(f"building the HNSW index on {rows} rows{where} (maintenance_work_mem {mem_mb}MB, "
                    f"{workers} parallel worker{'' if workers == 1 else 's'})...")
     started = time.monotonic()
     for attempt_workers in (workers, 0):
         try:
             with conn.transaction():
+                if distributed:
+                    conn.execute("SET LOCAL citus.propagate_set_commands = 'local'")
                 conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(
                     sql.Literal(f"{mem_mb}MB")))
                 conn.execute(sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(

@@ -1,5 +1,5 @@
 """Limits and defaults of a neighbour query, in one place: the CLI, the web app, dupes, eval, the
-benchmarks and the tests import them from here. The SQL functions of migration 0003 carry the
+benchmarks and the tests import them from here. The SQL functions of the newest migration carry the
 same numbers (a migration is frozen history, so it holds its own copy); tests/test_foundation.py
 checks they agree."""
 

@@ -9,6 +9,7 @@ a bulk load is vecsearch/index.py's.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -30,7 +31,8 @@ __all__ = ["LoadSummary", "connect", "load", "write_errors"]
 def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool = False,
          reembed: bool = False, schema: str = "public",
          progress: Progress | Callable[[int, int], None] | None = None,
-         errors_csv: str | os.PathLike | None = None, workers: int | None = None) -> LoadSummary:
+         errors_csv: str | os.PathLike | None = None, workers: int | None = None,
+         shard: tuple[int, int] | None = None) -> LoadSummary:
     """Load every image under `folder` into `schema`.images, embedded by `embedder` (embed.Embedder).
 
     reembed: re-embed every row of the table (also outside `folder`), the way to switch models;
@@ -38,8 +40,15 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
     progress: a progress.Progress, or a plain `fn(done, total)` callback.
     errors_csv: write the skipped files there as CSV (path, reason).
     workers: decode processes (default embed.default_workers(); 0 decodes in this process).
+    shard: (K, N) loads only the files of share K of N (1-based, by a hash of the path), so N
+    loaders on N machines split one folder; prune then deletes only rows of that share.
     Raises SchemaMismatch when the database was built with another model (and not `reembed`).
     """
+    if shard is not None:
+        check_shard(shard)
+        if reembed:
+            raise InvalidInput("--reembed cannot be split with --shard: a model switch is one load "
+                               "(run it without --shard)")
     started = time.monotonic()
     report = as_progress(progress)
     summary = LoadSummary()
@@ -52,11 +61,15 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
             models.ensure_model(conn, embedder.record)  # refuses (or replaces on an empty table)
 
         found = find_images(folder)
+        if shard is not None:
+            found = Found([c for c in found.files if in_share(c.path, shard)],
+                          [f for f in found.failed if in_share(f[0], shard)])
         root = os.path.abspath(os.fspath(folder))
         existing = _existing(conn, None if reembed else root)
         to_read = _to_read(found, existing, reembed, summary, report)
-        report.message(f"found {summary.found} image file{'' if summary.found == 1 else 's'} in {root}: "
-                       f"{len(to_read)} to read, {summary.unchanged} unchanged")
+        share = "" if shard is None else f" (share {shard[0]}/{shard[1]})"
+        report.message(f"found {summary.found} image file{'' if summary.found == 1 else 's'} in "
+                       f"{root}{share}: {len(to_read)} to read, {summary.unchanged} unchanged")
         index = BulkLoadIndex(conn, report)
         additions = sum(1 for p in to_read if p not in existing)
         rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
@@ -74,7 +87,7 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
                     summary.interrupted = True
             if not summary.interrupted:
                 if prune:
-                    summary.pruned += _prune(conn, root, {c.path for c in found.files}, report)
+                    summary.pruned += _prune(conn, root, {c.path for c in found.files}, report, shard)
                 if model_changed:
                     summary.pruned += _finish_reembed(conn, embedder.record, run_start, report)
             summary.index_rebuilt = index.end()
@@ -136,11 +149,27 @@ def _existing(conn: psycopg.Connection, root: str | None) -> dict[str, tuple[int
     return {path: (size, mtime) for path, size, mtime in rows}
 
 
-def _prune(conn: psycopg.Connection, root: str, discovered: set[str], report: Progress) -> int:
-    """Delete the rows under `root` whose files are gone."""
+def check_shard(shard: tuple[int, int]) -> None:
+    k, n = shard
+    if not 1 <= k <= n:
+        raise InvalidInput(f"--shard {k}/{n}: K must be from 1 to N (the loaders are 1/{n} to {n}/{n})")
+
+
+def in_share(path: str, shard: tuple[int, int]) -> bool:
+    """Whether `path` (absolute) belongs to share K of N: the first 8 bytes of its SHA-256, mod N.
+    The same on every machine, Python and run; a file keeps its share while its path stays."""
+    k, n = shard
+    digest = hashlib.sha256(path.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % n == k - 1
+
+
+def _prune(conn: psycopg.Connection, root: str, discovered: set[str], report: Progress,
+           shard: tuple[int, int] | None = None) -> int:
+    """Delete the rows under `root` (of this share) whose files are gone."""
     gone = [id_ for id_, path in conn.execute(
         "SELECT id, path FROM images WHERE starts_with(path, %s)", [_prefix(root)])
-        if path not in discovered and not os.path.exists(path)]
+        if (shard is None or in_share(path, shard)) and path not in discovered
+        and not os.path.exists(path)]
     if gone:
         conn.execute("DELETE FROM images WHERE id = ANY(%s)", [gone])
         report.message(f"pruned {len(gone)} rows whose files are gone")

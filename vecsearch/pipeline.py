@@ -283,30 +283,42 @@ class Writer(threading.Thread):
 
     def _insert(self, rows: list[Row]) -> dict[str, bool]:
         cur = self.conn.cursor()
+        known = self._known_content([r.sha256 for r in rows if r.embedding is None])
         with cur.copy(f"COPY vecsearch_stage ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
             copy.set_types(COPY_TYPES)
             for row in rows:
-                copy.write_row([getattr(row, c) for c in COLUMNS])
-        # A row without a vector takes it (and its pixel size) from a row with the same content.
+                values = {c: getattr(row, c) for c in COLUMNS}
+                if row.embedding is None:  # known content: the existing row's vector and size
+                    if row.sha256 not in known:
+                        continue  # that row was deleted meanwhile: reported below
+                    values.update(known[row.sha256])
+                copy.write_row([values[c] for c in COLUMNS])
+        # loaded_at comes from the SELECT, not now() in DO UPDATE: Citus takes only immutable
+        # functions there.
         cur.execute("""
-            INSERT INTO images AS i (path, sha256, bytes, width, height, format, mtime, embedding)
-            SELECT s.path, s.sha256, s.bytes, coalesce(s.width, d.width), coalesce(s.height, d.height),
-                   coalesce(s.format, d.format), s.mtime, coalesce(s.embedding, d.embedding)
-            FROM vecsearch_stage s
-            LEFT JOIN LATERAL (
-                SELECT width, height, format, embedding FROM images
-                WHERE s.embedding IS NULL AND sha256 = s.sha256
-                  AND (%(since)s::timestamptz IS NULL OR loaded_at >= %(since)s)
-                LIMIT 1) d ON true
-            WHERE s.embedding IS NOT NULL OR d.embedding IS NOT NULL
-            ORDER BY s.path
+            INSERT INTO images AS i (path, sha256, bytes, width, height, format, mtime, embedding, loaded_at)
+            SELECT path, sha256, bytes, width, height, format, mtime, embedding, now()
+            FROM vecsearch_stage ORDER BY path
             ON CONFLICT (path) DO UPDATE SET
                 sha256 = EXCLUDED.sha256, bytes = EXCLUDED.bytes, width = EXCLUDED.width,
                 height = EXCLUDED.height, format = EXCLUDED.format, mtime = EXCLUDED.mtime,
-                embedding = EXCLUDED.embedding, loaded_at = now()
+                embedding = EXCLUDED.embedding, loaded_at = EXCLUDED.loaded_at
             RETURNING i.path, (i.xmax = 0)
-        """, {"since": self.reuse_since})
+        """)
         return dict(cur.fetchall())
+
+    def _known_content(self, shas: list[str]) -> dict[str, dict]:
+        """sha256 -> width, height, format and embedding of a row with that content (one loaded
+        in this run when re-embedding)."""
+        if not shas:
+            return {}
+        found = self.conn.execute("""
+            SELECT DISTINCT ON (sha256) sha256, width, height, format, embedding FROM images
+            WHERE sha256 = ANY(%(shas)s) AND (%(since)s::timestamptz IS NULL OR loaded_at >= %(since)s)
+            ORDER BY sha256, path
+        """, {"shas": shas, "since": self.reuse_since})
+        return {sha: dict(zip(("width", "height", "format", "embedding"), rest, strict=True))
+                for sha, *rest in found}
 
 
 class Pipeline:

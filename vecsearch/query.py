@@ -233,7 +233,7 @@ def _explain_empty(conn: psycopg.Connection, *, image_id: int | None = None,
                    under: str | Path | None = None) -> None:
     """No rows came back: raise the error that says why, or return if there simply are none."""
     has_images, has_id = conn.execute(
-        "SELECT EXISTS (SELECT FROM images), EXISTS (SELECT FROM images WHERE id = %s::bigint)",
+        "SELECT EXISTS (SELECT 1 FROM images), EXISTS (SELECT 1 FROM images WHERE id = %s::bigint)",
         [image_id if image_id is not None else -1]).fetchone()
     if not has_images:
         raise NotFound("the database has no images: run `vecsearch load DIR` first")

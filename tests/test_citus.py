@@ -1,0 +1,252 @@
+"""vecsearch on a real Citus cluster: a coordinator and two workers, embedded servers private to
+this test run (vecsearch/cluster.py), stopped at the end. Skipped, with one line, where Citus is
+not built into the embedded PostgreSQL (`./dev citus SOURCE`)."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from conftest import clustered, insert_vectors, make_image, run_cli
+from fastapi.testclient import TestClient
+from test_crash import Run, assert_same_rows, count, table, wait_for
+
+from vecsearch import citus, db, query, web
+from vecsearch import cluster as cluster_mod
+from vecsearch import index as index_mod
+from vecsearch.config import Settings
+
+pytestmark = pytest.mark.citus
+
+DROP = """
+DROP TABLE IF EXISTS images, embedding_model, alembic_version CASCADE;
+DROP FUNCTION IF EXISTS vecsearch_similar(bigint, integer, integer, text, boolean);
+DROP FUNCTION IF EXISTS vecsearch_similar_to(vector, integer, integer, text, boolean, bigint[]);
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory) -> cluster_mod.Cluster:
+    missing = cluster_mod.citus_built()
+    if missing:
+        pytest.skip(missing)
+    root = tmp_path_factory.mktemp("citus")
+    started = cluster_mod.start(root, workers=2)
+    yield started
+    cluster_mod.stop(root)
+
+
+@pytest.fixture
+def url(cluster) -> str:
+    """The coordinator's vecsearch database, emptied and migrated again (not yet distributed)."""
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute(DROP)
+    db.upgrade(cluster.url)
+    return cluster.url
+
+
+def connect(url: str) -> psycopg.Connection:
+    conn = psycopg.connect(url, autocommit=True)
+    db.register_vector(conn)
+    return conn
+
+
+def env(url: str, tmp_path: Path) -> dict:
+    return {"VECSEARCH_DATABASE_URL": url, "VECSEARCH_HOME": str(tmp_path / "home")}
+
+
+def test_the_cluster_is_real_and_distribute_is_idempotent(url, tmp_path):
+    with connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM citus_get_active_worker_nodes()").fetchone()[0] == 2
+        assert not citus.is_distributed(conn)
+    e = env(url, tmp_path)
+    first = run_cli("db", "distribute", env=e, check=True).stdout
+    assert "images distributed by path over 4 shards on 2 workers" in first
+    assert "embedding_model is a reference table" in first
+    assert "already distributed: images has 4 shards" in run_cli("db", "distribute", env=e, check=True).stdout
+    refused = run_cli("db", "distribute", "--shards", "6", env=e)
+    assert refused.returncode == 1 and "already has 4 shards" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    with connect(url) as conn:
+        assert citus.shard_count(conn) == 4
+        # One HNSW index per shard, built on the workers.
+        indexes = conn.execute("SELECT result FROM run_command_on_shards('images', $$SELECT count(*) FROM "
+                               "pg_indexes WHERE tablename = '%s' AND indexdef LIKE '%%USING hnsw%%'$$)")
+        assert [r[0] for r in indexes] == ["1"] * 4
+
+
+def test_same_answers_as_single_node(url, conn):
+    """The same vectors in a single PostgreSQL and in the cluster: identical top-k under `exact`,
+    with `under` and `exclude` too; ANN recall against exact as on one node."""
+    vectors = clustered(3000, seed=21)
+    paths = [f"/lib/{i % 5}/{i:05d}.jpg" for i in range(len(vectors))]
+    single = dict(zip(paths, insert_vectors(conn, vectors, paths), strict=True))
+    with connect(url) as cconn:
+        citus.distribute(cconn, shards=4)
+        distributed = dict(zip(paths, insert_vectors(cconn, vectors, paths), strict=True))
+        path_of = {v: k for k, v in distributed.items()}
+        single_path = {v: k for k, v in single.items()}
+        rng = np.random.default_rng(3)
+        recalls = []
+        for probe in rng.choice(len(paths), 25, replace=False):
+            p = paths[probe]
+            a = query.similar(conn, single[p], 10, exact=True)
+            b = query.similar(cconn, distributed[p], 10, exact=True)
+            assert [single_path[x.id] for x in a] == [path_of[x.id] for x in b]
+            assert np.allclose([x.distance for x in a], [x.distance for x in b], atol=1e-12)
+            ann = query.similar(cconn, distributed[p], 10)
+            recalls.append(len({x.id for x in ann} & {x.id for x in b}) / 10)
+            a = query.similar(conn, single[p], 10, exact=True, under="/lib/2")
+            b = query.similar(cconn, distributed[p], 10, exact=True, under="/lib/2")
+            assert [single_path[x.id] for x in a] == [path_of[x.id] for x in b]
+            assert all(path_of[x.id].startswith("/lib/2/") for x in b)
+        assert np.mean(recalls) >= 0.95, recalls
+        # A held-out vector (not a row), with ids excluded, ANN with the `under` filter.
+        q = clustered(1, seed=99)[0]
+        skip = [distributed[p] for p in paths[:50]]
+        b = query.similar_to(cconn, q, 20, exact=True, exclude=skip)
+        a = query.similar_to(conn, q, 20, exact=True, exclude=[single[p] for p in paths[:50]])
+        assert [single_path[x.id] for x in a] == [path_of[x.id] for x in b]
+        assert not set(skip) & {x.id for x in b}
+        filtered = query.similar_to(cconn, q, 20, under="/lib/3")  # 600 rows: the exact path
+        assert [x.id for x in filtered] == [x.id for x in query.similar_to(cconn, q, 20, under="/lib/3",
+                                                                           exact=True)]
+
+
+def test_ef_search_reaches_the_workers_and_the_caller_is_unchanged(url):
+    with connect(url) as conn:
+        citus.distribute(conn, shards=4)
+        ids = insert_vectors(conn, clustered(300, seed=5))
+        conn.execute("SET hnsw.ef_search = 77")
+        notices: list[str] = []
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        conn.execute("SET citus.log_remote_commands = on")
+        conn.execute("SET client_min_messages = log")
+        with conn.transaction():
+            rows = conn.execute("SELECT * FROM vecsearch_similar(%s, 5, ef_search => 345)",
+                                [ids[0]]).fetchall()
+            assert conn.execute("SHOW hnsw.ef_search").fetchone()[0] == "77"
+            assert conn.execute("SHOW citus.propagate_set_commands").fetchone()[0] == "none"
+        conn.execute("RESET client_min_messages")
+        assert len(rows) == 5
+        sent = "\n".join(notices)
+        assert sent.count("SET LOCAL hnsw.ef_search = 345") >= 2  # one per worker connection
+        assert "SET LOCAL hnsw.iterative_scan = relaxed_order" in sent
+        # The rest of the caller's transaction runs with the workers' own settings again.
+        last = [n for n in notices if "hnsw.ef_search" in n][-1]
+        assert "SET LOCAL hnsw.ef_search TO DEFAULT" in last, last
+        assert conn.execute("SHOW hnsw.ef_search").fetchone()[0] == "77"
+        assert conn.execute("SHOW citus.propagate_set_commands").fetchone()[0] == "none"
+
+
+def test_cli_end_to_end_on_the_cluster_with_split_loads(url, tmp_path, embedder):
+    """distribute before the first load, two loaders (--shard 1/2, 2/2), then every command."""
+    folder = tmp_path / "photos"
+    for i in range(14):
+        make_image(folder / f"p{i:02d}.png", seed=300 + i, size=(96, 80))
+    shutil.copy(folder / "p03.png", folder / "copy_of_p03.png")
+    e = env(url, tmp_path)
+    run_cli("db", "distribute", env=e, check=True)
+    a = run_cli("load", str(folder), "--weights", "random", "--shard", "1/2", env=e, check=True)
+    b = run_cli("load", str(folder), "--weights", "random", "--shard", "2/2", env=e, check=True)
+    assert "(share 1/2)" in a.stderr and "(share 2/2)" in b.stderr
+    with connect(url) as conn:
+        paths = {r[0] for r in conn.execute("SELECT path FROM images")}
+        assert paths == {str(p) for p in folder.iterdir()}
+        assert citus.is_distributed(conn) and index_mod.hnsw_index(conn) is not None
+        image_id = conn.execute("SELECT id FROM images WHERE path = %s",
+                                [str(folder / "p05.png")]).fetchone()[0]
+    status = run_cli("db", "status", env=e, check=True).stdout
+    workers = [line for line in status.splitlines() if line.startswith("worker:")]
+    assert len(workers) == 2 and sum(int(w.split(" shards, ")[1].split()[0]) for w in workers) == 15
+    assert "images distributed by path over 4 shards" in status
+
+    similar = run_cli("similar", str(image_id), "-k", "3", "--format", "json", env=e, check=True)
+    assert similar.stdout.count('"id"') == 3
+    outside = shutil.copy(folder / "p05.png", tmp_path / "outside.png")  # not a row: nothing excluded
+    search = run_cli("search", str(outside), "-k", "1", "--format", "paths",
+                     "--weights", "random", env=e, check=True)
+    assert search.stdout.strip() == str(folder / "p05.png")
+    arithmetic = run_cli("similar", f"{image_id} + {image_id}", "-k", "2", env=e, check=True)
+    assert "rank" in arithmetic.stdout
+    dupes = run_cli("dupes", "--threshold", "0.0001", "--format", "json", env=e, check=True)
+    assert "copy_of_p03.png" in dupes.stdout and "p03.png" in dupes.stdout
+
+    reader_url = run_cli("db", "reader", "analyst", env=e, check=True).stdout.strip()
+    with psycopg.connect(reader_url) as reader:
+        assert len(reader.execute("SELECT * FROM vecsearch_similar(%s, 4)", [image_id]).fetchall()) == 4
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            reader.execute("DELETE FROM images")
+
+    settings = Settings(database_url=url, home=tmp_path / "home")
+    with TestClient(web.create_app(settings, weights="random"), base_url="http://127.0.0.1") as client:
+        got = client.get(f"/api/images/{image_id}/similar", params={"k": 3})
+        assert got.status_code == 200 and len(got.json()["results"]) == 3
+
+    dump = tmp_path / "backup.dump"
+    run_cli("db", "backup", str(dump), env=e, check=True)
+    with connect(url) as conn:
+        before = table(conn)
+        conn.execute("DELETE FROM images WHERE path LIKE %s", [f"{folder}/p1%"])
+    assert "restored 15 images" in run_cli("db", "restore", str(dump), env=e, check=True).stdout
+    with connect(url) as conn:
+        assert_same_rows(before, table(conn))
+        assert citus.is_distributed(conn)
+        assert query.similar(conn, image_id, 3)
+
+
+def test_a_sigkilled_load_on_the_cluster_is_finished_by_the_next(url, tmp_path):
+    folder = tmp_path / "big"
+    rng = np.random.default_rng(8)
+    for i in range(24):  # noisy pixels: slow to decode, so the load is mid-way at the kill
+        folder.mkdir(exist_ok=True)
+        from PIL import Image
+
+        Image.fromarray(rng.integers(0, 256, (500, 700, 3), dtype=np.uint8)).save(folder / f"{i:02d}.png")
+    e = env(url, tmp_path)
+    run_cli("db", "distribute", env=e, check=True)
+    run = Run(tmp_path, e, str(folder), "--weights", "random", "--batch-size", "4", "--workers", "1")
+    wait_for(lambda: count(url) >= 4, 180, "the first batch", run.proc)
+    with connect(url) as conn:
+        assert index_mod.hnsw_index(conn) is None  # dropped for the bulk load
+    run.kill(signal.SIGKILL)
+    assert run.wait()[0] == -signal.SIGKILL
+    code, out, err = Run(tmp_path, e, str(folder), "--weights", "random").wait()
+    assert code == 0, err
+    with connect(url) as conn:
+        paths = [r[0] for r in conn.execute("SELECT path FROM images")]
+        assert sorted(paths) == sorted(str(p) for p in folder.iterdir())  # every file, once
+        assert index_mod.hnsw_index(conn) is not None
+        per_shard = conn.execute("SELECT result FROM run_command_on_shards('images', $$SELECT count(*) FROM "
+                                 "pg_indexes WHERE tablename = '%s' AND indexdef LIKE '%%USING hnsw%%'$$)")
+        assert {r[0] for r in per_shard} == {"1"}
+        image_id = conn.execute("SELECT min(id) FROM images").fetchone()[0]
+        assert len(query.similar(conn, image_id, 5)) == 5
+
+
+def test_an_existing_database_is_distributed_with_its_rows_and_ids(url, tmp_path):
+    with connect(url) as conn:
+        vectors = clustered(200, seed=9)
+        ids = insert_vectors(conn, vectors)
+        before = {r[0]: r[1] for r in conn.execute("SELECT id, path FROM images")}
+        expected = [x.id for x in query.similar(conn, ids[7], 5, exact=True)]
+        assert "200 rows moved" in citus.distribute(conn)
+        assert {r[0]: r[1] for r in conn.execute("SELECT id, path FROM images")} == before
+        assert [x.id for x in query.similar(conn, ids[7], 5, exact=True)] == expected
+        new = conn.execute("INSERT INTO images (path, sha256, bytes, width, height, format, mtime, "
+                           "embedding) VALUES ('/new.jpg', 'x', 1, 1, 1, 'JPEG', now(), %s) RETURNING id",
+                           [vectors[0]]).fetchone()[0]
+        assert new > max(before)
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
+                         "VALUES ('/new.jpg', 'y', 1, 1, 1, 'JPEG', now(), %s)", [vectors[1]])
+
+
+def test_distribute_refuses_a_server_without_citus(settings):
+    with db.connect(settings) as conn:
+        with pytest.raises(Exception, match="no Citus extension"):
+            citus.distribute(conn)
