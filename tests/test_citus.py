@@ -187,6 +187,15 @@ def test_cli_end_to_end_on_the_cluster_with_split_loads(url, tmp_path, embedder)
         got = client.get(f"/api/images/{image_id}/similar", params={"k": 3})
         assert got.status_code == 200 and len(got.json()["results"]) == 3
 
+    reindexed = run_cli("db", "reindex", "--m", "20", "--ef-construction", "80", env=e, check=True)
+    assert "m=20, ef_construction=80" in reindexed.stdout
+    with connect(url) as conn:
+        per_shard = conn.execute("SELECT result FROM run_command_on_shards('images', $$SELECT string_agg("
+                                 "indexdef, ';') FROM pg_indexes WHERE tablename = '%s' AND indexdef LIKE "
+                                 "'%%USING hnsw%%'$$)").fetchall()
+        assert len(per_shard) == 4 and all("m='20'" in r[0] and ";" not in r[0] for r in per_shard), per_shard
+        assert len(query.similar(conn, image_id, 3)) == 3
+
     dump = tmp_path / "backup.dump"
     run_cli("db", "backup", str(dump), env=e, check=True)
     with connect(url) as conn:

@@ -204,3 +204,49 @@ def test_cli_help_lists_commands_and_version():
 def test_status_while_the_index_is_dropped_for_a_bulk_load(conn):
     conn.execute("DROP INDEX images_embedding_hnsw")
     assert dict(db.status(conn))["hnsw"] == "none"
+
+
+def test_upgrade_to_0004_keeps_every_row_and_id_and_keys_images_by_path(pg_home):
+    """A single-node database at 0003 with rows (ids with gaps) upgrades: same ids, paths still
+    unique (now the primary key), lookups by id use an index, the functions answer as before."""
+    running = server.ensure_running(pg_home)
+    with server.psql_connection(running) as conn:
+        conn.execute("DROP DATABASE IF EXISTS upgrade_0004")
+        conn.execute("CREATE DATABASE upgrade_0004")
+    url = running.url("upgrade_0004")
+    db.migrate_to(url, "0003")
+    vectors = clustered(60, seed=4)
+    with psycopg.connect(url, autocommit=True) as conn:
+        db.register_vector(conn)
+        for i, v in enumerate(vectors):
+            conn.execute("INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
+                         "VALUES (%s, %s, 1, 1, 1, 'PNG', now(), %s)", [f"/u/{i}.png", f"{i:064x}", v])
+        conn.execute("DELETE FROM images WHERE id % 7 = 0")  # gaps
+        before = conn.execute("SELECT id, path, embedding FROM images ORDER BY id").fetchall()
+        probe = before[3][0]
+        expected = conn.execute("SELECT id, distance FROM vecsearch_similar(%s, 5, exact => true)",
+                                [probe]).fetchall()
+    assert db.migrate_to(url, "head") == db.SCHEMA_REVISION
+    with psycopg.connect(url, autocommit=True) as conn:
+        db.register_vector(conn)
+        after = conn.execute("SELECT id, path, embedding FROM images ORDER BY id").fetchall()
+        assert [(a, b) for a, b, _ in after] == [(a, b) for a, b, _ in before]
+        assert all(x[2].to_list() == y[2].to_list() for x, y in zip(after, before, strict=True))
+        assert conn.execute("SELECT id, distance FROM vecsearch_similar(%s, 5, exact => true)",
+                            [probe]).fetchall() == expected
+        assert len(conn.execute("SELECT * FROM vecsearch_similar(%s, 5)", [probe]).fetchall()) == 5
+        key = conn.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                           "WHERE conrelid = 'images'::regclass AND contype = 'p'").fetchone()[0]
+        assert key == "PRIMARY KEY (path)"
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN SELECT * FROM images WHERE id = 5"))
+        assert "images_id_idx" in plan
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute("INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
+                         "VALUES ('/u/1.png', 'x', 1, 1, 1, 'PNG', now(), %s)", [vectors[0]])
+        new = conn.execute("INSERT INTO images (path, sha256, bytes, width, height, format, mtime, "
+                           "embedding) VALUES ('/u/new.png', 'x', 1, 1, 1, 'PNG', now(), %s) RETURNING id",
+                           [vectors[0]]).fetchone()[0]
+        assert new > max(r[0] for r in before)
+    with server.psql_connection(running) as conn:
+        conn.execute("DROP DATABASE upgrade_0004")

@@ -363,3 +363,35 @@ def test_cli_load_exit_codes_summary_errors_csv_and_no_torch_on_rerun(settings, 
     (stub / "torch" / "__init__.py").write_text("raise ImportError('torch was imported')\n")
     quiet = run_cli("load", str(folder), "--weights", "random", "--quiet", env={"PYTHONPATH": str(stub)})
     assert quiet.returncode == 0 and quiet.stdout == "" and "warning" not in quiet.stderr
+
+
+def test_split_loads_equal_one_load_and_prune_stays_in_its_share(settings, conn, embedder, tmp_path):
+    """`--shard K/N`: N loaders take disjoint shares (by a hash of the path) that together are the
+    folder; a share's --prune never deletes another share's rows, even when their files are gone
+    from where this loader looks (another machine)."""
+    folder = tmp_path / "photos"
+    files = [make_image(folder / f"{i:02d}.png", 500 + i, (64, 48)) for i in range(12)]
+    shares = {k: {str(f) for f in files if load_mod.in_share(str(f), (k, 3))} for k in (1, 2, 3)}
+    assert sum(map(len, shares.values())) == 12 and set.union(*shares.values()) == {str(f) for f in files}
+    assert all(shares.values()), shares  # 12 files: every share has some
+    for k in (1, 2, 3):
+        summary = load(settings, folder, embedder, workers=0, shard=(k, 3))
+        assert summary.new == len(shares[k]) and summary.found == len(shares[k])
+        assert set(rows(conn)) == set.union(*(shares[j] for j in range(1, k + 1)))
+    assert load(settings, folder, embedder, workers=0).unchanged == 12  # the same as one load
+    lost = sorted(shares[1])[0]
+    Path(lost).unlink()
+    assert load(settings, folder, embedder, workers=0, shard=(2, 3), prune=True).pruned == 0
+    assert lost in rows(conn)
+    assert load(settings, folder, embedder, workers=0, shard=(1, 3), prune=True).pruned == 1
+    assert lost not in rows(conn) and len(rows(conn)) == 11
+
+
+@pytest.mark.parametrize("value, message", [
+    ("3/2", "K must be from 1 to N"), ("0/4", "K must be from 1 to N"), ("2", "give K/N"),
+    ("a/b", "give K/N"), ("1/0", "give K/N")])
+def test_bad_shard_is_one_line(settings, tmp_path, value, message):
+    result = run_cli("load", str(tmp_path), "--shard", value,
+                     env={"VECSEARCH_DATABASE_URL": settings.database_url})
+    assert result.returncode == 1 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

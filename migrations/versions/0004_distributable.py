@@ -9,8 +9,10 @@ identity sequence (new ids come only from it: GENERATED ALWAYS) and gets a plain
 `vecsearch similar <id>` finds the row as before. Nothing is rewritten but the two indexes.
 
 Functions. Same arguments, defaults and answers as 0003's; what changed:
-- the exact distance of each HNSW candidate is computed where the candidate is read (on each
-  shard under Citus) instead of shipping 8 KB vectors to the re-rank;
+- the candidate query is one flat `ORDER BY <halfvec distance> LIMIT n` that also computes the
+  exact distance of each candidate where it is read (on each shard under Citus, which pushes
+  such a query down whole and merges the shards' rows); the re-rank sorts those n rows. 0003's
+  nested form made Citus materialise the candidates (8 KB vectors included) before re-ranking;
 - under Citus (images distributed), `hnsw.ef_search`, `hnsw.iterative_scan` and
   `enable_seqscan` reach the workers: a SET LOCAL with `citus.propagate_set_commands = local`
   is sent to every shard's connection of this transaction (a function's SET clause and
@@ -65,14 +67,17 @@ DECLARE
     -- Exact scans filter with starts_with(), which a btree on path serves (C collation); the
     -- candidate query uses a form no btree serves, so the filter cannot pull it off the HNSW index.
     where_under   text := CASE WHEN under IS NULL THEN '' ELSE ' AND starts_with(i.path, $4)' END;
-    ann_under     text := CASE WHEN under IS NULL THEN '' ELSE ' AND left(i.path, length($4)) = $4' END;
+    ann_under     text := CASE WHEN under IS NULL THEN '' ELSE ' AND left(i.path, length($3)) = $3' END;
     distributed   boolean := false;
     propagate     text;
     matching      bigint;
     candidates    integer;
-    ann_ids       bigint[];
-    ann_paths     text[];
-    ann_distances double precision[];
+    ann_ids       bigint[] := '{{}}';
+    ann_paths     text[] := '{{}}';
+    ann_distances double precision[] := '{{}}';
+    c_id          bigint;
+    c_path        text;
+    c_distance    double precision;
 BEGIN
     IF k IS NULL OR k < 1 OR k > {MAX_K} THEN
         RAISE EXCEPTION 'k must be between 1 and {MAX_K}, not %', coalesce(k::text, 'NULL')
@@ -114,24 +119,20 @@ BEGIN
         EXECUTE format('SET LOCAL hnsw.ef_search = %s', greatest(candidates, ef_search));
         EXECUTE 'SET LOCAL hnsw.iterative_scan = relaxed_order';
         EXECUTE 'SET LOCAL enable_seqscan = off';
-        EXECUTE format($q$
-            SELECT array_agg(c.id ORDER BY c.distance, c.id),
-                   array_agg(c.path ORDER BY c.distance, c.id),
-                   array_agg(c.distance ORDER BY c.distance, c.id)
-            FROM (
-                SELECT a.id, a.path, a.distance
-                FROM (
-                    SELECT i.id, i.path, i.embedding <=> $1::vector AS distance
-                    FROM images i
-                    WHERE i.id <> ALL ($5::bigint[]) %s
-                    ORDER BY i.embedding::halfvec(2048) <=> $1::halfvec(2048)
-                    LIMIT $3::integer
-                ) a
-                ORDER BY 3, 1
-                LIMIT $2::integer
-            ) c $q$, ann_under)
-            INTO ann_ids, ann_paths, ann_distances
-            USING q, k, candidates, under, exclude;
+        -- One flat ORDER BY ... LIMIT, which Citus pushes to every shard whole and merges; the
+        -- re-rank below runs on the candidates alone.
+        FOR c_id, c_path, c_distance IN EXECUTE format($q$
+                SELECT i.id, i.path, i.embedding <=> $1::vector
+                FROM images i
+                WHERE i.id <> ALL ($4::bigint[]) %s
+                ORDER BY i.embedding::halfvec(2048) <=> $1::halfvec(2048)
+                LIMIT $2::integer $q$, ann_under)
+            USING q, candidates, under, exclude
+        LOOP
+            ann_ids := ann_ids || c_id;
+            ann_paths := ann_paths || c_path;
+            ann_distances := ann_distances || c_distance;
+        END LOOP;
         IF distributed THEN
             -- The workers' own settings again for the rest of the caller's transaction. (SET
             -- LOCAL, never SET or RESET: those would outlive the function's SET clauses.)
@@ -141,8 +142,9 @@ BEGIN
             EXECUTE format('SET LOCAL citus.propagate_set_commands = %L', propagate);
         END IF;
         EXECUTE 'SET LOCAL enable_seqscan = on';
-        IF cardinality(ann_ids) >= k THEN
-            RETURN QUERY SELECT * FROM unnest(ann_ids, ann_paths, ann_distances);
+        IF cardinality(ann_ids) >= k THEN  -- the exact re-rank
+            RETURN QUERY SELECT * FROM unnest(ann_ids, ann_paths, ann_distances) AS c(id, path, distance)
+                ORDER BY c.distance, c.id LIMIT k;
             RETURN;
         END IF;
         -- Fewer than k: a filter so selective that the index scan gave up (hnsw.max_scan_tuples),
