@@ -144,7 +144,8 @@ def test_ef_search_reaches_the_workers_and_the_caller_is_unchanged(url):
 
 
 def test_cli_end_to_end_on_the_cluster_with_split_loads(url, tmp_path, embedder):
-    """distribute before the first load, two loaders (--shard 1/2, 2/2), then every command."""
+    """distribute before the first load, two loaders (--shard 1/2, 2/2), then every command
+    (eval works in its scratch schema, tables local to the coordinator)."""
     folder = tmp_path / "photos"
     for i in range(14):
         make_image(folder / f"p{i:02d}.png", seed=300 + i, size=(96, 80))
@@ -175,6 +176,9 @@ def test_cli_end_to_end_on_the_cluster_with_split_loads(url, tmp_path, embedder)
     assert "rank" in arithmetic.stdout
     dupes = run_cli("dupes", "--threshold", "0.0001", "--format", "json", env=e, check=True)
     assert "copy_of_p03.png" in dupes.stdout and "p03.png" in dupes.stdout
+
+    evaluated = run_cli("eval", "perturb", str(folder), "--weights", "random", env=e, check=True)
+    assert "perturb: 15 queries among" in evaluated.stdout, evaluated.stdout
 
     reader_url = run_cli("db", "reader", "analyst", env=e, check=True).stdout.strip()
     with psycopg.connect(reader_url) as reader:
