@@ -48,8 +48,12 @@ def main() -> None:
     found: dict[str, list[dict]] = {}
     for log in args.logs:
         found.update(tables(log.read_text()))
-    fig, axes = plt.subplots(1, len(found), figsize=(5 * len(found), 4.2), squeeze=False)
-    for ax, (title, rows) in zip(axes[0], found.items(), strict=True):
+    cols = min(3, len(found))
+    rows_of_panels = -(-len(found) // cols)
+    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(5 * cols, 4.2 * rows_of_panels), squeeze=False)
+    for ax in axes.flat[len(found):]:
+        ax.set_visible(False)
+    for ax, (title, rows) in zip(axes.flat, found.items(), strict=False):
         lines = defaultdict(list)
         for r in rows:
             config = re.sub(r", ef_search \d+|, search_k \d+", "", r["params"])

@@ -26,6 +26,7 @@ DROP = """
 DROP TABLE IF EXISTS images, embedding_model, alembic_version CASCADE;
 DROP FUNCTION IF EXISTS vecsearch_similar(bigint, integer, integer, text, boolean);
 DROP FUNCTION IF EXISTS vecsearch_similar_to(vector, integer, integer, text, boolean, bigint[]);
+DROP FUNCTION IF EXISTS vecsearch_search_settings(integer);
 """
 
 
@@ -117,28 +118,52 @@ def test_same_answers_as_single_node(url, conn):
                                                                            exact=True)]
 
 
+def _sent(conn: psycopg.Connection, sql: str, params) -> tuple[list, list[str]]:
+    """Rows of `sql`, and the commands the coordinator sent to the workers for it."""
+    notices: list[str] = []
+    conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+    conn.execute("SET citus.log_remote_commands = on")
+    conn.execute("SET client_min_messages = log")
+    rows = conn.execute(sql, params).fetchall()
+    conn.execute("RESET client_min_messages")
+    conn.execute("RESET citus.log_remote_commands")
+    return rows, notices
+
+
+def _settings_reached_the_shards(notices: list[str], ef: int) -> None:
+    """Each worker connection got the SET LOCALs (with its BEGIN, or on its own when the
+    connection was already in the transaction) before the shard queries, and the workers'
+    defaults back afterwards."""
+    def sent(command: str) -> list[int]:
+        return [i for i, n in enumerate(notices) if n.startswith("issuing") and command in n]
+
+    search = next(i for i, n in enumerate(notices) if "ORDER BY" in n and "halfvec" in n)
+    for command in (f"SET LOCAL hnsw.ef_search = {ef}", "SET LOCAL hnsw.iterative_scan = relaxed_order",
+                    "SET LOCAL enable_seqscan = off"):
+        lines = sent(command)
+        assert len(lines) >= 2 and max(lines) < search, (command, notices)  # one per worker connection
+    last = [n for n in notices if "hnsw.ef_search" in n][-1]
+    assert "SET LOCAL hnsw.ef_search TO DEFAULT" in last, last
+
+
 def test_ef_search_reaches_the_workers_and_the_caller_is_unchanged(url):
     with connect(url) as conn:
         citus.distribute(conn, shards=4)
-        ids = insert_vectors(conn, clustered(300, seed=5))
+        vectors = clustered(300, seed=5)
+        ids = insert_vectors(conn, vectors)
         conn.execute("SET hnsw.ef_search = 77")
-        notices: list[str] = []
-        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
-        conn.execute("SET citus.log_remote_commands = on")
-        conn.execute("SET client_min_messages = log")
+        # In autocommit (a plain `SELECT * FROM vecsearch_similar_to(...)` from any SQL client).
+        rows, notices = _sent(conn, "SELECT * FROM vecsearch_similar_to(%s, 5, ef_search => 345)",
+                              [vectors[0]])
+        assert len(rows) == 5
+        _settings_reached_the_shards(notices, 345)
+        # In the caller's own transaction, by id.
         with conn.transaction():
-            rows = conn.execute("SELECT * FROM vecsearch_similar(%s, 5, ef_search => 345)",
-                                [ids[0]]).fetchall()
+            rows, notices = _sent(conn, "SELECT * FROM vecsearch_similar(%s, 5, ef_search => 456)", [ids[0]])
             assert conn.execute("SHOW hnsw.ef_search").fetchone()[0] == "77"
             assert conn.execute("SHOW citus.propagate_set_commands").fetchone()[0] == "none"
-        conn.execute("RESET client_min_messages")
         assert len(rows) == 5
-        sent = "\n".join(notices)
-        assert sent.count("SET LOCAL hnsw.ef_search = 345") >= 2  # one per worker connection
-        assert "SET LOCAL hnsw.iterative_scan = relaxed_order" in sent
-        # The rest of the caller's transaction runs with the workers' own settings again.
-        last = [n for n in notices if "hnsw.ef_search" in n][-1]
-        assert "SET LOCAL hnsw.ef_search TO DEFAULT" in last, last
+        _settings_reached_the_shards(notices, 456)
         assert conn.execute("SHOW hnsw.ef_search").fetchone()[0] == "77"
         assert conn.execute("SHOW citus.propagate_set_commands").fetchone()[0] == "none"
 

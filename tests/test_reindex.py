@@ -27,7 +27,7 @@ def _wait(condition, timeout: float, what: str):
 
 def test_reindex_changes_the_parameters_and_the_new_index_serves_every_row(settings, conn):
     ids = insert_vectors(conn, clustered(400, seed=21))
-    assert _options(conn) == "m=16, ef_construction=64"
+    assert _options(conn) == "m=32, ef_construction=128"  # a new database's defaults
     result = run_cli("db", "reindex", "--m", "24", "--ef-construction", "80")
     assert result.returncode == 0, result.stderr
     assert "reindexed in " in result.stdout and "m=24, ef_construction=80" in result.stdout

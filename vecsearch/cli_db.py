@@ -166,6 +166,44 @@ def db_reindex(
                         f"ef_construction={options['ef_construction']}"), markup=False)
 
 
+@db_app.command("recall")
+def db_recall(
+    ctx: typer.Context,
+    sample: Annotated[int, typer.Option("--sample", help="Images sampled from the table as queries.")] = 100,
+    k: Annotated[int, typer.Option("-k", help="Neighbours per query.")] = 10,
+    ef_search: Annotated[int | None, typer.Option(
+        "--ef-search", help="Measure at this ef_search [default: the database's].",
+        show_default=False)] = None,
+    tune: Annotated[bool, typer.Option(
+        "--tune", help="Find the smallest ef_search reaching recall 0.99 here and make it this "
+        "database's default (for every caller, SQL clients included).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
+) -> None:
+    """Recall@k of the HNSW index on this database's own images, against the exact scan (how
+    close `vecsearch similar` is to exact here); --tune sets the ef_search that reaches 0.99."""
+    from . import recall
+    from .limits import DEFAULT_EF_SEARCH
+
+    with db.connect(settings(ctx)) as conn:
+        ids = recall.sample(conn, sample, seed)
+        if tune:
+            chosen, measured = recall.tune(conn, ids, k)
+        else:
+            current = ef_search or recall.database_ef_search(conn) or DEFAULT_EF_SEARCH
+            measured = recall.measure(conn, ids, k, [current])
+    for m in measured:
+        out.print(f"ef_search {m.ef_search}: recall@{k} {m.recall:.3f} (worst query {m.worst:.1f}) over "
+                  f"{len(ids)} sampled images; p50 {m.ann_ms:.1f} ms, exact scan {m.exact_ms:.0f} ms",
+                  markup=False)
+    best = max(m.recall for m in measured)
+    if tune:
+        out.print(f"this database's default ef_search is now {chosen}", markup=False)
+    if best < recall.TARGET:
+        err.print(f"note: recall below {recall.TARGET}: a higher --ef-search, or an index with more links "
+                  "(`vecsearch db reindex --m 32 --ef-construction 128`), brings it closer to exact",
+                  markup=False)
+
+
 @db_app.command("reader")
 def db_reader(
     ctx: typer.Context,

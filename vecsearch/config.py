@@ -50,8 +50,10 @@ class Settings:
 
     database_url: str | None
     home: Path
-    hnsw_m: int = 16
-    hnsw_ef_construction: int = 64
+    # The index of a new database (docs/benchmarks.md, "Queries": m 16 / ef_construction 64 lost
+    # recall on hard data); an existing one keeps its own until `vecsearch db reindex`.
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 128
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
@@ -60,8 +62,9 @@ class Settings:
             database_url=env.get("VECSEARCH_DATABASE_URL") or None,
             home=Path(env["VECSEARCH_HOME"]).expanduser() if env.get("VECSEARCH_HOME")
             else _default_home(),
-            hnsw_m=_int_env("VECSEARCH_HNSW_M", 16, 2, 100),
-            hnsw_ef_construction=_int_env("VECSEARCH_HNSW_EF_CONSTRUCTION", 64, 4, 1000),
+            hnsw_m=_int_env("VECSEARCH_HNSW_M", cls.hnsw_m, 2, 100),
+            hnsw_ef_construction=_int_env("VECSEARCH_HNSW_EF_CONSTRUCTION", cls.hnsw_ef_construction,
+                                          4, 1000),
         )
         return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -162,18 +162,23 @@ def downgrade(url: str, revision: str) -> None:
     command.downgrade(alembic_config(url), revision)
 
 
+_FUNCTIONS = ("SEARCH_SETTINGS", "SIMILAR_TO", "SIMILAR")  # migration constants, in creation order
+
+
 def similarity_functions() -> list[str]:
-    """The CREATE statements of `vecsearch_similar_to` and `vecsearch_similar`, each as the newest
-    migration that defines it wrote it: for a copy of them in another schema (`vecsearch eval`)."""
+    """The CREATE statements of the neighbour functions (`vecsearch_search_settings` where the
+    schema has it, `vecsearch_similar_to`, `vecsearch_similar`), each as the newest migration that
+    defines it wrote it: for a copy of them in another schema (`vecsearch eval`)."""
     from alembic.script import ScriptDirectory
 
     found: dict[str, str] = {}
     for revision in ScriptDirectory.from_config(alembic_config("")).walk_revisions():  # newest first
-        for name in ("SIMILAR_TO", "SIMILAR"):
+        for name in _FUNCTIONS:
             if name not in found and getattr(revision.module, name, None):
                 found[name] = getattr(revision.module, name)
     return [found[name].replace("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION", 1)
-            for name in ("SIMILAR_TO", "SIMILAR")]
+            for name in _FUNCTIONS if name in found]
+
 
 
 def check_pgvector(url: str) -> None:
@@ -205,8 +210,11 @@ def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
                pg_size_pretty(pg_relation_size(to_regclass('images_embedding_hnsw'))),
                (SELECT array_to_string(reloptions, ', ') FROM pg_class
                 WHERE oid = to_regclass('images_embedding_hnsw')),
-               (SELECT format('%s, weights %s', name, weights) FROM embedding_model)
+               (SELECT format('%s, weights %s', name, weights) FROM embedding_model),
+               coalesce(nullif(current_setting('vecsearch.ef_search', true), '') || ' (this database''s: '
+                        '`vecsearch db recall --tune`)', '200 (the default; `vecsearch db recall` measures '
+                        'recall here)')
     """).fetchone()
-    labels = ["postgres", "pgvector", "schema", "images", "table", "hnsw", "hnsw opts", "model"]
+    labels = ["postgres", "pgvector", "schema", "images", "table", "hnsw", "hnsw opts", "model", "ef_search"]
     return [(label, "none" if value is None else str(value))
             for label, value in zip(labels, row, strict=True)]

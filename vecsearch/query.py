@@ -23,7 +23,7 @@ import psycopg
 
 from . import db
 from .errors import InvalidInput, NotFound, SchemaMismatch
-from .limits import DEFAULT_EF_SEARCH, MAX_EF_SEARCH, MAX_K
+from .limits import MAX_EF_SEARCH, MAX_K
 
 if TYPE_CHECKING:
     import numpy as np
@@ -192,11 +192,12 @@ def under_prefix(directory: str | Path) -> str:
     return prefix if prefix.endswith(os.sep) else prefix + os.sep
 
 
-def check_args(k: int, ef_search: int | None = None) -> int:
-    """Validate k and ef_search (before any slow work); returns the ef_search to use."""
+def check_args(k: int, ef_search: int | None = None) -> int | None:
+    """Validate k and ef_search (before any slow work); returns the ef_search to pass (None: the
+    database's own, `vecsearch db recall --tune`, else limits.DEFAULT_EF_SEARCH)."""
     if not 1 <= k <= MAX_K:
         raise InvalidInput(f"k must be between 1 and {MAX_K}, not {k}")
-    return DEFAULT_EF_SEARCH if ef_search is None else check_ef_search(ef_search)
+    return None if ef_search is None else check_ef_search(ef_search)
 
 
 def check_ef_search(ef_search: int) -> int:

@@ -1,0 +1,51 @@
+"""`vecsearch db recall`: recall of the index on the database's own rows against the exact scan,
+and --tune, which makes the ef_search reaching 0.99 the database's default for every caller."""
+
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+from conftest import clustered, exact_neighbours, insert_vectors, run_cli
+
+from vecsearch import query, recall
+
+
+def test_recall_is_measured_against_exact_and_tune_sets_the_database_default(settings, conn):
+    vectors = clustered(3000, seed=31, clusters=3, noise=3.0)  # hard: few huge, noisy clusters
+    ids = insert_vectors(conn, vectors)
+    sample = recall.sample(conn, 40, seed=1)
+    assert len(set(sample)) == 40 and recall.sample(conn, 40, seed=1) == sample
+    [measured] = recall.measure(conn, sample, 10, [1])
+    row = {image_id: i for i, image_id in enumerate(ids)}
+
+    def exact(q: int) -> set[int]:
+        return {i for i, _ in exact_neighbours(vectors, ids, vectors[row[q]], 10, exclude=[q])}
+
+    expected = np.mean([len({n.id for n in query.similar(conn, q, 10, ef_search=1)} & exact(q)) / 10
+                        for q in sample])
+    assert abs(measured.recall - expected) < 1e-9 and measured.recall < 1.0, measured
+
+    chosen, steps = recall.tune(conn, sample)
+    assert [m.ef_search for m in steps] == list(recall.STEPS[:len(steps)]) and chosen == steps[-1].ef_search
+    assert steps[-1].recall >= recall.TARGET or chosen == recall.STEPS[-1]
+    assert all(m.recall < recall.TARGET for m in steps[:-1])
+    with psycopg.connect(settings.database_url) as other:  # every new session, readers included
+        assert other.execute("SHOW vecsearch.ef_search").fetchone()[0] == str(chosen)
+        # Callers that give no ef_search get the database's: at 1, the candidate floor (k + 10).
+        other.execute("SET vecsearch.ef_search = 1")
+        low = [[r[0] for r in other.execute("SELECT id FROM vecsearch_similar(%s, 10)", [q])] for q in sample]
+        explicit = [[n.id for n in query.similar(conn, q, 10, ef_search=1)] for q in sample]
+        assert low == explicit
+        assert low != [[n.id for n in query.similar(conn, q, 10, ef_search=1000)] for q in sample]
+
+    env = {"VECSEARCH_DATABASE_URL": settings.database_url}
+    status = run_cli("db", "status", env=env, check=True).stdout
+    assert f"ef_search: {chosen} (this database's" in status
+    out = run_cli("db", "recall", "--sample", "10", env=env, check=True).stdout
+    assert out.startswith(f"ef_search {chosen}: recall@10 ") and "over 10 sampled images" in out
+
+
+def test_recall_of_an_empty_table_is_one_line(settings):
+    result = run_cli("db", "recall", env={"VECSEARCH_DATABASE_URL": settings.database_url})
+    assert result.returncode != 0 and "the images table is empty" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

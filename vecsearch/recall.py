@@ -1,0 +1,94 @@
+"""How well the HNSW index answers on this database's own data, and the ef_search it needs.
+
+Recall depends on the data (docs/benchmarks.md): the same index settings give 0.998 on one
+library and 0.93 on another. So vecsearch measures it where it matters: images sampled from the
+table, each asked for its k nearest other images through `vecsearch_similar` (the function every
+caller uses), by the index and by the exact scan. `tune` then stores, as the database's default
+ef_search (`ALTER DATABASE ... SET vecsearch.ef_search`, read by the SQL functions when a caller
+gives none), the smallest of STEPS that reaches the target on the sample.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from .errors import InvalidInput, NotFound
+from .limits import DEFAULT_EF_SEARCH, MAX_K
+from .query import check_ef_search
+
+STEPS = (100, 200, 400, 800, 1000)
+TARGET = 0.99
+
+
+@dataclass
+class Measured:
+    ef_search: int
+    recall: float  # mean recall@k of the ANN answers against the exact ones
+    worst: float  # the lowest recall of one query
+    ann_ms: float  # p50 of one ANN query
+    exact_ms: float  # p50 of one exact query
+
+
+def database_ef_search(conn: psycopg.Connection) -> int | None:
+    """The database's own default ef_search (None: not tuned; the functions use 200)."""
+    value = conn.execute("SELECT nullif(current_setting('vecsearch.ef_search', true), '')").fetchone()[0]
+    return None if value is None else int(value)
+
+
+def sample(conn: psycopg.Connection, size: int, seed: int = 0) -> list[int]:
+    if size < 1:
+        raise InvalidInput(f"--sample must be at least 1, not {size}")
+    conn.execute("SELECT setseed(%s)", [(seed % 1000) / 1000])
+    ids = [r[0] for r in conn.execute("SELECT id FROM images ORDER BY random() LIMIT %s", [size])]
+    if not ids:
+        raise NotFound("the images table is empty: load images first")
+    return ids
+
+
+def measure(conn: psycopg.Connection, ids: list[int], k: int, ef_searches: list[int],
+            ) -> list[Measured]:
+    """Recall@k of vecsearch_similar at each ef_search against its exact answers, on `ids`."""
+    if not 1 <= k <= MAX_K:
+        raise InvalidInput(f"k must be between 1 and {MAX_K}, not {k}")
+    for ef in ef_searches:
+        check_ef_search(ef)
+    ask = "SELECT id FROM vecsearch_similar(%s, %s, ef_search => %s, exact => %s)"
+    exact, exact_s = {}, []
+    for image_id in ids:
+        t = time.perf_counter()
+        exact[image_id] = {r[0] for r in conn.execute(ask, [image_id, k, DEFAULT_EF_SEARCH, True])}
+        exact_s.append(time.perf_counter() - t)
+    out = []
+    for ef in ef_searches:
+        recalls, ann_s = [], []
+        for image_id in ids:
+            t = time.perf_counter()
+            found = {r[0] for r in conn.execute(ask, [image_id, k, ef, False])}
+            ann_s.append(time.perf_counter() - t)
+            if exact[image_id]:
+                recalls.append(len(found & exact[image_id]) / len(exact[image_id]))
+        out.append(Measured(ef, statistics.fmean(recalls) if recalls else 1.0, min(recalls, default=1.0),
+                            1000 * statistics.median(ann_s), 1000 * statistics.median(exact_s)))
+    return out
+
+
+def tune(conn: psycopg.Connection, ids: list[int], k: int = 10, target: float = TARGET
+         ) -> tuple[int, list[Measured]]:
+    """The smallest ef_search of STEPS whose recall@k reaches `target` on `ids` (else the
+    largest), stored as the database's default; it and the measurements."""
+    measured = []
+    for ef in STEPS:
+        measured += measure(conn, ids, k, [ef])
+        if measured[-1].recall >= target:
+            break
+    chosen = measured[-1].ef_search
+    database = conn.execute("SELECT current_database()").fetchone()[0]
+    conn.execute(sql.SQL("ALTER DATABASE {} SET vecsearch.ef_search = {}").format(
+        sql.Identifier(database), sql.Literal(str(chosen))))
+    conn.execute(sql.SQL("SET vecsearch.ef_search = {}").format(sql.Literal(str(chosen))))
+    return chosen, measured
