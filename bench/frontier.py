@@ -53,17 +53,23 @@ def main() -> None:
     fig, axes = plt.subplots(rows_of_panels, cols, figsize=(5 * cols, 4.2 * rows_of_panels), squeeze=False)
     for ax in axes.flat[len(found):]:
         ax.set_visible(False)
+    def label(r: dict) -> str:
+        config = re.sub(r", ef_search \d+|, search_k \d+", "", r["params"])
+        return f"{r['method'].replace(' + re-rank', '')} {config}".strip()
+
+    labels = sorted({label(r) for rows in found.values() for r in rows
+                     if not r["method"].startswith("exact")})
+    colour = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(labels)}
     for ax, (title, rows) in zip(axes.flat, found.items(), strict=False):
         lines = defaultdict(list)
         for r in rows:
-            config = re.sub(r", ef_search \d+|, search_k \d+", "", r["params"])
-            lines[f"{r['method'].replace(' + re-rank', '')} {config}".strip()].append(r)
-        for label, points in lines.items():
-            if label.startswith("exact"):
+            lines[label(r)].append(r)
+        for name, points in lines.items():
+            if name not in colour:
                 continue
             points.sort(key=lambda r: r["share"])
             ax.plot([p["share"] for p in points], [p["recall"] for p in points], marker="o", ms=3,
-                    label=label, linestyle="-" if len(points) > 1 else "none")
+                    color=colour[name], linestyle="-" if len(points) > 1 else "none")
         ax.axhline(0.99, color="grey", linestyle="--", linewidth=0.8)
         ax.axvline(2.0, color="grey", linestyle="--", linewidth=0.8)
         ax.set_xscale("log")
@@ -71,8 +77,9 @@ def main() -> None:
         ax.set_xlabel("p50, % of the exact scan in PostgreSQL")
         ax.set_ylabel("recall@10 (lower of by-id and held-out)")
         ax.set_ylim(max(0.6, min(p["recall"] for p in rows) - 0.02), 1.002)
-    axes[0][0].legend(fontsize=6, loc="lower right")
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colour[name], marker="o", ms=3) for name in labels]
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
 

@@ -70,7 +70,7 @@ def test_a_killed_reindex_leaves_the_old_index_and_a_rerun_finishes(settings, co
     _wait(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
                                ).fetchone()[0] == 0, 30, "the killed rebuild's session to end")
-    assert index.index_options(conn) == {"m": 16, "ef_construction": 64}  # the old one, untouched
+    assert index.index_options(conn) == {"m": 32, "ef_construction": 128}  # the old one, untouched
     assert conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'images_embedding_hnsw%'"
                         ).fetchone() == (1,)
     assert conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = "
@@ -85,4 +85,4 @@ def test_reindex_refuses_parameters_pgvector_would_refuse(settings, conn):
                           (["--m", "16", "--ef-construction", "20"], "at least 2 x m (32)")):
         result = run_cli("db", "reindex", *args)
         assert result.returncode == 1 and result.stderr.startswith("error: ") and message in result.stderr
-    assert index.index_options(conn) == {"m": 16, "ef_construction": 64}
+    assert index.index_options(conn) == {"m": 32, "ef_construction": 128}

@@ -263,4 +263,4 @@ def downgrade() -> None:
     op.execute(before.SIMILAR)
     for comment in before.COMMENTS:
         op.execute(comment)
-    op.execute(GRANT)
+    op.execute(GRANT.replace("            vecsearch_search_settings(integer),\n", ""))
