@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from .errors import InvalidInput, NotFound
+from .errors import InvalidInput, NotFound, first_line
 from .limits import DEFAULT_EF_SEARCH, MAX_K
 from .query import check_ef_search
 
@@ -88,7 +88,12 @@ def tune(conn: psycopg.Connection, ids: list[int], k: int = 10, target: float = 
             break
     chosen = measured[-1].ef_search
     database = conn.execute("SELECT current_database()").fetchone()[0]
-    conn.execute(sql.SQL("ALTER DATABASE {} SET vecsearch.ef_search = {}").format(
-        sql.Identifier(database), sql.Literal(str(chosen))))
+    try:
+        conn.execute(sql.SQL("ALTER DATABASE {} SET vecsearch.ef_search = {}").format(
+            sql.Identifier(database), sql.Literal(str(chosen))))
+    except psycopg.errors.InsufficientPrivilege as e:
+        raise InvalidInput(f"ef_search {chosen} reaches recall {measured[-1].recall:.3f} here, but this "
+                           f"login cannot set the database's default ({first_line(e)}): run --tune as "
+                           "the database owner, or pass --ef-search to queries") from e
     conn.execute(sql.SQL("SET vecsearch.ef_search = {}").format(sql.Literal(str(chosen))))
     return chosen, measured
