@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import datasets  # noqa: E402
-from common import MTIME  # noqa: E402
 
 from vecsearch import citus, cluster, db, index, query, server  # noqa: E402
 
@@ -40,21 +39,14 @@ def load(url: str, rows: np.ndarray) -> dict:
     with psycopg.connect(url, autocommit=True) as conn:
         db.register_vector(conn)
         definition = index.drop(conn)
-        t = time.perf_counter()
-        with common.copy_images(conn) as copy:
-            for i, v in enumerate(rows):
-                copy.write_row([f"/bench/{i:07d}.jpg", f"{i:064x}", 100_000, 1024, 768, "JPEG", MTIME, v])
-        copy_s = time.perf_counter() - t
+        copy_s = common.copy_vectors(conn, rows)
         build_s = index.rebuild_index(conn, definition)
         conn.execute("ANALYZE images")
         distributed = citus.is_distributed(conn)
         size = "citus_total_relation_size" if distributed else "pg_total_relation_size"
         table = conn.execute(f"SELECT {size}('images')").fetchone()[0]
         if distributed:
-            hnsw = conn.execute("""SELECT sum(result::bigint) FROM run_command_on_shards('images', $$
-                SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0) FROM pg_index i
-                JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
-                WHERE i.indrelid = '%s'::regclass AND a.amname = 'hnsw'$$)""").fetchone()[0]
+            hnsw = citus.hnsw_bytes(conn)
         else:
             hnsw = conn.execute("SELECT pg_relation_size('images_embedding_hnsw')").fetchone()[0]
         ids = [r[0] for r in conn.execute("SELECT id FROM images ORDER BY path")]

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -70,6 +71,15 @@ def copy_images(conn):
     with conn.cursor().copy(f"COPY images ({COPY_COLUMNS}) FROM STDIN WITH (FORMAT BINARY)") as copy:
         copy.set_types(COPY_TYPES)
         yield copy
+
+
+def copy_vectors(conn, vectors) -> float:
+    """Binary COPY of `vectors` as rows /bench/0000000.jpg... (dummy metadata); seconds taken."""
+    started = time.perf_counter()
+    with copy_images(conn) as copy:
+        for i, v in enumerate(vectors):
+            copy.write_row([f"/bench/{i:07d}.jpg", f"{i:064x}", 100_000, 1024, 768, "JPEG", MTIME, v])
+    return time.perf_counter() - started
 
 
 def build_index(conn, definition: str) -> float:

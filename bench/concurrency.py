@@ -29,7 +29,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import MTIME, bench_database, build_index, cnn_like, copy_images, drop_index, load_average  # noqa: E402
+from common import (  # noqa: E402
+    MTIME,
+    bench_database,
+    build_index,
+    cnn_like,
+    copy_images,
+    copy_vectors,
+    drop_index,
+    load_average,
+)
 
 from vecsearch import db, limits  # noqa: E402
 
@@ -45,11 +54,7 @@ def populate(url: str, n: int) -> tuple[int, int, float, float]:
     with psycopg.connect(url, autocommit=True) as conn:
         db.register_vector(conn)
         definition = drop_index(conn)
-        t = time.perf_counter()
-        with copy_images(conn) as copy:
-            for i, v in enumerate(vectors):
-                copy.write_row([f"/bench/{i:07d}.jpg", f"{i:064x}", 100_000, 1024, 768, "JPEG", MTIME, v])
-        copy_s = time.perf_counter() - t
+        copy_s = copy_vectors(conn, vectors)
         build_s = build_index(conn, definition)
         first, last = conn.execute("SELECT min(id), max(id) FROM images").fetchone()
     return first, last, copy_s, build_s

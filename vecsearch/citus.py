@@ -69,6 +69,19 @@ def distribute(conn: psycopg.Connection, shards: int | None = None) -> str:
                                f"{workers} workers")
 
 
+# Bytes of each shard's HNSW index: (shardid, result) rows, measured on the workers.
+_SHARD_HNSW_BYTES = """
+    SELECT shardid, result::bigint AS b FROM run_command_on_shards('images', $$
+        SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0) FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
+        WHERE i.indrelid = '%s'::regclass AND a.amname = 'hnsw'$$)"""
+
+
+def hnsw_bytes(conn: psycopg.Connection) -> int:
+    """Bytes of the HNSW indexes of all shards of `images`."""
+    return conn.execute(f"SELECT coalesce(sum(b), 0) FROM ({_SHARD_HNSW_BYTES}) s").fetchone()[0]
+
+
 def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
     """The cluster lines of `vecsearch db status` (none on a plain PostgreSQL); a label that
     db.status also has replaces its line."""
@@ -85,7 +98,7 @@ def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
     lines = [("table", f"{total} on the workers"),
              ("hnsw", "none" if hnsw is None else f"{hnsw} on the workers"),
              ("citus", f"{version}, images distributed by path over {shard_count(conn)} shards")]
-    per_node = conn.execute("""
+    per_node = conn.execute(f"""
         WITH shards AS (
             SELECT s.shardid, p.nodename, p.nodeport
             FROM pg_dist_shard s JOIN pg_dist_shard_placement p USING (shardid)
@@ -93,11 +106,7 @@ def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
         counts AS (
             SELECT shardid, result::bigint AS n
             FROM run_command_on_shards('images', 'SELECT count(*) FROM %s')),
-        sizes AS (
-            SELECT shardid, result::bigint AS b FROM run_command_on_shards('images', $$
-                SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0) FROM pg_index i
-                JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
-                WHERE i.indrelid = '%s'::regclass AND a.amname = 'hnsw'$$))
+        sizes AS ({_SHARD_HNSW_BYTES})
         SELECT format('%s:%s', nodename, nodeport), count(*), sum(n), pg_size_pretty(sum(b))
         FROM shards JOIN counts USING (shardid) JOIN sizes USING (shardid)
         GROUP BY nodename, nodeport ORDER BY 1

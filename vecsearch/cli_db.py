@@ -189,7 +189,7 @@ def db_recall(
         if tune:
             chosen, measured = recall.tune(conn, ids, k)
         else:
-            current = ef_search or recall.database_ef_search(conn) or DEFAULT_EF_SEARCH
+            current = ef_search or db.database_ef_search(conn) or DEFAULT_EF_SEARCH
             measured = recall.measure(conn, ids, k, [current])
     for m in measured:
         out.print(f"ef_search {m.ef_search}: recall@{k} {m.recall:.3f} (worst query {m.worst:.1f}) over "

@@ -72,14 +72,11 @@ def stop(root: Path) -> None:
 def _start_node(home: Path) -> server.Running:
     node = server.ensure_running(home)
     with server.psql_connection(node) as conn:
-        current = {name: conn.execute("SELECT current_setting(%s)", [name]).fetchone()[0]
-                   for name in _CONF}
-        if current == _CONF:
-            pass
-        else:
-            for name, value in _CONF.items():
+        current = {name: conn.execute("SELECT current_setting(%s)", [name]).fetchone()[0] for name in _CONF}
+        for name, value in _CONF.items():
+            if current[name] != value:
                 conn.execute(f"ALTER SYSTEM SET {name} = '{value}'")
-    if current != _CONF:
+    if current != _CONF:  # preloaded libraries and these limits take a restart
         server.stop(home)
         node = server.ensure_running(home)
     with server.psql_connection(node, server.DBNAME) as conn:

@@ -14,7 +14,7 @@ import psycopg
 from . import server
 from .config import Settings
 from .errors import DatabaseUnavailable, InvalidInput, PgvectorMissing, SchemaMismatch, first_line
-from .limits import DIM
+from .limits import DEFAULT_EF_SEARCH, DIM
 
 # The alembic head this code expects; tests/test_migrations.py keeps it equal to migrations/.
 SCHEMA_REVISION = "0004"
@@ -210,11 +210,18 @@ def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
                pg_size_pretty(pg_relation_size(to_regclass('images_embedding_hnsw'))),
                (SELECT array_to_string(reloptions, ', ') FROM pg_class
                 WHERE oid = to_regclass('images_embedding_hnsw')),
-               (SELECT format('%s, weights %s', name, weights) FROM embedding_model),
-               coalesce(nullif(current_setting('vecsearch.ef_search', true), '') || ' (this database''s: '
-                        '`vecsearch db recall --tune`)', '200 (the default; `vecsearch db recall` measures '
-                        'recall here)')
+               (SELECT format('%s, weights %s', name, weights) FROM embedding_model)
     """).fetchone()
-    labels = ["postgres", "pgvector", "schema", "images", "table", "hnsw", "hnsw opts", "model", "ef_search"]
+    labels = ["postgres", "pgvector", "schema", "images", "table", "hnsw", "hnsw opts", "model"]
+    tuned = database_ef_search(conn)
     return [(label, "none" if value is None else str(value))
-            for label, value in zip(labels, row, strict=True)]
+            for label, value in zip(labels, row, strict=True)] + [
+        ("ef_search", f"{DEFAULT_EF_SEARCH} (the default; `vecsearch db recall` measures recall here)"
+         if tuned is None else f"{tuned} (this database's: `vecsearch db recall --tune`)")]
+
+
+def database_ef_search(conn: psycopg.Connection) -> int | None:
+    """The database's own default ef_search, which the SQL functions use when a caller gives none
+    (`vecsearch db recall --tune` sets it); None: limits.DEFAULT_EF_SEARCH."""
+    value = conn.execute("SELECT nullif(current_setting('vecsearch.ef_search', true), '')").fetchone()[0]
+    return None if value is None else int(value)

@@ -18,7 +18,8 @@ import psycopg
 from psycopg import sql
 
 from .errors import InvalidInput, NotFound, first_line
-from .limits import DEFAULT_EF_SEARCH, MAX_K
+from .limits import MAX_K
+from .metrics import recall_against_exact
 from .query import check_ef_search
 
 STEPS = (100, 200, 400, 800, 1000)
@@ -32,12 +33,6 @@ class Measured:
     worst: float  # the lowest recall of one query
     ann_ms: float  # p50 of one ANN query
     exact_ms: float  # p50 of one exact query
-
-
-def database_ef_search(conn: psycopg.Connection) -> int | None:
-    """The database's own default ef_search (None: not tuned; the functions use 200)."""
-    value = conn.execute("SELECT nullif(current_setting('vecsearch.ef_search', true), '')").fetchone()[0]
-    return None if value is None else int(value)
 
 
 def sample(conn: psycopg.Connection, size: int, seed: int = 0) -> list[int]:
@@ -58,22 +53,22 @@ def measure(conn: psycopg.Connection, ids: list[int], k: int, ef_searches: list[
     for ef in ef_searches:
         check_ef_search(ef)
     ask = "SELECT id FROM vecsearch_similar(%s, %s, ef_search => %s, exact => %s)"
-    exact, exact_s = {}, []
-    for image_id in ids:
-        t = time.perf_counter()
-        exact[image_id] = {r[0] for r in conn.execute(ask, [image_id, k, DEFAULT_EF_SEARCH, True])}
-        exact_s.append(time.perf_counter() - t)
-    out = []
-    for ef in ef_searches:
-        recalls, ann_s = [], []
+
+    def answers(ef: int | None, exact: bool) -> tuple[dict[int, list[int]], float]:
+        """Each id's answer, one query at a time (the p50 is per query, as a caller sees it)."""
+        found, seconds = {}, []
         for image_id in ids:
             t = time.perf_counter()
-            found = {r[0] for r in conn.execute(ask, [image_id, k, ef, False])}
-            ann_s.append(time.perf_counter() - t)
-            if exact[image_id]:
-                recalls.append(len(found & exact[image_id]) / len(exact[image_id]))
-        out.append(Measured(ef, statistics.fmean(recalls) if recalls else 1.0, min(recalls, default=1.0),
-                            1000 * statistics.median(ann_s), 1000 * statistics.median(exact_s)))
+            found[image_id] = [r[0] for r in conn.execute(ask, [image_id, k, ef, exact])]
+            seconds.append(time.perf_counter() - t)
+        return found, 1000 * statistics.median(seconds)
+
+    exact, exact_ms = answers(None, True)
+    out = []
+    for ef in ef_searches:
+        ann, ann_ms = answers(ef, False)
+        worst = min(recall_against_exact({q: ann[q]}, exact, k) for q in ids)
+        out.append(Measured(ef, recall_against_exact(ann, exact, k), worst, ann_ms, exact_ms))
     return out
 
 
