@@ -395,3 +395,38 @@ def test_bad_shard_is_one_line(settings, tmp_path, value, message):
                      env={"VECSEARCH_DATABASE_URL": settings.database_url})
     assert result.returncode == 1 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _without_permission_override(args: list[str]) -> list[str]:
+    """`args` run so that a folder's permission bits hold (root ignores them otherwise)."""
+    if os.geteuid() != 0:
+        return args
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot make a folder unlistable")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *args]
+
+
+def test_prune_keeps_rows_under_a_folder_it_could_not_list(settings, conn, embedder, tmp_path):
+    """A folder that cannot be listed (permissions, an unmounted share) protects every row under
+    it; a file that is really gone next to it is still pruned."""
+    import subprocess
+
+    from conftest import cli_command
+
+    top = tmp_path / "P"
+    make_image(top / "a.png", 1)
+    gone = make_image(top / "b.png", 2)
+    hidden = [make_image(top / "sub" / f"{i}.png", 10 + i) for i in range(3)]
+    load(settings, top, embedder, workers=0)
+    gone.unlink()
+    (top / "sub").chmod(0)
+    try:
+        result = subprocess.run(_without_permission_override(
+            cli_command("load", str(top), "--prune", "--weights", "random", "--workers", "0")),
+            capture_output=True, text=True, timeout=300)
+    finally:
+        (top / "sub").chmod(0o755)
+    assert "cannot list folder" in result.stderr, result.stderr
+    assert "kept 3 rows whose files could not be checked" in result.stderr, result.stderr
+    assert "pruned 1 rows" in result.stderr, result.stderr
+    assert sorted(rows(conn)) == sorted([str(top / "a.png"), *map(str, hidden)])

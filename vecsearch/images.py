@@ -55,6 +55,8 @@ class Candidate:
 class Found:
     files: list[Candidate] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    # Folders that could not be listed (or checked): nothing under them is known to be gone.
+    unlisted: list[str] = field(default_factory=list)
 
 
 def sniff(head: bytes) -> str | None:
@@ -111,6 +113,7 @@ def find_images(folder: str | os.PathLike) -> Found:
                 entries = sorted(it, key=lambda e: e.name)
         except OSError as e:
             found.failed.append((display_path(directory), f"cannot list folder: {e.strerror or e}"))
+            found.unlisted.append(directory)
             continue
         subdirs = [entry.path for entry in entries if not entry.name.startswith(".")
                    and _classify(entry, found) == "folder"]
@@ -127,6 +130,8 @@ def _classify(entry: os.DirEntry, found: Found) -> str | None:
     try:
         st = entry.stat()  # follows symbolic links
     except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.ELOOP):  # perhaps a folder we could not look into
+            found.unlisted.append(path)
         if looks_like_image:
             reason = ("symbolic link loop" if e.errno == errno.ELOOP
                       else "broken symbolic link" if entry.is_symlink() else (e.strerror or str(e)))

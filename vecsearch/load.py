@@ -63,7 +63,7 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
         found = find_images(folder)
         if shard is not None:
             found = Found([c for c in found.files if in_share(c.path, shard)],
-                          [f for f in found.failed if in_share(f[0], shard)])
+                          [f for f in found.failed if in_share(f[0], shard)], found.unlisted)
         root = os.path.abspath(os.fspath(folder))
         existing = _existing(conn, None if reembed else root)
         to_read = _to_read(found, existing, reembed, summary, report)
@@ -87,7 +87,7 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
                     summary.interrupted = True
             if not summary.interrupted:
                 if prune:
-                    summary.pruned += _prune(conn, root, {c.path for c in found.files}, report, shard)
+                    summary.pruned += _prune(conn, root, found, report, shard)
                 if model_changed:
                     summary.pruned += _finish_reembed(conn, embedder.record, run_start, report)
             summary.index_rebuilt = index.end()
@@ -163,17 +163,42 @@ def in_share(path: str, shard: tuple[int, int]) -> bool:
     return int.from_bytes(digest[:8], "big") % n == k - 1
 
 
-def _prune(conn: psycopg.Connection, root: str, discovered: set[str], report: Progress,
+def _prune(conn: psycopg.Connection, root: str, found: Found, report: Progress,
            shard: tuple[int, int] | None = None) -> int:
-    """Delete the rows under `root` (of this share) whose files are gone."""
-    gone = [id_ for id_, path in conn.execute(
-        "SELECT id, path FROM images WHERE starts_with(path, %s)", [_prefix(root)])
-        if (shard is None or in_share(path, shard)) and path not in discovered
-        and not os.path.exists(path)]
+    """Delete the rows under `root` (of this share) whose files are known to be gone.
+
+    Known gone: not found by the walk, not under a folder the walk could not list, and stat says
+    the path does not exist (ENOENT or ENOTDIR). Any other answer (permission denied, I/O error,
+    a share that timed out) keeps the row: a prune must never delete the row of a living file.
+    """
+    discovered = {c.path for c in found.files}
+    unlisted = tuple(_prefix(d) for d in found.unlisted)
+    gone, kept = [], 0
+    for id_, path in conn.execute("SELECT id, path FROM images WHERE starts_with(path, %s)",
+                                  [_prefix(root)]):
+        if path in discovered or (shard is not None and not in_share(path, shard)):
+            continue
+        if path.startswith(unlisted) or not _known_gone(path):
+            kept += 1
+        else:
+            gone.append(id_)
+    if kept:
+        report.message(f"kept {kept} row{'' if kept == 1 else 's'} whose files could not be checked "
+                       "(a folder that could not be listed, or a stat error): not pruned")
     if gone:
         conn.execute("DELETE FROM images WHERE id = ANY(%s)", [gone])
         report.message(f"pruned {len(gone)} rows whose files are gone")
     return len(gone)
+
+
+def _known_gone(path: str) -> bool:
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except OSError:
+        return False
+    return False  # it exists (a hidden folder's file, say, which the walk skips)
 
 
 def _finish_reembed(conn: psycopg.Connection, record: models.ModelRecord, run_start: datetime,
