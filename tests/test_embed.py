@@ -174,3 +174,22 @@ def test_importing_the_cli_and_load_modules_does_not_import_torch():
             "print(sorted(m for m in ('torch', 'torchvision') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_the_network_is_torchvisions_resnet50_without_its_head_and_without_torchvision():
+    """vecsearch/resnet.py: torchvision's modules, names and seeded initialisation, fc left out;
+    the default weights' URL is torchvision's; building the network never imports torchvision."""
+    from torchvision.models import ResNet50_Weights, resnet50
+
+    from vecsearch import embed, resnet
+
+    torch.manual_seed(0)
+    reference = resnet50(weights=None, zero_init_residual=True).state_dict()
+    ours = resnet.seeded(0).state_dict()
+    assert list(ours) == [k for k in reference if not k.startswith("fc.")]
+    assert all(torch.equal(ours[k], reference[k]) for k in ours)
+    assert embed.DEFAULT_WEIGHTS_URL == ResNet50_Weights.IMAGENET1K_V2.url
+    code = ("import sys, warnings; warnings.simplefilter('ignore'); from vecsearch.embed import Embedder;"
+            "Embedder('random').prepare(); print('torchvision' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"

@@ -146,21 +146,31 @@ def neighbours_command(
     under: _UNDER = None,
     fmt: _FORMAT = "table",
     weights: _WEIGHTS = None,
+    device: Annotated[str, typer.Option(
+        "--device", help=DEVICE_HELP + " Only used to embed image files.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        "--precision", help=PRECISION_HELP + " Only used to embed image files.")] = "auto",
 ) -> None:
     """`vecsearch similar QUERY` and `vecsearch search FILE`: one command, two readings of QUERY."""
     from . import catalogue, expr, query
 
     fmt = output_format(fmt)
+    if (device, precision) != ("auto", "auto"):
+        from .engine import check_choice
+
+        check_choice(device, precision)
     options = {"ef_search": ef_search, "exact": exact, "under": under}
-    with db.connect(settings(ctx)) as conn, warnings_as_lines():
+    s = settings(ctx)
+    engine = {"device": device, "precision": precision, "home": s.home}
+    with db.connect(s) as conn, warnings_as_lines():
         if ctx.info_name == "search":
-            neighbours = query.search_file(conn, query_text, k, weights=weights, **options)
+            neighbours = query.search_file(conn, query_text, k, weights=weights, **options, **engine)
             print_neighbours(neighbours, fmt, f"neighbours of {query_text}")
             return
         terms = expr.parse(query_text)
         query.check_args(k, ef_search)
-        neighbours, _ = query.neighbours_of_terms(conn, terms, k, query.file_embedder(conn, weights),
-                                                  **options)
+        embed = query.file_embedder(conn, weights, **engine)
+        neighbours, _ = query.neighbours_of_terms(conn, terms, k, embed, **options)
         title = f"neighbours of {query_text}"
         if fmt == "table" and expr.is_single_id(terms):
             title += ": " + catalogue.get_image(conn, terms[0].ref)["path"]
@@ -192,6 +202,9 @@ def load_command(
         "--workers", help="Decode processes [default: CPU cores - 1; 0 decodes in the main process].",
         show_default=False)] = None,
     precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "auto",
+    recheck_engine: Annotated[bool, typer.Option(
+        "--recheck-engine", help="Time the engines again on the first batch instead of reusing the "
+        "measurement kept in the data directory (after changing drivers or hardware settings).")] = False,
     prune: Annotated[bool, typer.Option(
         "--prune", help="Delete rows under FOLDER whose files are gone.")] = False,
     reembed: Annotated[bool, typer.Option(
@@ -224,8 +237,10 @@ def load_command(
             warnings.simplefilter("ignore")
         warnings.showwarning = show
         try:
-            embedder = Embedder(weights, device=device, batch_size=batch_size, precision=precision)
-            summary = loader.load(settings(ctx), folder, embedder, prune=prune, reembed=reembed,
+            s = settings(ctx)
+            embedder = Embedder(weights, device=device, batch_size=batch_size, precision=precision,
+                                home=s.home, recheck=recheck_engine)
+            summary = loader.load(s, folder, embedder, prune=prune, reembed=reembed,
                                   progress=progress.for_terminal(err, quiet), errors_csv=errors,
                                   workers=workers, shard=_parse_shard(shard))
         except KeyboardInterrupt:

@@ -55,9 +55,10 @@ def stage_bars() -> Iterator[Progress]:
 
 DEVICE_HELP = "auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda[:N] or mps."
 BATCH_HELP = "Images per model forward [default: the device's: 16 on a CPU, 128 on CUDA, 64 on MPS]."
-PRECISION_HELP = ("auto: a reduced precision (bf16 on a CPU, fp16 or bf16 on a GPU) where, on the first "
-                  "batch, it keeps every vector within cosine 0.9999 of fp32 and is faster, else fp32; "
-                  "fp32 forces the reference; bf16 or fp16 ask for one (still checked).")
+PRECISION_HELP = ("auto: a reduced precision (bf16 on a CPU with native bf16, fp16 or bf16 on a GPU) where "
+                  "it keeps every vector checked within cosine 0.9999 of fp32 and is faster, else fp32; "
+                  "timed once per machine and model, and only when the work repays it; "
+                  "fp32 forces the reference; bf16 or fp16 ask for one (timed and checked).")
 
 
 def output_format(fmt: str) -> str:

@@ -118,7 +118,7 @@ def _eval_run(ctx: typer.Context, experiment, folder: Path, weights: str, device
         plots.plot_available()  # fail before the long part
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        embedder = Embedder(weights, device=device, batch_size=batch_size)
+        embedder = Embedder(weights, device=device, batch_size=batch_size, home=settings(ctx).home)
     for w in caught:
         err.print(printable(f"warning: {w.message}"), markup=False)
     with stage_bars() as bars:

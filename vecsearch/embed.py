@@ -8,6 +8,7 @@ built on first use. So `vecsearch load` of an unchanged folder never imports tor
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import socket
@@ -26,10 +27,23 @@ from .images import model_input, open_image
 
 DOWNLOAD_TIMEOUT = 30  # seconds without data before a download is given up
 FILE_PREFIX = "file:sha256="
+# torchvision's ResNet50_Weights.IMAGENET1K_V2.url (tests/test_embed.py keeps them equal).
+DEFAULT_WEIGHTS_URL = f"https://download.pytorch.org/models/resnet50-{models.DEFAULT_WEIGHTS_SHA256_PREFIX}.pth"
 
 
 class RandomWeightsWarning(UserWarning):
     """`--weights random`: the vectors come from an untrained network."""
+
+
+def _set_threads(torch) -> None:
+    """One intra-op thread per CPU this process may run on: torch counts the machine's cores,
+    which in a container or under taskset can be more than it is given (and then thrash)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return
+    if torch.get_num_threads() > usable:
+        torch.set_num_threads(usable)
 
 
 def _sha256_file(path: Path) -> str:
@@ -48,11 +62,14 @@ class Embedder:
     """
 
     def __init__(self, weights: str = "default", device: str = "auto",
-                 batch_size: int | None = None, precision: str = "auto") -> None:
+                 batch_size: int | None = None, precision: str = "auto", *,
+                 home: Path | None = None, recheck: bool = False) -> None:
         """device: auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda[:N] or mps.
-        precision: auto (a reduced precision where the first-batch check keeps it, see
-        vecsearch/engine.py), fp32 (the reference), bf16 or fp16 (also checked).
-        batch_size: images per forward (default: the device's, engine.BATCH_SIZES)."""
+        precision: auto (a reduced precision where it keeps the vectors and its gain repays
+        checking it, see vecsearch/engine.py), fp32 (the reference), bf16 or fp16 (measured).
+        batch_size: images per forward (default: the device's, engine.BATCH_SIZES).
+        home: where `auto` keeps its measurement (VECSEARCH_HOME; None: nothing kept);
+        recheck: measure again even if one is kept."""
         if batch_size is not None and batch_size < 1:
             raise InvalidInput(f"--batch-size must be at least 1, not {batch_size}")
         engine.check_choice(device, precision)
@@ -60,6 +77,8 @@ class Embedder:
         self.device_name = device
         self._batch_size = batch_size
         self.precision = precision
+        self.home, self.recheck = home, recheck
+        self.expected: int | None = None  # images this process will embed, when known (expect)
         self.images_embedded = 0  # images that went through the network (tests count model work)
         self.choice: engine.Choice | None = None  # set by the first batch
         self._frozen_models: dict = {}
@@ -86,7 +105,8 @@ class Embedder:
 
     @classmethod
     def from_record(cls, record: models.ModelRecord, weights: str | None = None, *,
-                    device: str = "auto", batch_size: int | None = None) -> Embedder:
+                    device: str = "auto", batch_size: int | None = None, precision: str = "auto",
+                    home: Path | None = None) -> Embedder:
         """The embedder that produced a database whose model record is `record`.
 
         A record made with a weights file needs that file again (`weights`); its sha256 must match.
@@ -103,7 +123,7 @@ class Embedder:
             else:
                 raise SchemaMismatch(f"the database's vectors were made by {record.describe()}, "
                                      "which this vecsearch cannot compute: reload with `--reembed`")
-        embedder = cls(weights, device=device, batch_size=batch_size)
+        embedder = cls(weights, device=device, batch_size=batch_size, precision=precision, home=home)
         if embedder.record != record:
             raise SchemaMismatch(models.mismatch_message(record, embedder.record))
         return embedder
@@ -115,28 +135,26 @@ class Embedder:
         if self._model is not None:
             return self
         import torch
-        from torchvision.models import resnet50
+
+        from . import resnet
 
         device = engine.pick_device(self.device_name)
+        _set_threads(torch)
         if self.weights == "random":
-            # Seeded without disturbing the caller's RNG. zero_init_residual spreads embeddings out
-            # (plain random init maps every image into a cone of cosine >= 0.997).
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(models.RANDOM_SEED)
-                model = resnet50(weights=None, zero_init_residual=True)
+            # zero_init_residual spreads embeddings out (plain random init maps every image into
+            # a cone of cosine >= 0.997).
+            model = resnet.seeded(models.RANDOM_SEED)
         else:  # the weights first: a failed download should not wait for a network build
             state = self._default_state_dict() if self._weights_file is None else self._file_state_dict()
             state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-            model = resnet50(weights=None)
-            model.fc = torch.nn.Identity()
+            model = resnet.for_weights()  # no random initialisation: the weights are assigned
             try:
-                model.load_state_dict(state, strict=True)
+                model.load_state_dict(state, strict=True, assign=True)
             except RuntimeError as e:
                 source = self._weights_file or "the downloaded file"
                 first = str(e).strip().splitlines()[1:2] or [str(e)]
                 raise WeightsUnavailable(f"{source} is not a torchvision ResNet50 state dict "
                                          f"({first[0].strip()})") from e
-        model.fc = torch.nn.Identity()
         model.eval().requires_grad_(False)
         self._model = model.to(device, memory_format=torch.channels_last)
         self._device = device
@@ -147,20 +165,19 @@ class Embedder:
 
     def _default_state_dict(self) -> dict:
         import torch.hub
-        from torchvision.models import ResNet50_Weights
 
-        weights = ResNet50_Weights.IMAGENET1K_V2
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)  # a blocked network fails instead of hanging
         try:
             with contextlib.redirect_stdout(sys.stderr):  # torch.hub prints "Downloading..." on stdout
-                return weights.get_state_dict(progress=sys.stderr.isatty(), check_hash=True)
+                return torch.hub.load_state_dict_from_url(DEFAULT_WEIGHTS_URL, progress=sys.stderr.isatty(),
+                                                          check_hash=True, weights_only=True)
         except Exception as e:
             reason = str(getattr(e, "reason", None) or e).strip().splitlines()[0] or type(e).__name__
-            cache = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[1]
+            cache = Path(torch.hub.get_dir()) / "checkpoints" / DEFAULT_WEIGHTS_URL.rsplit("/", 1)[1]
             raise WeightsUnavailable(
                 f"the pretrained ResNet50 weights ({models.DEFAULT_WEIGHTS}) could not be downloaded "
-                f"from {weights.url} ({reason}): copy that file to {cache}, or pass `--weights FILE` "
+                f"from {DEFAULT_WEIGHTS_URL} ({reason}): copy that file to {cache}, or pass `--weights FILE` "
                 "(a local copy of it), or `--weights random` for a smoke test (its neighbours mean little)"
             ) from e
         finally:
@@ -199,6 +216,12 @@ class Embedder:
 
     # -- embedding -----------------------------------------------------------------------------
 
+    def expect(self, images: int) -> None:
+        """How many images this process is about to embed (a load's new files): what decides
+        whether timing the engines and tracing the network repay their set-up. Unset, the
+        first call's own count is used (a search by file: one image, no set-up worth paying)."""
+        self.expected = images
+
     def embed_arrays(self, pixels: np.ndarray) -> np.ndarray:
         """n x 224 x 224 x 3 uint8 (from images.model_input) -> n x 2048 float32, L2-normalised."""
         import torch
@@ -215,14 +238,14 @@ class Embedder:
                 x = chunk.to(self._device, non_blocking=gpu).permute(0, 3, 1, 2).float()
                 x = ((x - self._mean) / self._std).contiguous(memory_format=torch.channels_last)
                 if self.choice is None:
-                    features = self._choose(x)
+                    features = self._choose(x, max(self.expected or 0, len(pixels) - start))
                 else:
-                    features = self._forward(x, self.choice.precision)
+                    features = self._forward(x, self.choice.precision, self.choice.traced)
             out[start:start + len(chunk)] = features.cpu().numpy()
             self.images_embedded += len(chunk)
         return out
 
-    def _forward(self, x, precision: str):
+    def _forward(self, x, precision: str, traced: bool = False):
         import torch
 
         dtype = engine.autocast_dtype(precision)
@@ -230,7 +253,7 @@ class Embedder:
             features = self._model(x)
         else:
             with torch.autocast(self._device.type, dtype=dtype):
-                features = self._frozen(precision, x)(x)
+                features = (self._frozen(precision, x) if traced else self._model)(x)
         return torch.nn.functional.normalize(features.float(), dim=1)
 
     def _frozen(self, precision: str, x):
@@ -252,17 +275,61 @@ class Embedder:
 
     @property
     def active_precision(self) -> str:
-        """The precision the first-batch check kept ("fp32" until then)."""
+        """The precision the first batch chose ("fp32" until then)."""
         return self.choice.precision if self.choice else "fp32"
 
-    def _choose(self, x):
-        """The first batch decides the precision (vecsearch/engine.py); an explicit request that
-        the check refuses is said so."""
-        self.choice, features = engine.choose(self._forward, x, str(self._device), self.precision)
-        if self.precision not in ("auto", "fp32") and self.choice.precision == "fp32":
+    def _choose(self, x, images: int):
+        """The first batch decides the engine for `images` images (vecsearch/engine.py): a kept
+        measurement (checked on a sample), else a new one where the images repay timing, else
+        the device's reduced precision at once where it is native (checked), else fp32."""
+        device, kind = str(self._device), self._device.type
+        options = engine.candidates(kind, self.precision)
+        if self.precision == "auto" and not engine.native_reduced(kind):
+            options = ()  # emulated bf16 on this CPU: slower than fp32, not worth a timing run
+        if not options:
+            self.choice = engine.Choice("fp32", device)
+            return self._forward(x, "fp32")
+        cache = key = None
+        if self.precision == "auto" and self.home is not None:
+            cache = engine.Cache(self.home)
+            key = engine.cache_key(self._device, self.record, self.batch_size)
+            kept = None if self.recheck else cache.get(key)
+            if kept is not None:
+                basis = f"as measured earlier, kept in {engine.CACHE_FILE}"
+                choice = engine.plan(kept, images, device, guarded=True, basis=basis)
+                return self._checked(x, choice, cache, key)
+        if self.precision == "auto" and not self.recheck and not engine.measuring_pays(images, len(x)):
+            basis = f"not timed: {images} images do not repay it"
+            guess = engine.plan(engine.prior(options[0]), images, device, guarded=True, basis=basis)
+            return self._checked(x, guess, cache, key)
+        measured, vectors = engine.measure(self._forward, x, options, images)
+        if cache is not None:
+            cache.put(key, measured)
+        self.choice = engine.plan(measured, images, device)
+        if self.precision != "auto" and self.choice.precision == "fp32":
             reasons = "; ".join(why for _, why in self.choice.tried)
             warnings.warn(f"--precision {self.precision}: {reasons}; using fp32", stacklevel=3)
-        return features
+        return vectors[self.choice.precision, self.choice.traced]
+
+    def _checked(self, x, choice: engine.Choice, cache: engine.Cache | None, key: dict | None):
+        """Run a choice not measured in this process, compared with fp32 on a sample of the batch.
+        One that moves the vectors is dropped (the cache then records fp32) with a warning."""
+        if choice.precision == "fp32":
+            self.choice = choice
+            return self._forward(x, "fp32")
+        features = self._forward(x, choice.precision, choice.traced)
+        sample = features[:engine.GUARD_SAMPLE]
+        cosine = float((self._forward(x[:len(sample)], "fp32") * sample).sum(dim=1).min())
+        if cosine >= engine.MIN_COSINE:
+            self.choice = dataclasses.replace(choice, min_cosine=min(choice.min_cosine, cosine))
+            return features
+        why = f"cosine to fp32 {cosine:.5f} < {engine.MIN_COSINE} on a sample of the first batch"
+        self.choice = engine.Choice("fp32", choice.device, tried=((choice.precision, why),))
+        if cache is not None:
+            cache.put(key, engine.Measured("fp32", tried=self.choice.tried))
+        warnings.warn(f"the {choice.precision} engine ({choice.basis}) no longer keeps the vectors: "
+                      f"{why}; dropped, using fp32", stacklevel=4)
+        return self._forward(x, "fp32")
 
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """RGB Pillow images (as from images.open_image) -> n x 2048 float32, L2-normalised."""

@@ -334,6 +334,8 @@ class Pipeline:
         if workers is None:
             device = getattr(self.embedder, "_device", None)
             workers = default_workers(gpu=device is not None and device.type != "cpu")
+        if hasattr(self.embedder, "expect"):  # what the engine's set-up must repay (engine.plan)
+            self.embedder.expect(len(paths))
         self.report.start(len(paths))
         # The decode workers are forked first, before this process starts any thread.
         batches = map_batches(self.reader, paths, batch_size=self.embedder.batch_size, workers=workers)

@@ -78,21 +78,25 @@ def similar_to(conn: psycopg.Connection, vector: Any, k: int = 10, *, exclude: S
 
 def search_file(conn: psycopg.Connection, path: str | Path, k: int = 10, *, weights: str | None = None,
                 embedder: Any = None, ef_search: int | None = None, exact: bool = False,
-                under: str | Path | None = None) -> list[Neighbor]:
+                under: str | Path | None = None, device: str = "auto", precision: str = "auto",
+                home: Path | None = None) -> list[Neighbor]:
     """Neighbours of an image file, embedded with the model the database records.
 
     `embedder`: an embed.Embedder to use (it must be the recorded model), else one is built
-    (`weights`: the weights file, for a database loaded with one). A row for the very same file
-    (same absolute path) is left out: the query never finds itself.
+    (`weights`: the weights file, for a database loaded with one; `device`, `precision`, `home`:
+    its engine, embed.Embedder's). A row for the very same file (same absolute path) is left
+    out: the query never finds itself.
     """
     file = absolute(path)
     check_args(k, ef_search)  # fail on bad arguments before loading a model
-    vector = file_embedder(conn, weights, embedder=embedder)(file)
+    embed = file_embedder(conn, weights, embedder=embedder, device=device, precision=precision, home=home)
+    vector = embed(file)
     return similar_to(conn, vector, k, exclude=ids_of_paths(conn, [file]), ef_search=ef_search,
                       exact=exact, under=under)
 
 
-def file_embedder(conn: psycopg.Connection, weights: str | None = None, *, embedder: Any = None
+def file_embedder(conn: psycopg.Connection, weights: str | None = None, *, embedder: Any = None,
+                  device: str = "auto", precision: str = "auto", home: Path | None = None
                   ) -> Callable[[Path], np.ndarray]:
     """A function embedding image files with the recorded model (built on first use, then cached)."""
 
@@ -106,7 +110,7 @@ def file_embedder(conn: psycopg.Connection, weights: str | None = None, *, embed
             raise NotFound("the database records no model to embed files with (nothing loaded yet): "
                            "run `vecsearch load DIR` first")
         if embedder is None:
-            return embedders(weights).embed_file(record, Path(path))
+            return embedders(weights, device, precision, home).embed_file(record, Path(path))
         if embedder.record != record:
             raise SchemaMismatch(models.mismatch_message(record, embedder.record))
         return embedder.embed_file(Path(path))
@@ -118,11 +122,14 @@ class Embedders:
     """The embedder of the model a database records, built on first use (torch is imported then,
     and building takes seconds) and kept. One forward pass at a time: a ResNet50 forward already
     uses every core. A database re-embedded with another model meanwhile gets that model on the
-    next call. `weights`: where the recorded model's weights come from (None: its own source).
+    next call. `weights`: where the recorded model's weights come from (None: its own source);
+    `device`, `precision`, `home`: its engine (embed.Embedder's).
     """
 
-    def __init__(self, weights: str | None = None) -> None:
+    def __init__(self, weights: str | None = None, device: str = "auto", precision: str = "auto",
+                 home: Path | None = None) -> None:
         self.weights = weights
+        self.engine = {"device": device, "precision": precision, "home": home}
         self.loads = 0
         self._lock = threading.Lock()
         self._record: Any = None
@@ -134,7 +141,7 @@ class Embedders:
             if self._embedder is None or record != self._record:
                 from .embed import Embedder
 
-                self._embedder = Embedder.from_record(record, weights=self.weights)
+                self._embedder = Embedder.from_record(record, weights=self.weights, **self.engine)
                 self._record = record
                 self.loads += 1
             return self._embedder.embed_images(images)
@@ -147,9 +154,10 @@ class Embedders:
 
 
 @functools.lru_cache(maxsize=4)
-def embedders(weights: str | None = None) -> Embedders:
-    """This process's Embedders for a weights source (the CLI's; the web app keeps its own)."""
-    return Embedders(weights)
+def embedders(weights: str | None = None, device: str = "auto", precision: str = "auto",
+              home: Path | None = None) -> Embedders:
+    """This process's Embedders for a weights source and engine (the CLI's; the web app keeps its own)."""
+    return Embedders(weights, device, precision, home)
 
 
 def neighbours_of_terms(conn: psycopg.Connection, terms: Sequence[Any], k: int,

@@ -28,7 +28,7 @@ class State:
     def __init__(self, settings: Settings, weights: str | None, max_upload_bytes: int,
                  pool_size: int):
         self.settings = settings
-        self.model = query.Embedders(weights)
+        self.model = query.Embedders(weights, home=settings.home)  # its engine measurement, if any
         self.max_upload_bytes = max_upload_bytes
         self.pool_size = pool_size
         self.pool = None
