@@ -1,0 +1,230 @@
+"""The compact index (migration 0006, vecsearch/compact.py): a graph over a PCA reduction fitted on
+the table's own rows, every candidate re-ranked by the full vector."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import psycopg
+import pytest
+from conftest import exact_neighbours, insert_vectors
+
+from vecsearch import compact, db, index, recall
+from vecsearch.limits import DIM
+
+
+def low_rank(n: int, seed: int, rank: int = 24, clusters: int = 30) -> np.ndarray:
+    """Clustered vectors whose variance lives in `rank` directions (as CNN features mostly do)."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(DIM, rank)))[0].T
+    centres = rng.normal(size=(clusters, rank)) * 3
+    coords = centres[rng.integers(0, clusters, n)] + rng.normal(size=(n, rank))
+    v = coords @ basis + 8 / np.sqrt(DIM) + rng.normal(scale=0.002, size=(n, DIM))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def isotropic(n: int, seed: int) -> np.ndarray:
+    """No low-dimensional structure at all: no projection keeps the neighbours."""
+    v = np.random.default_rng(seed).normal(size=(n, DIM))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def ann(conn, q, k=10, **kw) -> list[int]:
+    return [r[0] for r in conn.execute(
+        "SELECT id FROM vecsearch_similar_to(%s::vector, %s, ef_search => %s)",
+        [str(q.tolist()), k, kw.get("ef_search")])]
+
+
+def hnsw_names(conn) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        "JOIN pg_am a ON a.oid = c.relam WHERE i.indrelid = 'images'::regclass AND a.amname = 'hnsw'")]
+
+
+@pytest.fixture
+def rows(conn):
+    vectors = low_rank(3000, seed=7)
+    return vectors, insert_vectors(conn, vectors)
+
+
+def test_reindex_dims_fits_stores_and_versions_a_projection_that_sql_and_numpy_agree_on(conn, rows):
+    vectors, ids = rows
+    done = index.reindex(conn, dims=64)
+    assert done.dims == 64 and hnsw_names(conn) == ["images_reduced_hnsw"]
+    version, dims, fitted_on, retained = conn.execute(
+        "SELECT version, dims, fitted_on, retained FROM vecsearch_projection WHERE in_use").fetchone()
+    assert (dims, fitted_on) == (64, 3000) and retained > 0.95
+    assert conn.execute("SELECT count(*) FROM images WHERE reduced_version = %s",
+                        [version]).fetchone()[0] == 3000
+    projection = compact.in_use(conn)
+    q = low_rank(1, seed=99)[0]
+    in_sql = conn.execute("SELECT vecsearch_reduce(%s::vector, %s)", [str(q.tolist()), version]).fetchone()[0]
+    assert np.allclose(in_sql.to_numpy(), projection.reduce(q).astype(np.float32), atol=2e-3)
+    stored = conn.execute("SELECT reduced FROM images WHERE id = %s", [ids[5]]).fetchone()[0]
+    assert np.allclose(stored.to_numpy(), projection.reduce(vectors[5]).astype(np.float32), atol=2e-3)
+    # Answers: the exact re-rank of the graph's candidates; the full-precision distances.
+    hits = 0
+    for j in range(20):
+        q = vectors[j] + np.random.default_rng(j).normal(scale=0.01, size=DIM).astype(np.float32)
+        want = [i for i, _ in exact_neighbours(vectors, ids, q, 10)]
+        hits += len(set(ann(conn, q)) & set(want))
+    assert hits / 200 >= 0.95
+    # A second fit is a new version; the old one is gone with its graph.
+    index.reindex(conn, dims=32)
+    assert conn.execute("SELECT array_agg(version), array_agg(dims) FROM vecsearch_projection").fetchone() \
+        == ([version + 1], [32])
+    assert conn.execute("SELECT count(DISTINCT reduced_version) FROM images").fetchone()[0] == 1
+    plan = "\n".join(r[0] for r in conn.execute(
+        "EXPLAIN SELECT id FROM images i WHERE i.reduced_version = %s "
+        "ORDER BY i.reduced::halfvec(32) <-> (SELECT reduced FROM images LIMIT 1)::halfvec(32) LIMIT 10"
+        % (version + 1)))
+    assert "images_reduced_hnsw" in plan
+    index.reindex(conn, dims="full")
+    assert hnsw_names(conn) == ["images_embedding_hnsw"]
+    assert conn.execute("SELECT count(*) FROM vecsearch_projection").fetchone()[0] == 0
+
+
+def test_rows_written_by_plain_sql_are_found_at_once_and_in_the_graph_after_reindex(conn, rows):
+    vectors, ids = rows
+    index.reindex(conn, dims=48)
+    etl = low_rank(5, seed=123)
+    conn.execute("DROP INDEX images_reduced_hnsw")  # an ETL that dropped it for its bulk COPY
+    with conn.cursor().copy("COPY images (path, sha256, bytes, width, height, format, mtime, embedding) "
+                            "FROM STDIN") as copy:
+        for i, v in enumerate(etl):
+            copy.write_row([f"/etl/{i}.jpg", f"{i:064x}", 10, 4, 4, "PNG", "2026-01-01", v])
+    index.reindex(conn)  # no HNSW index at all: still works, keeps the representation
+    assert hnsw_names(conn) == ["images_reduced_hnsw"]
+    more = low_rank(3, seed=321)
+    conn.execute("INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
+                 "SELECT '/etl/late' || n || '.jpg', md5(n::text), 1, 1, 1, 'PNG', now(), v::vector "
+                 "FROM unnest(%s::text[]) WITH ORDINALITY AS u(v, n)", [[str(v.tolist()) for v in more]])
+    late = conn.execute("SELECT id FROM images WHERE path LIKE '/etl/late%%' ORDER BY path").fetchall()
+    assert conn.execute("SELECT count(*) FROM images WHERE reduced IS NULL").fetchone()[0] == 3
+    for (late_id,), v in zip(late, more, strict=True):
+        assert ann(conn, v, 1) == [late_id]  # not in the graph yet: the exact pass finds it
+    # An UPDATE of a vector by SQL drops the row's reduced vector, so it is answered exactly too.
+    moved = low_rank(1, seed=555)[0]
+    conn.execute("UPDATE images SET embedding = %s::vector WHERE id = %s", [str(moved.tolist()), ids[0]])
+    assert conn.execute("SELECT reduced FROM images WHERE id = %s", [ids[0]]).fetchone()[0] is None
+    assert ann(conn, moved, 1) == [ids[0]]
+    index.reindex(conn)
+    assert conn.execute("SELECT count(*) FROM images WHERE reduced IS NULL").fetchone()[0] == 0
+    for (late_id,), v in zip(late, more, strict=True):
+        assert ann(conn, v, 1) == [late_id]
+
+
+def test_a_load_writes_reduced_vectors_of_the_projection_in_use(settings, conn, embedder, tmp_path):
+    from conftest import make_image
+
+    from vecsearch.load import load
+
+    folder = tmp_path / "photos"
+    for i in range(6):
+        make_image(folder / f"{i}.png", i)
+    load(settings, folder, embedder, workers=0)
+    insert_vectors(conn, low_rank(2000, seed=3))  # synthetic rows, so there is enough to fit on
+    index.reindex(conn, dims=16)
+    for i in range(6, 9):
+        make_image(folder / f"{i}.png", i)
+    assert load(settings, folder, embedder, workers=0).new == 3
+    version = conn.execute("SELECT version FROM vecsearch_projection WHERE in_use").fetchone()[0]
+    assert conn.execute("SELECT count(*) FROM images WHERE reduced_version IS DISTINCT FROM %s",
+                        [version]).fetchone()[0] == 0
+    new = conn.execute("SELECT id FROM images WHERE path = %s", [str(folder / "7.png")]).fetchone()[0]
+    assert [r[0] for r in conn.execute("SELECT id FROM vecsearch_similar(%s, 2)", [new])] == \
+        [r[0] for r in conn.execute("SELECT id FROM vecsearch_similar(%s, 2, exact => true)", [new])]
+
+
+def test_auto_keeps_a_compact_index_where_it_measures_well_and_full_where_it_does_not(
+        conn, monkeypatch):
+    monkeypatch.setattr(compact, "AUTO_MIN_ROWS", 1000)
+    monkeypatch.setattr(compact, "DIMS", (16, 32, 64))
+    monkeypatch.setattr(recall, "AUTO_QUERIES", 30)
+    insert_vectors(conn, low_rank(2500, seed=11))
+    done = index.reindex(conn, dims="auto")
+    assert done.dims in (16, 32, 64) and done.recall >= recall.TARGET, done.reason
+    assert "measured recall@10" in done.reason and "compact" in compact.describe(conn)
+    assert db.database_ef_search(conn) == done.ef_search
+
+    conn.execute("TRUNCATE images")
+    insert_vectors(conn, isotropic(2500, seed=12))
+    done = index.reindex(conn, dims="auto")
+    assert done.dims is None and "no reduction kept recall" in done.reason, done.reason
+    assert hnsw_names(conn) == ["images_embedding_hnsw"]
+    assert compact.describe(conn).startswith("full")
+
+
+def test_auto_keeps_the_full_index_on_a_small_table(conn, rows):
+    done = index.reindex(conn, dims="auto")
+    assert done.dims is None and f"under {compact.AUTO_MIN_ROWS}" in done.reason
+
+
+def test_bad_dims_is_one_line(conn, rows):
+    from vecsearch.errors import InvalidInput
+
+    for bad in ("0", "2001", "many"):
+        with pytest.raises(InvalidInput, match="--dims"):
+            index.reindex(conn, dims=bad)
+
+
+KILLED_REFIT = """
+import sys
+from vecsearch import compact, db, index
+from vecsearch.config import Settings
+real = compact.fill
+def fill(conn, projection, **kw):
+    n = real(conn, projection, **kw)
+    print("filled", flush=True)
+    import time; time.sleep(60)
+    return n
+compact.fill = fill
+with db.connect(Settings.from_env()) as conn:
+    index.reindex(conn, dims=16)
+"""
+
+
+def test_a_kill_during_a_refit_leaves_the_old_index_and_projection_working(settings, conn, rows):
+    vectors, ids = rows
+    index.reindex(conn, dims=32)
+    before = conn.execute("SELECT version FROM vecsearch_projection WHERE in_use").fetchone()[0]
+    q = vectors[3]
+    answer = ann(conn, q)
+    child = subprocess.Popen([sys.executable, "-c", KILLED_REFIT, settings.database_url],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "filled"
+        assert ann(conn, q) == answer  # readers go on during the refit
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    deadline = time.monotonic() + 30
+    while conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                       "AND pid <> pg_backend_pid() AND state <> 'idle'").fetchone()[0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert conn.execute("SELECT array_agg(version) FROM vecsearch_projection").fetchone()[0] == [before]
+    assert hnsw_names(conn) == ["images_reduced_hnsw"]
+    assert conn.execute("SELECT count(*) FROM images WHERE reduced_version = %s",
+                        [before]).fetchone()[0] == 3000
+    assert ann(conn, q) == answer
+    index.reindex(conn, dims=16)  # and the next refit works
+    assert conn.execute("SELECT dims FROM vecsearch_projection WHERE in_use").fetchone()[0] == 16
+
+
+def test_reader_logins_can_query_a_compact_index(settings, conn, rows):
+    from vecsearch import reader
+
+    index.reindex(conn, dims=32)
+    password = reader.create(conn, "compact_reader")
+    url = reader.url(settings, conn, "compact_reader", password)
+    with psycopg.connect(url, autocommit=True) as r:
+        got = r.execute("SELECT id FROM vecsearch_similar(%s, 5)", [rows[1][0]]).fetchall()
+        assert len(got) == 5
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            r.execute("UPDATE vecsearch_projection SET in_use = false")

@@ -1,0 +1,246 @@
+"""The compact index: the HNSW graph over a PCA reduction of the embeddings, fitted on the table's
+own rows; the neighbour functions re-rank every candidate by the full vector (migration 0006).
+
+A full-width graph element is a 4 KB halfvec, one per 8 KB index page; a reduced one of d dims
+is 2d bytes, so the graph shrinks and every search step reads less. What the reduction loses is
+decided by measurement on this database, never assumed: `choose` screens the dimensions on a
+sample (exact search in the reduced space, then the exact re-rank: what any graph over it can at
+best recall), and `vecsearch db reindex --dims auto` then measures the built index through the
+SQL function every caller uses, on held-out-style queries, and falls back to a larger d or to
+the full index when recall stays under the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from .errors import InvalidInput
+from .limits import DIM
+
+DIMS = (64, 128, 256, 512, 1024)  # what `auto` tries, smallest first
+AUTO_MIN_ROWS = 10_000  # below this the full index is small and fast: auto keeps it
+FIT_ROWS = 20_000  # rows sampled to fit the projection
+SCREEN_QUERIES = 200
+SCREEN_TARGET = 0.995  # the bound a d must reach before its graph is built (the graph loses some)
+SCREEN_CANDIDATES = 400  # candidates re-ranked per query on the whole table, for the screen
+NEAR_COPY_NOISE = 0.15  # held-out-style queries: a row moved by this share of its length
+COMPACT_INDEX = "images_reduced_hnsw"
+FULL_INDEX = "images_embedding_hnsw"
+FULL_DEFINITION = ("CREATE INDEX {name} ON images USING hnsw ((embedding::halfvec(2048)) "
+                   "halfvec_cosine_ops) WITH (m = {m}, ef_construction = {ef_construction})")
+COMPACT_DEFINITION = ("CREATE INDEX {name} ON images USING hnsw ((reduced::halfvec({dims})) "
+                      "halfvec_l2_ops) WITH (m = {m}, ef_construction = {ef_construction}) "
+                      "WHERE reduced_version = {version}")
+
+
+@dataclass
+class Projection:
+    """A fitted PCA projection: reduce(x) = components . x - offsets, as vecsearch_reduce()."""
+
+    components: np.ndarray  # dims x 2048 float32, each value a half
+    offsets: np.ndarray  # dims float32
+    version: int = 0
+    retained: float = 1.0  # share of the sample's variance kept
+    fitted_on: int = 0
+
+    @property
+    def dims(self) -> int:
+        return len(self.components)
+
+    def reduce(self, x: np.ndarray) -> np.ndarray:
+        """Rows of `x` (n x 2048, or one vector) in the reduced space, as halves (float16)."""
+        halves = np.asarray(x, dtype=np.float32).astype(np.float16).astype(np.float32)
+        return (halves @ self.components.T - self.offsets).astype(np.float16)
+
+    def first(self, dims: int) -> Projection:
+        """The projection onto the first `dims` axes (PCA axes nest: one fit serves every d)."""
+        return Projection(self.components[:dims], self.offsets[:dims], self.version,
+                          self.retained, self.fitted_on)
+
+
+def parse_dims(spec: int | str) -> int:
+    """The N of `--dims N` (full and auto are the caller's)."""
+    try:
+        dims = int(spec)
+    except ValueError:
+        raise InvalidInput(f"--dims must be a number of dimensions (1-2000), full or auto, "
+                           f"not {spec!r}") from None
+    if not 1 <= dims <= 2000:
+        raise InvalidInput(f"--dims must be from 1 to 2000 (pgvector indexes at most 2000), not {dims}")
+    return dims
+
+
+def fit(sample: np.ndarray, dims: int) -> Projection:
+    """PCA of `sample` (n x 2048): its `dims` axes of largest variance."""
+    if not 1 <= dims <= min(len(sample), 2000):
+        raise InvalidInput(f"--dims {dims}: a projection needs 1 to {min(len(sample), 2000)} dims here "
+                           f"({len(sample)} rows to fit on, and pgvector indexes at most 2000)")
+    x = np.asarray(sample, dtype=np.float32)
+    mean = x.mean(axis=0, dtype=np.float64)
+    centred = x - mean.astype(np.float32)
+    values, vectors = np.linalg.eigh((centred.T @ centred).astype(np.float64) / len(x))
+    order = np.argsort(values)[::-1][:dims]
+    axes = vectors[:, order].T.astype(np.float16).astype(np.float32)  # stored as halfvecs
+    total = float(values.sum()) or 1.0
+    return Projection(axes, (axes @ mean).astype(np.float32),
+                      retained=float(values[order].sum()) / total, fitted_on=len(x))
+
+
+def sample(conn: psycopg.Connection, size: int = FIT_ROWS, seed: int = 0) -> tuple[list[int], np.ndarray]:
+    """Ids and embeddings of up to `size` rows drawn at random."""
+    conn.execute("SELECT setseed(%s)", [(seed % 1000) / 1000])
+    rows = conn.execute("SELECT id, embedding FROM images WHERE id IN ("
+                        "SELECT id FROM images ORDER BY random() LIMIT %s) ORDER BY id", [size]).fetchall()
+    if not rows:
+        return [], np.empty((0, DIM), dtype=np.float32)
+    return [r[0] for r in rows], np.vstack([r[1].to_numpy() for r in rows]).astype(np.float32)
+
+
+def held_out(rows: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Held-out-style queries from rows: each moved by NEAR_COPY_NOISE of its length, normalised
+    (what a re-encoded, cropped or re-lit copy of a picture sends), so they are not rows."""
+    rng = np.random.default_rng(seed)
+    moved = rows + rng.normal(0, NEAR_COPY_NOISE / np.sqrt(DIM), rows.shape).astype(np.float32)
+    return (moved / np.linalg.norm(moved, axis=1, keepdims=True)).astype(np.float32)
+
+
+def screen(rows: np.ndarray, projection: Projection, table_rows: int, dims: tuple[int, ...] = DIMS,
+           k: int = 10, queries: int = SCREEN_QUERIES, seed: int = 0) -> dict[int, float]:
+    """{d: recall@k} of exact search in the first d axes then the exact re-rank, on `rows` (a
+    sample of the table): the best any graph over that reduction can do. Half the queries are
+    rows (themselves excluded), half held-out near-copies. The re-rank depth is scaled to the
+    sample (candidates x sample / table rows): rows that outrank a true neighbour in the reduced
+    space grow with the table."""
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(rows), size=min(queries, len(rows)), replace=False)
+    half = len(picked) // 2
+    q = np.vstack([rows[picked[:half]], held_out(rows[picked[half:]], seed)])
+    exact = q @ rows.T
+    exact[np.arange(half), picked[:half]] = -np.inf  # a row is not its own neighbour
+    truth = np.argsort(-exact, axis=1)[:, :k]
+    depth = int(np.clip(SCREEN_CANDIDATES * len(rows) / max(table_rows, 1), k, len(rows)))
+    reduced_rows = projection.reduce(rows).astype(np.float32)
+    reduced_q = projection.reduce(q).astype(np.float32)
+    out = {}
+    for d in dims:
+        if d > projection.dims:
+            continue
+        r, rq = reduced_rows[:, :d], reduced_q[:, :d]
+        far = (rq ** 2).sum(1)[:, None] - 2 * rq @ r.T + (r ** 2).sum(1)[None, :]
+        far[np.arange(half), picked[:half]] = np.inf
+        candidates = np.argpartition(far, depth - 1, axis=1)[:, :depth]
+        scores = np.take_along_axis(exact, candidates, axis=1)
+        found = np.take_along_axis(candidates, np.argsort(-scores, axis=1)[:, :k], axis=1)
+        out[d] = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth, strict=True)]))
+    return out
+
+
+# -- in the database ---------------------------------------------------------------------------
+
+
+def in_use(conn: psycopg.Connection) -> Projection | None:
+    """The projection the compact index is built over, or None (the full index)."""
+    row = conn.execute("SELECT version FROM vecsearch_projection WHERE in_use").fetchone()
+    return None if row is None else load(conn, row[0])
+
+
+def load(conn: psycopg.Connection, version: int) -> Projection:
+    offsets, retained, fitted_on = conn.execute(
+        "SELECT offsets, retained, fitted_on FROM vecsearch_projection WHERE version = %s",
+        [version]).fetchone()
+    axes = [r[0].to_numpy() for r in conn.execute(
+        "SELECT u.c FROM vecsearch_projection p, unnest(p.components) WITH ORDINALITY AS u(c, n) "
+        "WHERE p.version = %s ORDER BY u.n", [version])]
+    return Projection(np.vstack(axes).astype(np.float32), np.asarray(offsets, dtype=np.float32),
+                      version, retained, fitted_on)
+
+
+def store(conn: psycopg.Connection, projection: Projection, reason: str) -> int:
+    """Insert `projection` (not in use yet); its new version."""
+    from pgvector import HalfVector
+
+    version = conn.execute("SELECT coalesce(max(version), 0) + 1 FROM vecsearch_projection").fetchone()[0]
+    conn.execute(
+        "INSERT INTO vecsearch_projection (version, dims, fitted_on, retained, components, offsets, reason) "
+        "VALUES (%s, %s, %s, %s, %s::halfvec[], %s, %s)",
+        [version, projection.dims, projection.fitted_on, projection.retained,
+         [HalfVector(c) for c in projection.components], projection.offsets.tolist(), reason])
+    projection.version = version
+    return version
+
+
+def fill(conn: psycopg.Connection, projection: Projection, only_missing: bool = False,
+         chunk: int = 10_000, report=None) -> int:
+    """Write every row's reduced vector for `projection` (only_missing: the rows that have none);
+    the rows written. Run inside the transaction that builds the index over them."""
+    from pgvector import HalfVector
+
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS vecsearch_fill (path text, reduced halfvec) "
+                 "ON COMMIT DROP")
+    total = conn.execute("SELECT count(*) FROM images"
+                         + (" WHERE reduced IS NULL" if only_missing else "")).fetchone()[0]
+    written, last = 0, 0
+    missing = " AND reduced IS NULL" if only_missing else ""
+    while True:
+        rows = conn.execute(f"SELECT id, path, embedding FROM images WHERE id > %s{missing} "
+                            "ORDER BY id LIMIT %s", [last, chunk]).fetchall()
+        if not rows:
+            break
+        last = rows[-1][0]
+        reduced = projection.reduce(np.vstack([r[2].to_numpy() for r in rows]))
+        with conn.cursor().copy("COPY vecsearch_fill (path, reduced) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(["text", "halfvec"])
+            for (_, path, _), vector in zip(rows, reduced, strict=True):
+                copy.write_row([path, HalfVector(vector)])
+        written += len(rows)
+        if report is not None:
+            report.message(f"reduced vectors: {written} of {total} rows")
+    conn.execute("UPDATE images i SET reduced = f.reduced, reduced_version = %s "
+                 "FROM vecsearch_fill f WHERE i.path = f.path", [projection.version])
+    conn.execute("TRUNCATE vecsearch_fill")
+    return written
+
+
+def definition(dims: int | None, m: int, ef_construction: int, version: int | None = None,
+               name: str | None = None) -> str:
+    """CREATE INDEX of the full graph (dims None) or of the compact one over `version`."""
+    if dims is None:
+        return FULL_DEFINITION.format(name=name or FULL_INDEX, m=m, ef_construction=ef_construction)
+    return COMPACT_DEFINITION.format(name=name or COMPACT_INDEX, dims=dims, m=m,
+                                     ef_construction=ef_construction, version=version)
+
+
+def element_bytes(dims: int | None, m: int) -> int:
+    """Graph memory per row while building: the element (2 bytes a dim) and its neighbour lists."""
+    return 2 * (dims or DIM) + 2 * m * 40 + 512
+
+
+def describe(conn: psycopg.Connection) -> str:
+    """One line on the representation in use, for `db status` and `db recall`."""
+    row = conn.execute("SELECT version, dims, fitted_at, fitted_on, retained, reason "
+                       "FROM vecsearch_projection WHERE in_use").fetchone()
+    if row is None:
+        return "full: the graph over the whole halfvec(2048)"
+    version, dims, fitted_at, fitted_on, retained, reason = row
+    text = (f"compact: PCA to {dims} dims (projection {version}, fitted {fitted_at:%Y-%m-%d %H:%M} "
+            f"on {fitted_on} rows, {retained:.0%} of the variance), exact re-rank by the full vector")
+    return text + (f"; {reason}" if reason else "")
+
+
+def set_in_use(conn: psycopg.Connection, version: int | None) -> None:
+    """Make `version` the projection in use (None: none, the full index); others are deleted."""
+    conn.execute("UPDATE vecsearch_projection SET in_use = false WHERE in_use")
+    if version is None:
+        conn.execute("DELETE FROM vecsearch_projection")
+        return
+    conn.execute("DELETE FROM vecsearch_projection WHERE version <> %s", [version])
+    conn.execute("UPDATE vecsearch_projection SET in_use = true WHERE version = %s", [version])
+
+
+def rename(conn: psycopg.Connection, schema: str, old: str, new: str) -> None:
+    conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(sql.Identifier(schema, old),
+                                                              sql.Identifier(new)))
