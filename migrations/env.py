@@ -5,7 +5,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, text
 
-from vecsearch import db
+from vecsearch import db, sessions
 from vecsearch.config import Settings
 
 config = context.config
@@ -18,6 +18,7 @@ MIGRATION_LOCK = 727_112_001
 
 engine = create_engine(db.sqlalchemy_url(url))
 with engine.connect() as connection:
+    sessions.watch(connection.connection.driver_connection, "migrate")  # a killed migration stops
     connection.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})
     connection.commit()
     try:

@@ -23,7 +23,7 @@ from psycopg import sql
 
 from . import db, server
 from .config import Settings
-from .errors import DatabaseBusy, InvalidInput, NotFound, SchemaMismatch, VecsearchError
+from .errors import DatabaseBusy, InvalidInput, NotFound, SchemaMismatch, VecsearchError, first_line
 from .limits import RESTORE_WAIT_S
 
 
@@ -81,19 +81,37 @@ def restore(settings: Settings, file: Path, *, wait: float = RESTORE_WAIT_S,
 
     # Reachable, has pgvector, is vecsearch's (another application's tables are never touched),
     # migrated: the schema comes from the migrations, whatever the backup's revision.
-    with db.connect(settings, autocommit=False) as conn:
+    with db.connect(settings, autocommit=False, session="restore") as conn:
+        _refuse_during_a_load(conn)
         _lock_tables(conn, wait, notify)
         index = hnsw_index(conn)
         if index is not None:
             conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(*index[0])))
         conn.execute("TRUNCATE images, embedding_model")
-        rows = _copy_data(conn, file)
-        conn.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), "
-                     "coalesce(max(id), 0) + 1, false) FROM images")
+        try:
+            rows = _copy_data(conn, file)
+            conn.execute("SELECT setval(pg_get_serial_sequence('images', 'id'), "
+                         "coalesce(max(id), 0) + 1, false) FROM images")
+        except (psycopg.errors.DataError, psycopg.errors.IntegrityError) as e:
+            # The schema's own rules (types, keys, CHECKs of 0005): the loader never writes such rows.
+            raise InvalidInput(f"{file} holds rows this vecsearch's schema refuses ({first_line(e)}): "
+                               "nothing was restored; restore a backup made by `vecsearch db backup`") from e
         if index is not None:
             rebuild_index(conn, index[1], as_progress(None))
         conn.commit()
     return rows
+
+
+def _refuse_during_a_load(conn: psycopg.Connection) -> None:
+    """Hold the load lock exclusively until commit: a restore truncates what a running load wrote
+    (and that load's summary would count rows that are gone), and a load would write into a table
+    being replaced."""
+    from . import sessions
+
+    if not sessions.try_lock(conn, sessions.LOAD_LOCK, xact=True):
+        holders = sessions.describe_holders(conn, sessions.LOAD_LOCK)
+        raise DatabaseBusy(f"a `vecsearch load` is running ({holders}): run `vecsearch db restore` "
+                           "when it has finished")
 
 
 TABLES = ("images", "embedding_model")

@@ -142,7 +142,7 @@ def db_distribute(
     and make the model record a reference table. Safe to run again (docs/scaling.md)."""
     from . import citus
 
-    with db.connect(settings(ctx)) as conn:
+    with db.connect(settings(ctx), session="distribute") as conn:
         out.print(printable(citus.distribute(conn, shards)), markup=False)
 
 
@@ -159,7 +159,7 @@ def db_reindex(
     graph). Queries use the old index meanwhile; a killed rebuild leaves the old one in place."""
     from . import index, progress
 
-    with db.connect(settings(ctx)) as conn:
+    with db.connect(settings(ctx), session="reindex") as conn:
         definition, seconds = index.reindex(conn, m, ef_construction, progress.for_terminal(err))
         options = index.index_options(conn)
     out.print(printable(f"reindexed in {seconds:.1f} s: m={options['m']}, "

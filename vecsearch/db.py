@@ -39,8 +39,11 @@ def redact(url: str) -> str:
 
 
 def connect(settings: Settings, *, migrate: bool = True, autocommit: bool = True,
-            **kwargs) -> psycopg.Connection:
-    """A connection to the vecsearch database, schema at head (upgraded if `migrate`)."""
+            session: str | None = None, **kwargs) -> psycopg.Connection:
+    """A connection to the vecsearch database, schema at head (upgraded if `migrate`).
+
+    `session`: the command, for a connection that holds locks or builds (sessions.watch).
+    """
     url = database_url(settings)
     try:
         conn = psycopg.connect(url, autocommit=autocommit, connect_timeout=10, **kwargs)
@@ -72,6 +75,10 @@ def connect(settings: Settings, *, migrate: bool = True, autocommit: bool = True
                 )
             upgrade(url)
         register_vector(conn)
+        if session is not None:
+            from . import sessions
+
+            sessions.watch(conn, session)
     except BaseException:
         conn.close()
         raise

@@ -12,23 +12,22 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import time
 
 import psycopg
 from psycopg import sql
 
+from . import sessions
 from .errors import DatabaseBusy, InvalidInput, NotFound, first_line
 from .progress import Progress
 
 DROPPED_MARK = "vecsearch: HNSW index dropped for a bulk load; the next `vecsearch load` recreates it. "
 # One lock per images table (per schema) for whoever drops/rebuilds its HNSW index.
-LOCK_KEY = "hashtextextended('vecsearch.hnsw.' || 'images'::regclass::oid, 0)"
-
-
-def application_name() -> str:
-    """Names a load's sessions, so that a later load can tell one that outlived its process."""
-    return f"vecsearch load {socket.gethostname()[:30]}:{os.getpid()}"
+LOCK_KEY = sessions.INDEX_LOCK
+# A swap's DROP INDEX waits at most this long in the lock queue per try (queries that arrive
+# meanwhile queue behind it), and the swap gives up after SWAP_WAIT_S, keeping the old index.
+SWAP_TRY_MS = 100
+SWAP_WAIT_S = 60.0
 
 
 class BulkLoadIndex:
@@ -44,10 +43,7 @@ class BulkLoadIndex:
         self.definition: str | None = None  # set while this load owes the table its index
 
     def _lock(self) -> bool:
-        take = f"SELECT pg_try_advisory_lock({LOCK_KEY})"
-        self.locked = self.conn.execute(take).fetchone()[0]
-        if not self.locked and _end_orphaned_holders(self.conn):
-            self.locked = self.conn.execute(take).fetchone()[0]
+        self.locked = sessions.try_lock(self.conn, LOCK_KEY)
         return self.locked
 
     def _unlock(self) -> None:
@@ -63,6 +59,10 @@ class BulkLoadIndex:
                 self.definition = stored[0]
                 self.report.message("the HNSW index is missing (an earlier load was interrupted): "
                                     "it is rebuilt at the end of this load")
+            elif stored is not None:
+                self.report.message("the HNSW index is missing and its lock is held by "
+                                    f"{sessions.describe_holders(self.conn, LOCK_KEY)}: that session "
+                                    "rebuilds it; if it is no vecsearch load, end it and load again")
             return
         if bulk and self._lock():
             name, definition = present
@@ -97,29 +97,6 @@ class BulkLoadIndex:
             self._unlock()
         except psycopg.Error:
             pass  # the connection is gone: so is the lock
-
-
-def _end_orphaned_holders(conn: psycopg.Connection) -> bool:
-    """End sessions holding the index lock for a load of this machine whose process is gone.
-
-    The server ends a dead client's session by itself once its socket closes; this covers a socket
-    that something else still holds open (a leftover child process, say). True if any ended.
-    """
-    from .server import pid_alive
-
-    holders = conn.execute(f"""
-        SELECT a.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE l.locktype = 'advisory' AND l.granted AND l.database = (
-              SELECT oid FROM pg_database WHERE datname = current_database())
-          AND l.objsubid = 1 AND (l.classid::bigint << 32) | l.objid::bigint = {LOCK_KEY}
-    """).fetchall()
-    ended = False
-    prefix = f"vecsearch load {socket.gethostname()[:30]}:"
-    for backend, name in holders:
-        pid = name.removeprefix(prefix)
-        if name.startswith(prefix) and pid.isdigit() and not pid_alive(int(pid)):
-            ended |= conn.execute("SELECT pg_terminate_backend(%s, 10000)", [backend]).fetchone()[0]
-    return ended
 
 
 def hnsw_index(conn: psycopg.Connection) -> tuple[tuple[str, str], str] | None:
@@ -182,12 +159,13 @@ def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress | 
 
 
 def reindex(conn: psycopg.Connection, m: int | None = None, ef_construction: int | None = None,
-            report: Progress | None = None) -> tuple[str, float]:
+            report: Progress | None = None, swap_wait: float = SWAP_WAIT_S) -> tuple[str, float]:
     """Rebuild the HNSW index, with new `m` / `ef_construction` if given (else its own); returns
     the new definition and the seconds the build took.
 
     The new index is built under another name and swapped in within one transaction: queries use
-    the old one meanwhile, and a kill at any point leaves one complete index, old or new.
+    the old one meanwhile, and a kill at any point leaves one complete index, old or new. The swap
+    never queues for long ahead of queries (see _drop_for_swap).
     """
     report = report or Progress()
     present = hnsw_index(conn)
@@ -201,13 +179,13 @@ def reindex(conn: psycopg.Connection, m: int | None = None, ef_construction: int
     head, _, _ = definition.partition(" WITH (")
     new = head.replace(f"CREATE INDEX {name} ON ", f"CREATE INDEX {name}_rebuilt ON ", 1)
     new += f" WITH (m='{int(options['m'])}', ef_construction='{int(options['ef_construction'])}')"
-    if not conn.execute("SELECT pg_try_advisory_lock(" + LOCK_KEY + ")").fetchone()[0]:
-        raise DatabaseBusy("a load is managing the HNSW index right now: run `vecsearch db reindex` "
-                           "when it has finished")
+    if not sessions.try_lock(conn, LOCK_KEY):
+        raise DatabaseBusy(f"the HNSW index is being managed by {sessions.describe_holders(conn, LOCK_KEY)} "
+                           "(a load or another reindex): run `vecsearch db reindex` when it has finished")
 
     def build() -> None:
         conn.execute(new)
-        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(schema, name)))
+        _drop_for_swap(conn, schema, name, swap_wait)
         conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
             sql.Identifier(schema, f"{name}_rebuilt"), sql.Identifier(name)))
 
@@ -216,6 +194,28 @@ def reindex(conn: psycopg.Connection, m: int | None = None, ef_construction: int
     finally:
         conn.execute("SELECT pg_advisory_unlock(" + LOCK_KEY + ")")
     return hnsw_index(conn)[1], seconds
+
+
+def _drop_for_swap(conn: psycopg.Connection, schema: str, name: str, wait: float) -> None:
+    """DROP INDEX for the swap, in short tries: its ACCESS EXCLUSIVE lock request would make every
+    new query queue behind it while a long reader holds the table. Between tries queries run; after
+    `wait` seconds DatabaseBusy, and the transaction's rollback keeps the old index."""
+    deadline = time.monotonic() + wait
+    while True:
+        conn.execute("SAVEPOINT swap")
+        conn.execute(f"SET LOCAL lock_timeout = '{SWAP_TRY_MS}ms'")
+        try:
+            conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(schema, name)))
+            conn.execute("RELEASE SAVEPOINT swap")
+            conn.execute("SET LOCAL lock_timeout = 0")
+            return
+        except psycopg.errors.LockNotAvailable:
+            conn.execute("ROLLBACK TO SAVEPOINT swap")
+        if time.monotonic() >= deadline:
+            raise DatabaseBusy(f"the new HNSW index is built, but sessions using the table kept it from "
+                               f"being swapped in for {wait:g} s, so the old index stays: run "
+                               "`vecsearch db reindex` again when long queries have finished")
+        time.sleep(0.5)
 
 
 def index_options(conn: psycopg.Connection) -> dict[str, int] | None:

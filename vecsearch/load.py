@@ -17,9 +17,9 @@ from datetime import datetime
 
 import psycopg
 
-from . import models
+from . import models, sessions
 from .config import Settings
-from .errors import InvalidInput
+from .errors import DatabaseBusy, InvalidInput
 from .images import Found, find_images
 from .index import BulkLoadIndex
 from .pipeline import LoadSummary, Pipeline, connect, fail
@@ -54,6 +54,11 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
     summary = LoadSummary()
     errors_file = None if errors_csv is None else _open_errors(errors_csv)  # fail before the work
     with connect(settings, schema) as conn:
+        # Held shared while the load runs: a restore (which takes it exclusively) is refused meanwhile.
+        if not sessions.try_lock(conn, sessions.LOAD_LOCK, shared=True):
+            holders = sessions.describe_holders(conn, sessions.LOAD_LOCK)
+            raise DatabaseBusy(f"a `vecsearch db restore` is running ({holders}): load again when it "
+                               "has finished")
         run_start = conn.execute("SELECT now()").fetchone()[0]
         current = models.recorded_model(conn)
         model_changed = reembed and current is not None and current != embedder.record

@@ -28,7 +28,6 @@ from . import db
 from .config import Settings
 from .errors import UnreadableImage
 from .images import model_input, open_decoded, sha256_of
-from .index import application_name
 from .limits import EPOCH
 from .progress import Progress
 
@@ -85,17 +84,8 @@ class LoadSummary:
 
 def connect(settings: Settings, schema: str = "public") -> psycopg.Connection:
     """A db.connect connection whose unqualified `images`/`embedding_model` are in `schema`."""
-    conn = db.connect(settings)
+    conn = db.connect(settings, session="load")
     set_schema(conn, schema)
-    # Names this process, so a later load can tell a session that outlived its load (index.py).
-    conn.execute(sql.SQL("SET application_name = {}").format(sql.Literal(application_name())))
-    # If this process dies (SIGKILL, OOM), its backend notices within seconds, even inside a long
-    # CREATE INDEX or a lock wait, and rolls back, releasing the HNSW advisory lock for the next
-    # load, instead of finishing the work for nobody. PostgreSQL 14+; older servers skip it.
-    try:
-        conn.execute("SET client_connection_check_interval = '2s'")
-    except psycopg.errors.UndefinedObject:
-        pass
     return conn
 
 
@@ -334,8 +324,6 @@ class Pipeline:
         if workers is None:
             device = getattr(self.embedder, "_device", None)
             workers = default_workers(gpu=device is not None and device.type != "cpu")
-        if hasattr(self.embedder, "expect"):  # what the engine's set-up must repay (engine.plan)
-            self.embedder.expect(len(paths))
         self.report.start(len(paths))
         # The decode workers are forked first, before this process starts any thread.
         batches = map_batches(self.reader, paths, batch_size=self.embedder.batch_size, workers=workers)

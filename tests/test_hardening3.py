@@ -1,0 +1,260 @@
+"""Hardening, round 3 (issue 18): killed lock holders, the reindex swap, readers that write or
+squat on locks, values a restore must refuse, restore against a load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+
+import psycopg
+import pytest
+from conftest import cli_command, clustered, fresh_database, insert_vectors, make_image, run_cli
+
+from vecsearch import db, index, reader, server, sessions
+from vecsearch.errors import DatabaseBusy
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def one_error_line(result, code: int = 1) -> str:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    lines = [x for x in result.stderr.strip().splitlines() if not x.startswith("warning: ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def dead_pid() -> int:
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+# --- 2: killed lock holders -------------------------------------------------------------------
+
+def test_a_killed_reindex_ends_its_server_session_within_seconds_even_in_a_lock_wait(settings, conn):
+    """kill -9 of `db reindex` while its CREATE INDEX waits: the server ends that session by itself
+    (client_connection_check_interval) while the blocker still holds the table, instead of building
+    the index for nobody once the lock comes."""
+    insert_vectors(conn, clustered(100, seed=31))
+    with psycopg.connect(settings.database_url, autocommit=True) as lock:
+        lock.execute("BEGIN")
+        lock.execute("LOCK TABLE images IN ROW EXCLUSIVE MODE")  # CREATE INDEX waits for it
+        proc = subprocess.Popen(cli_command("db", "reindex", "--m", "20", "--ef-construction", "60"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            backend = wait_for(lambda: conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query LIKE 'CREATE INDEX%%' AND application_name LIKE 'vecsearch reindex %%'"
+            ).fetchone(), 60, "the named rebuild to wait on the lock")[0]
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            wait_for(lambda: conn.execute("SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)",
+                                          [backend]).fetchone()[0], 10, "the killed reindex's session to end")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        lock.execute("ROLLBACK")
+    assert index.index_options(conn) == {"m": 32, "ef_construction": 128}
+
+
+@pytest.mark.parametrize("command", ["reindex", "restore"])
+def test_a_session_left_holding_the_index_lock_by_a_dead_command_is_ended_by_the_next(
+        settings, conn, command):
+    """Whatever kept a dead reindex's or restore's session open, `db reindex` ends it and runs."""
+    insert_vectors(conn, clustered(30, seed=32))
+    with psycopg.connect(settings.database_url, autocommit=True) as orphan:
+        orphan.execute("SELECT set_config('application_name', %s, false)",
+                       [f"vecsearch {command} {socket.gethostname()[:30]}:{dead_pid()}"])
+        orphan.execute(f"SELECT pg_advisory_lock({index.LOCK_KEY})")
+        result = run_cli("db", "reindex", "--m", "20", "--ef-construction", "60")
+        assert result.returncode == 0, result.stderr
+        assert index.index_options(conn) == {"m": 20, "ef_construction": 60}
+        with pytest.raises(psycopg.OperationalError):
+            orphan.execute("SELECT 1")
+
+
+def test_restore_names_its_session_and_a_busy_index_lock_names_its_holder(settings, conn, tmp_path):
+    insert_vectors(conn, clustered(3, seed=33))
+    dump = tmp_path / "vs.dump"
+    run_cli("db", "backup", str(dump), check=True)
+    with psycopg.connect(settings.database_url) as blocker:  # an open transaction on the table
+        blocker.execute("SELECT count(*) FROM images").fetchone()
+        proc = subprocess.Popen(cli_command("db", "restore", str(dump), "--wait", "30"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: conn.execute("SELECT EXISTS (SELECT FROM pg_stat_activity WHERE "
+                                          "application_name = %s)", [f"vecsearch restore "
+                                          f"{socket.gethostname()[:30]}:{proc.pid}"]).fetchone()[0],
+                     30, "the restore's named session")
+        finally:
+            proc.kill()
+            proc.wait()
+        blocker.rollback()
+    # A live session that is no vecsearch command holding the index lock is named, not guessed at.
+    with psycopg.connect(settings.database_url, autocommit=True) as squatter:
+        squatter.execute(f"SELECT pg_advisory_lock({index.LOCK_KEY})")
+        line = one_error_line(run_cli("db", "reindex"))
+        assert f"pid {squatter.info.backend_pid}, role " in line
+
+
+# --- 3: the swap never queues ahead of queries --------------------------------------------------
+
+def test_the_reindex_swap_never_stalls_queries_and_gives_up_keeping_the_old_index(settings, conn):
+    insert_vectors(conn, clustered(60, seed=34))
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            with db.connect(settings, session="reindex") as c:
+                index.reindex(c, m=20, ef_construction=60, swap_wait=3)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            outcome.append(e)
+
+    with psycopg.connect(settings.database_url) as long_reader:  # an open read transaction
+        long_reader.execute("SELECT count(*) FROM images").fetchone()
+        worker = threading.Thread(target=run)
+        worker.start()
+        try:
+            wait_for(lambda: conn.execute(
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name LIKE "
+                "'vecsearch reindex %%' AND (query LIKE 'DROP INDEX%%' OR query LIKE '%%swap%%'))"
+            ).fetchone()[0], 60, "the swap to start")
+            with psycopg.connect(settings.database_url, autocommit=True) as query:
+                query.execute("SET statement_timeout = '1s'")
+                for _ in range(4):  # new queries keep running while the swap waits
+                    assert query.execute("SELECT count(*) FROM vecsearch_similar(1, 3)").fetchone() == (3,)
+                    time.sleep(0.2)
+        finally:
+            worker.join(15)  # gave up by itself (today); the old code waited for the reader
+            long_reader.rollback()
+            worker.join(60)
+    assert isinstance(outcome[0], DatabaseBusy), outcome
+    assert "the old index stays" in str(outcome[0])
+    assert index.index_options(conn) == {"m": 32, "ef_construction": 128}
+    assert conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'images_embedding_hnsw%'"
+                        ).fetchone() == (1,)
+
+
+# --- 4: readers -----------------------------------------------------------------------------------
+
+def test_reader_logins_cannot_store_large_objects_or_take_the_index_lock(settings, conn):
+    insert_vectors(conn, clustered(3, seed=35))
+    name = f"squatter_{os.getpid()}"
+    password = reader.create(conn, name)
+    try:
+        with psycopg.connect(reader.url(settings, conn, name, password), autocommit=True) as analyst:
+            for statement in ("SELECT lo_from_bytea(0, 'x')", "SELECT lo_create(0)", "SELECT lo_creat(-1)",
+                              f"SELECT pg_advisory_lock({index.LOCK_KEY})",
+                              f"SELECT pg_try_advisory_lock_shared({sessions.LOAD_LOCK})",
+                              "SELECT pg_advisory_xact_lock(1)", "SELECT pg_try_advisory_lock(1, 2)"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    analyst.execute(statement)
+            # What PostgreSQL cannot deny, and docs/security.md says so: a login may lift its own
+            # timeouts (SET, or ALTER ROLE itself); the swap and restore still never wait on it.
+            analyst.execute(psycopg.sql.SQL("ALTER ROLE {} SET statement_timeout = 0").format(
+                psycopg.sql.Identifier(name)))
+    finally:
+        reader.drop(conn, name)
+    assert conn.execute("SELECT lo_unlink(lo_from_bytea(0, 'x'))").fetchone() == (1,)  # vecsearch itself
+
+
+def test_a_load_says_who_holds_the_lock_instead_of_silently_skipping_the_repair(settings, conn, tmp_path):
+    folder = tmp_path / "few"
+    make_image(folder / "a.png", 40, (48, 48))
+    assert run_cli("load", str(folder), "--weights", "random", "--workers", "0").returncode == 0
+    definition = conn.execute("SELECT pg_get_indexdef('images_embedding_hnsw'::regclass)").fetchone()[0]
+    with psycopg.connect(settings.database_url, autocommit=True) as squatter:
+        squatter.execute(f"SELECT pg_advisory_lock({index.LOCK_KEY})")
+        import json
+        mark = index.DROPPED_MARK + json.dumps({"index": definition, "previous_comment": None})
+        squatter.execute(psycopg.sql.SQL("COMMENT ON TABLE images IS {}").format(psycopg.sql.Literal(mark)))
+        squatter.execute("DROP INDEX images_embedding_hnsw")
+        result = run_cli("load", str(folder), "--weights", "random", "--workers", "0")
+        assert result.returncode == 0, result.stderr
+        assert f"its lock is held by session pid {squatter.info.backend_pid}, role " in result.stderr
+
+
+# --- 7, 9: values a restore refuses ---------------------------------------------------------------
+
+def test_the_schema_refuses_values_the_loader_never_writes(settings, conn):
+    insert_vectors(conn, clustered(1, seed=36))
+    for change in ("bytes = -1", "width = -5", "height = 0", "mtime = 'infinity'", "mtime = '-infinity'"):
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(f"UPDATE images SET {change}")
+
+
+CRAFTED = {
+    "infinite mtime": ["ALTER TABLE images DROP CONSTRAINT images_mtime_check",
+                       "UPDATE images SET mtime = 'infinity'"],
+    "negative sizes": ["ALTER TABLE images DROP CONSTRAINT images_bytes_check",
+                       "ALTER TABLE images DROP CONSTRAINT images_size_check",
+                       "UPDATE images SET bytes = -1, width = -5"],
+    "NaN vector": ["DROP INDEX images_embedding_hnsw", "ALTER TABLE images ALTER COLUMN embedding TYPE text",
+                   "UPDATE images SET embedding = '[' || array_to_string(array_fill('NaN'::text, "
+                   "ARRAY[2048]), ',') || ']'"],
+    "largest id": ["INSERT INTO images OVERRIDING SYSTEM VALUE SELECT 9223372036854775807, path || '.x', "
+                   "sha256, bytes, width, height, format, mtime, loaded_at, embedding FROM images LIMIT 1"],
+    "duplicate paths": ["ALTER TABLE images DROP CONSTRAINT images_pkey",
+                        "INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
+                        "SELECT path, sha256, bytes, width, height, format, mtime, embedding FROM images"],
+    "two model rows": ["ALTER TABLE embedding_model DROP CONSTRAINT embedding_model_pkey",
+                       "INSERT INTO embedding_model VALUES (true, 'a', 'b', '{}', 2048), "
+                       "(true, 'c', 'd', '{}', 2048)"],
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_restore_refuses_values_the_schema_refuses_with_one_line(settings, conn, pg_home, tmp_path, case):
+    insert_vectors(conn, clustered(3, seed=37))
+    with fresh_database(pg_home) as url, psycopg.connect(url, autocommit=True) as other:
+        db.register_vector(other)
+        insert_vectors(other, clustered(2, seed=38))
+        for statement in CRAFTED[case]:
+            other.execute(statement)
+        dump = tmp_path / "crafted.dump"
+        server.run_binary("pg_dump", ["--format=custom", f"--file={dump}", url], check=True)
+    line = one_error_line(run_cli("db", "restore", str(dump)))
+    assert "holds rows this vecsearch's schema refuses" in line and "nothing was restored" in line
+    assert conn.execute("SELECT count(*) FROM images").fetchone() == (3,)
+
+
+# --- 8: restore against a load --------------------------------------------------------------------
+
+def test_a_restore_is_refused_while_a_load_runs_and_a_load_while_a_restore_runs(settings, conn, tmp_path):
+    insert_vectors(conn, clustered(3, seed=39))
+    dump = tmp_path / "vs.dump"
+    run_cli("db", "backup", str(dump), check=True)
+    with psycopg.connect(settings.database_url, autocommit=True) as loading:  # as a running load holds it
+        sessions.watch(loading, "load")
+        assert loading.execute(f"SELECT pg_try_advisory_lock_shared({sessions.LOAD_LOCK})").fetchone()[0]
+        line = one_error_line(run_cli("db", "restore", str(dump)))
+        assert "a `vecsearch load` is running (session pid " in line
+    with psycopg.connect(settings.database_url, autocommit=True) as restoring:  # as a restore holds it
+        restoring.execute("BEGIN")
+        restoring.execute(f"SELECT pg_advisory_xact_lock({sessions.LOAD_LOCK})")
+        folder = tmp_path / "one"
+        make_image(folder / "a.png", 41, (48, 48))
+        line = one_error_line(run_cli("load", str(folder), "--weights", "random", "--workers", "0"))
+        assert "a `vecsearch db restore` is running" in line
+        restoring.execute("ROLLBACK")
+    assert conn.execute("SELECT count(*) FROM images").fetchone() == (3,)
+    # A dead load's session left holding it (its socket kept open) does not block a restore.
+    with psycopg.connect(settings.database_url, autocommit=True) as orphan:
+        orphan.execute("SELECT set_config('application_name', %s, false)",
+                       [f"vecsearch load {socket.gethostname()[:30]}:{dead_pid()}"])
+        orphan.execute(f"SELECT pg_advisory_lock_shared({sessions.LOAD_LOCK})")
+        assert run_cli("db", "restore", str(dump)).returncode == 0
