@@ -1,10 +1,18 @@
-"""`vecsearch load` throughput: bare model forward vs decode-only vs end-to-end, and peak RSS, for
-the engine `--precision auto` keeps on this machine and for the fp32 reference, side by side.
+"""`vecsearch load` as a user meets it, and its throughput per stage, for the default engine
+(`--precision auto`) and the fp32 reference side by side.
 
-    .venv/bin/python bench/load.py [--sizes 100,300] [--batch-size 16] [--workers N] [--weights random]
+    .venv/bin/python bench/load.py [--mode process|throughput|both] [--process-sizes 1,16,64,300,1000]
+                                   [--sizes 100,300] [--batch-size 16] [--workers N] [--weights random]
 
+Whole processes (`--mode process`, the default): for each folder size, `vecsearch load FOLDER -q`
+into an empty database, timed from start to exit, in the order fp32, default (a fresh
+VECSEARCH_HOME: no engine measurement kept), fp32, default again (the home of the first default
+run: its measurement reused); then `vecsearch search FILE -k 3`, default and fp32 alternately,
+three times each (medians). Ratios are within one run; the load average is printed with them.
+
+Throughput (`--mode throughput`):
 Generated photos (tests/conftest.make_image: 4 in 5 JPEG 1024x768 q90, 1 in 5 PNG 640x480) go
-into two folders of different sizes. For each size a fresh child process (its own peak RSS)
+into folders of the sizes given. For each size a fresh child process (its own peak RSS)
 measures, at the same batch size:
   - bare forward: the network alone on pre-made channels_last tensors (inference_mode), before
     and after the load (mean of both, so a busy machine does not favour one side);
@@ -196,9 +204,74 @@ def child_extra(folder: str, url: str, batch_size: int, workers: int, weights: s
     return result
 
 
+SMALL_ROUNDS = 3
+
+
+def _timed_cli(args: list[str], env: dict) -> float:
+    """Wall-clock seconds of one whole `vecsearch` process (it must succeed)."""
+    started = time.perf_counter()
+    result = subprocess.run([str(Path(sys.executable).parent / "vecsearch"), *args], capture_output=True,
+                            text=True, env={**os.environ, **env})
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        raise SystemExit(f"vecsearch {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return seconds
+
+
+def process_table(sizes: list[int], folders: dict, external: str | None, running, home: Path,
+                  weights: str) -> tuple[list[dict], dict]:
+    """Whole-process `load` times by size (fp32, default first run, fp32, default second run)
+    and `search FILE` times, default vs fp32."""
+    rows, url = [], None
+    for n in sizes:
+        rounds = SMALL_ROUNDS if n <= 64 else 1  # small loads are noisy: medians of 3 rounds
+        times: dict = {}
+        for r in range(rounds):
+            cache = home / f"engine-home-{n}-{r}"  # the default runs' VECSEARCH_HOME (engine.json)
+            for run, precision in ((1, "fp32"), (1, "auto"), (2, "fp32"), (2, "auto")):
+                print(f"load {n} files, --precision {precision}, run {run}...", file=sys.stderr)
+                url = _database(external, running, f"bench_proc_{n}_{precision}_{run}_{r}")
+                env = {"VECSEARCH_DATABASE_URL": url,
+                       "VECSEARCH_HOME": str(cache if precision == "auto" else home / f"fp32-{n}-{run}-{r}")}
+                args = ["load", str(folders[n]), "--weights", weights, "-q", "--precision", precision]
+                times.setdefault((run, precision), []).append(_timed_cli(args, env))
+        kept = cache / "engine.json"
+        engines = json.loads(kept.read_text())["entries"] if kept.exists() else []
+        medians = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        rows.append({"files": n, "rounds": rounds, "times": medians,
+                     "kept": [e["measured"]["precision"] for e in engines], "load_avg": os.getloadavg()[0]})
+    search = {"auto": [], "fp32": []}
+    file = sorted(folders[sizes[0]].iterdir())[0]
+    env = {"VECSEARCH_DATABASE_URL": url, "VECSEARCH_HOME": str(cache)}
+    for _ in range(3):
+        for precision in ("auto", "fp32"):
+            print(f"whole process: search FILE, --precision {precision}...", file=sys.stderr)
+            args = ["search", str(file), "-k", "3", "--precision", precision]
+            search[precision].append(_timed_cli(args, env))
+    return rows, {p: sorted(t)[1] for p, t in search.items()} | {"load_avg": os.getloadavg()[0]}
+
+
+def _report_process(rows: list[dict], search: dict) -> None:
+    print("| files | fp32, run 1 (s) | default, run 1 (s) | default / fp32 | fp32, run 2 (s) "
+          "| default, run 2 (s) | default / fp32 | engine kept | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t = r["times"]
+        files = f"{r['files']} (median of {r['rounds']})" if r["rounds"] > 1 else r["files"]
+        print(f"| {files} | {t[1, 'fp32']:.1f} | {t[1, 'auto']:.1f} "
+              f"| {t[1, 'auto'] / t[1, 'fp32']:.2f}x | {t[2, 'fp32']:.1f} | {t[2, 'auto']:.1f} "
+              f"| {t[2, 'auto'] / t[2, 'fp32']:.2f}x "
+              f"| {', '.join(r['kept']) or '(none measured)'} | {r['load_avg']:.1f} |")
+    print(f"`vecsearch search FILE -k 3`, whole process, median of 3: default {search['auto']:.2f} s, "
+          f"fp32 {search['fp32']:.2f} s ({search['auto'] / search['fp32']:.2f}x); "
+          f"load avg {search['load_avg']:.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="100,300", help="two folder sizes (images)")
+    parser.add_argument("--mode", choices=["process", "throughput", "both"], default="process")
+    parser.add_argument("--process-sizes", default="1,16,64,300,1000", help="sizes of the process table")
+    parser.add_argument("--sizes", default="100,300", help="folder sizes of the throughput table")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=None, help="decode processes (default: load's)")
     parser.add_argument("--weights", default="random", help="default, FILE or random")
@@ -216,16 +289,21 @@ def main() -> None:
     from vecsearch.embed import default_workers
 
     workers = default_workers() if args.workers is None else args.workers
-    sizes = sorted(int(s) for s in args.sizes.split(","))
+    throughput = args.mode != "process"
+    sizes = sorted(int(s) for s in args.sizes.split(",")) if throughput else []
+    process_sizes = sorted(int(s) for s in args.process_sizes.split(",")) if args.mode != "throughput" else []
     external = os.environ.get("VECSEARCH_DATABASE_URL")
     home = Path(tempfile.mkdtemp(prefix="vecsearch-bench-load-"))
     running = None if external else server.ensure_running(home)
     try:
-        print(f"generating {sizes[-1]} images...", file=sys.stderr)
+        every = sorted(set(sizes) | set(process_sizes))
+        print(f"generating {every[-1]} images...", file=sys.stderr)
         folders = {}
-        for n in reversed(sizes):
+        for n in reversed(every):
             folders[n] = home / f"images-{n}"
-            make_folder(folders[n], n, source=folders.get(sizes[-1]))
+            make_folder(folders[n], n, source=folders.get(every[-1]))
+        if process_sizes:
+            rows, search = process_table(process_sizes, folders, external, running, home, args.weights)
         common = ["--batch-size", str(args.batch_size), "--workers", str(workers), "--weights", args.weights]
         results = {}
         for n in sizes:
@@ -236,14 +314,19 @@ def main() -> None:
                                                "--url", url, "--precision", precision, *common)
             vectors = [json.loads((home / f"vectors-{p}-{n}.json").read_text()) for p in ("fp32", "auto")]
             results[n, "auto"]["min_cosine"] = _min_cosine(*vectors)
-        print("real photos and draft drift...", file=sys.stderr)
-        extra = _child("--child", "extra", "--folder", str(folders[sizes[0]]),
-                       "--url", _database(external, running, "bench_load_extra"), *common)
+        if throughput:
+            print("real photos and draft drift...", file=sys.stderr)
+            extra = _child("--child", "extra", "--folder", str(folders[sizes[0]]),
+                           "--url", _database(external, running, "bench_load_extra"), *common)
     finally:
         if running is not None:
             server.stop(home)
         shutil.rmtree(home, ignore_errors=True)
-    _report(results, extra, args, workers)
+    print(f"vecsearch load and search as whole processes, weights {args.weights}, {os.cpu_count()} CPUs")
+    if process_sizes:
+        _report_process(rows, search)
+    if throughput:
+        _report(results, extra, args, workers)
 
 
 def _min_cosine(a: dict, b: dict) -> float:
