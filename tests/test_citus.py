@@ -4,8 +4,12 @@ not built into the embedded PostgreSQL (`./dev citus SOURCE`)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +19,7 @@ from conftest import clustered, insert_vectors, make_image, run_cli
 from fastapi.testclient import TestClient
 from test_crash import Run, assert_same_rows, count, table, wait_for
 
-from vecsearch import citus, db, query, web
+from vecsearch import citus, db, query, server, web
 from vecsearch import cluster as cluster_mod
 from vecsearch import index as index_mod
 from vecsearch.config import Settings
@@ -23,10 +27,15 @@ from vecsearch.config import Settings
 pytestmark = pytest.mark.citus
 
 DROP = """
-DROP TABLE IF EXISTS images, embedding_model, alembic_version CASCADE;
-DROP FUNCTION IF EXISTS vecsearch_similar(bigint, integer, integer, text, boolean);
-DROP FUNCTION IF EXISTS vecsearch_similar_to(vector, integer, integer, text, boolean, bigint[]);
-DROP FUNCTION IF EXISTS vecsearch_search_settings(integer);
+DROP TABLE IF EXISTS images, embedding_model, alembic_version, vecsearch_projection CASCADE;
+DO $$
+DECLARE f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace
+             AND p.proname LIKE 'vecsearch\\_%' LOOP
+        EXECUTE format('DROP FUNCTION %s CASCADE', f);
+    END LOOP;
+END $$;
 """
 
 
@@ -288,3 +297,105 @@ def test_distribute_refuses_a_server_without_citus(settings):
     with db.connect(settings) as conn:
         with pytest.raises(Exception, match="no Citus extension"):
             citus.distribute(conn)
+
+
+def cluster_cli(*args: str) -> subprocess.CompletedProcess:
+    """`python -m vecsearch.cluster ...`, the documented commands."""
+    return subprocess.run([sys.executable, "-m", "vecsearch.cluster", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def answers(e: dict, ids: list[int]) -> list[str]:
+    """`vecsearch similar ID -k 5` against the coordinator, for each id (ids, paths, distances)."""
+    return [run_cli("similar", str(i), "-k", "5", "--format", "json", env=e, check=True).stdout for i in ids]
+
+
+def node_name(node: server.Running) -> str:
+    return f"{node.socket_dir}:{node.port}"
+
+
+def test_a_stopped_worker_is_named_and_the_documented_restart_brings_the_same_answers(cluster, url, tmp_path):
+    with connect(url) as conn:
+        citus.distribute(conn, shards=4)
+        ids = insert_vectors(conn, clustered(300, seed=31))
+    e = env(url, tmp_path)
+    probes = ids[::100]
+    before = answers(e, probes)
+    down, up = cluster.workers
+    assert server.stop(cluster.root / "worker1")
+
+    failed = run_cli("similar", str(probes[0]), "-k", "5", env=e)
+    assert failed.returncode == 3, failed.stderr
+    assert failed.stderr.count("\n") == 1, failed.stderr
+    named = f"error: the Citus node {node_name(down)} cannot be reached"
+    assert failed.stderr.startswith(named), failed.stderr
+    status = run_cli("db", "status", env=e, check=True).stdout
+    assert f"worker:    {node_name(down)}: DOWN (cannot connect), 2 shards unavailable" in status, status
+    assert f"worker:    {node_name(up)}: up, 2 shards, " in status
+    assert "(2 shards on unreachable nodes not counted)" in status
+    listed = cluster_cli("status", str(cluster.root))
+    assert listed.returncode == 3 and "worker1: down" in listed.stdout and "worker2: up" in listed.stdout
+
+    # The documented commands, each twice: start after one worker went down, stop, start again.
+    for action in ("start", "start", "stop", "stop", "start", "start"):
+        done = cluster_cli(action, str(cluster.root))
+        assert done.returncode == 0, (action, done.stderr)
+        if action == "start":
+            assert done.stdout.strip() == cluster.url
+    assert cluster_cli("status", str(cluster.root)).returncode == 0
+    assert answers(e, probes) == before
+    status = run_cli("db", "status", env=e, check=True).stdout
+    assert "DOWN" not in status and "images:    300\n" in status, status
+
+
+def test_a_frozen_worker_costs_the_short_connection_timeout(cluster, url, tmp_path):
+    """A worker that accepts no connections (SIGSTOPped) fails a command after
+    cluster.NODE_CONNECTION_TIMEOUT_MS, not Citus's default 30 s; db status marks it down."""
+    with connect(url) as conn:
+        citus.distribute(conn, shards=4)
+        ids = insert_vectors(conn, clustered(40, seed=32))
+    e = env(url, tmp_path)
+    frozen = server.running(cluster.root / "worker2")
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        began = time.monotonic()
+        failed = run_cli("similar", str(ids[0]), "-k", "5", env=e)
+        took = time.monotonic() - began
+        status = run_cli("db", "status", env=e)
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    assert failed.returncode == 3 and f"the Citus node {node_name(frozen)} cannot be reached" in failed.stderr
+    assert took < 20, took
+    assert status.returncode == 0 and f"{node_name(frozen)}: DOWN" in status.stdout, status.stdout
+    assert len(answers(e, ids[:1])[0].split('"id"')) == 6
+
+
+def test_a_third_worker_and_a_rebalance_keep_the_answers(cluster, url, tmp_path):
+    """Last in this module: it leaves the cluster with three workers."""
+    with connect(url) as conn:
+        citus.distribute(conn, shards=4)
+        ids = insert_vectors(conn, clustered(600, seed=33))
+        exact = [[x.id for x in query.similar(conn, i, 10, exact=True)] for i in ids[::60]]
+    e = env(url, tmp_path)
+    probes = ids[::150]
+    before = answers(e, probes)
+    started = cluster_cli("start", str(cluster.root), "--workers", "3")
+    assert started.returncode == 0, started.stderr
+    worker3 = server.running(cluster.root / "worker3")
+    with connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM citus_get_active_worker_nodes()").fetchone()[0] == 3
+        # Background tasks, which connect to citus.local_hostname.
+        conn.execute("SELECT citus_rebalance_start()")
+        conn.execute("SELECT citus_rebalance_wait()")
+        moved = conn.execute("SELECT count(*) FROM pg_dist_shard s JOIN pg_dist_shard_placement p "
+                             "USING (shardid) WHERE s.logicalrelid = 'images'::regclass AND p.nodename = %s",
+                             [str(worker3.socket_dir)]).fetchone()[0]
+        assert moved >= 1
+        assert [[x.id for x in query.similar(conn, i, 10, exact=True)] for i in ids[::60]] == exact
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN ANALYZE SELECT * FROM vecsearch_similar(%s, 5)",
+                                                     [ids[0]]))
+        assert "Execution Time" in plan
+    assert answers(e, probes) == before
+    status = run_cli("db", "status", env=e, check=True).stdout
+    assert f"worker:    {node_name(worker3)}: up, {moved} shards" in status, status
+    assert "images:    600\n" in status

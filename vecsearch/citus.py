@@ -12,6 +12,8 @@ import psycopg
 
 from .errors import InvalidInput
 
+# Small tables every node reads (the model record, the compact index's projection), where they exist.
+REFERENCE_TABLES = ("embedding_model", "vecsearch_projection")
 SHARDS_PER_WORKER = 2  # the default: parallel across workers, and room to rebalance onto new ones
 
 
@@ -33,8 +35,8 @@ def shard_count(conn: psycopg.Connection) -> int:
 
 
 def distribute(conn: psycopg.Connection, shards: int | None = None) -> str:
-    """Make `images` distributed (by path, `shards` shards) and `embedding_model` a reference
-    table; idempotent (a different `shards` on a distributed table is refused). What was done."""
+    """Make `images` distributed (by path, `shards` shards) and REFERENCE_TABLES reference
+    tables; idempotent (a different `shards` on a distributed table is refused). What was done."""
     if not has_citus(conn):
         raise InvalidInput("this database has no Citus extension: `vecsearch db distribute` needs a Citus "
                            "coordinator (CREATE EXTENSION citus; see docs/scaling.md)")
@@ -45,10 +47,11 @@ def distribute(conn: psycopg.Connection, shards: int | None = None) -> str:
         raise InvalidInput("the Citus coordinator has no active workers: add them first "
                            "(SELECT citus_add_node('HOST', PORT); see docs/scaling.md)")
     done = []
-    if not conn.execute("SELECT EXISTS (SELECT FROM pg_dist_partition "
-                        "WHERE logicalrelid = 'embedding_model'::regclass)").fetchone()[0]:
-        conn.execute("SELECT create_reference_table('embedding_model')")
-        done.append("embedding_model is a reference table")
+    for table in REFERENCE_TABLES:
+        if conn.execute("SELECT to_regclass(%s) IS NOT NULL AND NOT EXISTS (SELECT FROM pg_dist_partition "
+                        "WHERE logicalrelid = to_regclass(%s))", [table, table]).fetchone()[0]:
+            conn.execute("SELECT create_reference_table(%s)", [table])
+            done.append(f"{table} is a reference table")
     if is_distributed(conn):
         current = shard_count(conn)
         if shards is not None and shards != current:
@@ -60,7 +63,11 @@ def distribute(conn: psycopg.Connection, shards: int | None = None) -> str:
         count = shards or SHARDS_PER_WORKER * workers
         rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
         # Existing rows are copied into the shards and each shard's HNSW index is built there.
-        conn.execute("SELECT create_distributed_table('images', 'path', shard_count := %s)", [count])
+        with conn.transaction():
+            # Citus copies a table's triggers to its shards only when told to; images' own
+            # (migration 0006) reads no other table, so it is safe on a shard.
+            conn.execute("SET LOCAL citus.enable_unsafe_triggers = on")
+            conn.execute("SELECT create_distributed_table('images', 'path', shard_count := %s)", [count])
         if rows:
             conn.execute("SELECT truncate_local_data_after_distributing_table('images')")
         done.append(f"images distributed by path over {count} shards on {workers} workers "
@@ -84,33 +91,75 @@ def hnsw_bytes(conn: psycopg.Connection) -> int:
 
 def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
     """The cluster lines of `vecsearch db status` (none on a plain PostgreSQL); a label that
-    db.status also has replaces its line."""
+    db.status also has replaces its line. Every node gets a line, up or down: the counts come
+    from the nodes that answer, and say so when some did not."""
     if not has_citus(conn):
         return []
     version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'citus'").fetchone()[0]
     if not is_distributed(conn):
         return [("citus", f"{version}, images not distributed (run `vecsearch db distribute`)")]
-    total, hnsw = conn.execute("""
-        SELECT pg_size_pretty(citus_total_relation_size('images')),
-               pg_size_pretty(sum(citus_relation_size(c.oid))) FROM pg_index i
-        JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
-        WHERE i.indrelid = 'images'::regclass AND a.amname = 'hnsw'""").fetchone()
-    lines = [("table", f"{total} on the workers"),
-             ("hnsw", "none" if hnsw is None else f"{hnsw} on the workers"),
-             ("citus", f"{version}, images distributed by path over {shard_count(conn)} shards")]
-    per_node = conn.execute(f"""
-        WITH shards AS (
-            SELECT s.shardid, p.nodename, p.nodeport
+    nodes = conn.execute("""
+        SELECT nodename, nodeport, groupid = 0, citus_check_connection_to_node(nodename, nodeport)
+        FROM pg_dist_node WHERE noderole = 'primary' ORDER BY groupid, nodename, nodeport""").fetchall()
+    placements: dict[tuple[str, int], list[str]] = {}
+    for name, port, shard in conn.execute("""
+            SELECT p.nodename, p.nodeport, shard_name('images'::regclass, s.shardid)
             FROM pg_dist_shard s JOIN pg_dist_shard_placement p USING (shardid)
-            WHERE s.logicalrelid = 'images'::regclass),
-        counts AS (
-            SELECT shardid, result::bigint AS n
-            FROM run_command_on_shards('images', 'SELECT count(*) FROM %s')),
-        sizes AS ({_SHARD_HNSW_BYTES})
-        SELECT format('%s:%s', nodename, nodeport), count(*), sum(n), pg_size_pretty(sum(b))
-        FROM shards JOIN counts USING (shardid) JOIN sizes USING (shardid)
-        GROUP BY nodename, nodeport ORDER BY 1
-    """).fetchall()
-    for node, shards, rows, size in per_node:
-        lines.append(("worker", f"{node}: {shards} shards, {rows} images, hnsw {size}"))
+            WHERE s.logicalrelid = 'images'::regclass ORDER BY s.shardid"""):
+        placements.setdefault((name, port), []).append(shard)
+    measured = _measure_nodes(conn, [(n, p, placements.get((n, p), [])) for n, p, _, up in nodes if up])
+    down = sum(len(placements.get((n, p), [])) for n, p, _, up in nodes if not up)
+    missing = f" ({down} shards on unreachable nodes not counted)" if down else ""
+    rows, table, hnsw = (sum(column) for column in zip((0, 0, 0), *measured.values(), strict=True))
+    lines = [("images", f"{rows}{missing}"),
+             ("table", f"{_pretty(table)} on the workers{missing}"),
+             ("hnsw", f"{_pretty(hnsw) + ' on the workers' if hnsw else 'none'}{missing}"),
+             ("citus", f"{version}, images distributed by path over {shard_count(conn)} shards")]
+    for name, port, is_coordinator, up in nodes:
+        shards = len(placements.get((name, port), []))
+        if not up:
+            state = f"DOWN (cannot connect), {shards} shards unavailable"
+        elif not shards:
+            state = "up, no shards"
+        else:
+            rows, table, hnsw = measured[(name, port)]
+            state = f"up, {shards} shards, {rows} images, table {_pretty(table)}, hnsw {_pretty(hnsw)}"
+        lines.append(("coordinator" if is_coordinator else "worker", f"{name}:{port}: {state}"))
     return lines
+
+
+def _measure_nodes(conn: psycopg.Connection, nodes: list[tuple[str, int, list[str]]]
+                   ) -> dict[tuple[str, int], tuple[int, int, int]]:
+    """(rows, table bytes, HNSW bytes) of the `images` shards on each node, one command per node,
+    all at once (master_run_on_worker reports a failed node as a row rather than an error)."""
+    commands = []
+    for _, _, shards in nodes:
+        names = ", ".join(_literal(s) for s in shards) or "NULL"
+        rows = " + ".join(f"(SELECT count(*) FROM {s})" for s in shards) or "0"
+        commands.append(f"""SELECT concat_ws(' ', {rows},
+            (SELECT coalesce(sum(pg_total_relation_size(r)), 0) FROM unnest(ARRAY[{names}]::regclass[]) r),
+            (SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0) FROM pg_index i
+             JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
+             WHERE a.amname = 'hnsw' AND i.indrelid = ANY(ARRAY[{names}]::regclass[])))""")
+    if not nodes:
+        return {}
+    result = {}
+    for name, port, ok, text in conn.execute(
+            "SELECT node_name, node_port, success, result FROM master_run_on_worker(%s, %s, %s, true)",
+            [[n for n, _, _ in nodes], [p for _, p, _ in nodes], commands]):
+        rows, table, hnsw = (int(x) for x in text.split()) if ok else (0, 0, 0)
+        result[(name, port)] = (rows, table, hnsw)
+    return result
+
+
+def _literal(name: str) -> str:
+    return "'" + name.replace("'", "''") + "'"
+
+
+def _pretty(size: int) -> str:
+    """pg_size_pretty's units (kB, MB, GB: powers of 1024), without a round trip."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if size < 10 * 1024:
+            return f"{size} {unit}"
+        size = round(size / 1024)
+    return f"{size} TB"

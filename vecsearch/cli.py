@@ -122,7 +122,8 @@ def serve_command(
 _K = Annotated[int, typer.Option("--k", "-k", help="How many neighbours (1-1000).")]
 _EF_SEARCH = Annotated[int | None, typer.Option(
     "--ef-search", help="HNSW candidates per query, 1-1000 (default: the database's own, "
-    "`vecsearch db recall --tune`, else 200): higher is slower and closer to exact.", show_default=False)]
+    "`vecsearch db recall --tune`, else 200), raised to max(k + 10, 2k) when smaller (the candidates "
+    "the exact re-rank needs): higher is slower and closer to exact.", show_default=False)]
 _EXACT = Annotated[bool, typer.Option(
     "--exact", help="Exact scan instead of the HNSW index (slow on large tables).")]
 _UNDER = Annotated[Path | None, typer.Option(

@@ -125,7 +125,8 @@ def db_status(ctx: typer.Context) -> None:
     with db.connect(s) as conn:
         cluster = citus.status(conn)
         replaced = dict(cluster)
-        lines = [(label, replaced.pop(label, value)) for label, value in db.status(conn)]
+        local = db.status(conn, rows=not citus.is_distributed(conn))
+        lines = [(label, replaced.pop(label, value)) for label, value in local]
         lines += [(label, value) for label, value in cluster if label in replaced]
         for label, value in lines:
             out.print(printable(f"{label + ':':<10} {value}"), markup=False)

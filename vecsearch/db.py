@@ -205,16 +205,20 @@ def sqlalchemy_url(url: str) -> str:
     return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg://", url)
 
 
-def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
-    """What `vecsearch db status` shows about a connected database."""
-    row = conn.execute("""
+def status(conn: psycopg.Connection, *, rows: bool = True) -> list[tuple[str, str]]:
+    """What `vecsearch db status` shows about a connected database; `rows` False leaves the
+    images, table and hnsw lines to the caller (on Citus the rows are on the workers, and
+    counting them here would fail at the first one that is down)."""
+    measured = """(SELECT count(*) FROM images),
+               pg_size_pretty(pg_total_relation_size('images')),
+               -- NULL ("none") while a bulk load has the index dropped
+               pg_size_pretty(pg_relation_size(to_regclass('images_embedding_hnsw'))),""" if rows else \
+        "NULL, NULL, NULL,"
+    row = conn.execute(f"""
         SELECT current_setting('server_version'),
                (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
                (SELECT version_num FROM alembic_version),
-               (SELECT count(*) FROM images),
-               pg_size_pretty(pg_total_relation_size('images')),
-               -- NULL ("none") while a bulk load has the index dropped
-               pg_size_pretty(pg_relation_size(to_regclass('images_embedding_hnsw'))),
+               {measured}
                (SELECT array_to_string(reloptions, ', ') FROM pg_class
                 WHERE oid = to_regclass('images_embedding_hnsw')),
                (SELECT format('%s, weights %s', name, weights) FROM embedding_model)

@@ -1,5 +1,7 @@
 """Errors a user can act on. The CLI prints them as one line and exits with `exit_code`."""
 
+import re
+
 
 class VecsearchError(Exception):
     """A failure with a message that says what is wrong and what to do."""
@@ -46,12 +48,27 @@ class WeightsUnavailable(VecsearchError):
 
 
 def database_failure(e: BaseException) -> DatabaseUnavailable:
-    """A psycopg.OperationalError as one line: "database connection lost" (class 08, 57P shutdown
-    or crash, or no SQLSTATE: the connection itself is gone), else "database error" (the server
-    refused the work: disk full, out of memory...)."""
+    """A psycopg.OperationalError as one line: the Citus node it names when the server reports
+    it cannot reach another node (class 08 from the server itself: our connection is fine),
+    "database connection lost" (class 08 from libpq, 57P shutdown or crash, or no SQLSTATE: the
+    connection itself is gone), else "database error" (the server refused the work: disk full,
+    out of memory...)."""
     sqlstate = getattr(e, "sqlstate", None) or ""
+    diag = getattr(e, "diag", None)
+    node = _NODE.search(first_line(e)) if sqlstate.startswith("08") and diag and diag.severity else None
+    if node:
+        reason = first_line(e).split("failed with the following error: ", 1)[-1]
+        return DatabaseUnavailable(
+            f"the Citus node {node.group(1)} cannot be reached ({reason}): start it (a local cluster: "
+            "`python -m vecsearch.cluster start ROOT`); `vecsearch db status` shows every node")
     lost = sqlstate[:2] in ("", "08") or sqlstate.startswith("57P")
     return DatabaseUnavailable(f"{'database connection lost' if lost else 'database error'}: {first_line(e)}")
+
+
+# HOST:PORT in Citus's messages about another node ("connection to the remote node USER@HOST:PORT
+# failed ...", "could not connect to HOST:PORT to get size of ...", "connection establishment for
+# node HOST:PORT failed").
+_NODE = re.compile(r"""([^\s@"]+:\d+)""")
 
 
 def first_line(e: BaseException) -> str:
