@@ -75,7 +75,8 @@ class Run:
         self.results: list[dict] = []
 
     def measure(self, method: str, params: str, by_id, held, few: int | None = None,
-                build: float | None = None, size_mb: float | None = None) -> dict:
+                build: float | None = None, size_mb: float | None = None,
+                per_row: float | None = None) -> dict:
         """by_id(row index) / held(vector) -> row indexes; timed one query at a time."""
         count = few or len(self.by_id)
         found_id, found_held, times = [], [], []
@@ -92,7 +93,7 @@ class Run:
                   "recall id": recall(found_id, self.truth_id[:count]),
                   "recall held": recall(found_held, self.truth_held[:count]),
                   "p50": statistics.median(ms), "p95": ms[min(len(ms) - 1, int(0.95 * len(ms)))],
-                  "queries": len(times), "build": build, "size": size_mb}
+                  "queries": len(times), "build": build, "size": size_mb, "per_row": per_row}
         self.results.append(result)
         print(f"  {method} {params}: recall id {result['recall id']:.3f} held {result['recall held']:.3f}"
               f" p50 {result['p50']:.1f} ms", flush=True)
@@ -100,7 +101,8 @@ class Run:
 
 
 def bench_postgres(run: Run, settings: Settings, configs: list[tuple[int, int]],
-                   ef_searches: list[int], serial: bool) -> None:
+                   ef_searches: list[int], serial: bool, compact_dims: list[str] = (),
+                   compact_config: tuple[int, int] = (32, 128)) -> None:
     rows = run.data.rows
     with db.connect(settings) as conn:
         conn.execute("TRUNCATE images")
@@ -127,15 +129,33 @@ def bench_postgres(run: Run, settings: Settings, configs: list[tuple[int, int]],
                 print(f"  build m {m} ef_c {efc} without workers: {seconds:.0f} s", flush=True)
                 index.drop(conn)
             build = index.rebuild_index(conn, new)
-            size = conn.execute("SELECT pg_relation_size('images_embedding_hnsw')").fetchone()[0] / 2**20
+            size = conn.execute("SELECT pg_relation_size('images_embedding_hnsw')").fetchone()[0]
             for image_id in ids[:20]:  # caches warm, as on a running server
                 query.similar(conn, int(image_id), K)
             for ef in ef_searches:
                 run.measure("vecsearch ANN + re-rank", f"m {m}, ef_c {efc}, ef_search {ef}",
-                            by_id(ef_search=ef), held(ef_search=ef), build=build, size_mb=size)
+                            by_id(ef_search=ef), held(ef_search=ef), build=build, size_mb=size / 2**20,
+                            per_row=size / len(rows))
+        m, efc = compact_config
+        for dims in compact_dims:  # the compact index: fitted on these rows by `db reindex --dims`
+            done = index.reindex(conn, m, efc, dims=dims)
+            if dims == "auto":
+                print(f"  auto: {done.reason}", flush=True)
+            name = "images_reduced_hnsw" if done.dims else "images_embedding_hnsw"
+            size = conn.execute("SELECT pg_relation_size(%s)", [name]).fetchone()[0]
+            conn.execute("VACUUM ANALYZE images")
+            for image_id in ids[:20]:
+                query.similar(conn, int(image_id), K)
+            label = f"{dims} -> {done.dims or 'full'} dims" if dims == "auto" else f"{dims} dims"
+            efs = [done.ef_search] if done.ef_search else ef_searches
+            for ef in efs:
+                run.measure("vecsearch compact + re-rank", f"{label}, m {m}, ef_c {efc}, ef_search {ef}",
+                            by_id(ef_search=ef), held(ef_search=ef), build=done.seconds,
+                            size_mb=size / 2**20, per_row=size / len(rows))
         run.measure("exact scan in PostgreSQL", "", by_id(exact=True), held(exact=True),
                     few=run.exact_queries)
         conn.execute("TRUNCATE images")
+        index.reindex(conn, dims="full")
 
 
 def bench_numpy(run: Run) -> None:
@@ -181,6 +201,36 @@ def bench_faiss(run: Run, configs: list[tuple[int, int]], ef_searches: list[int]
                         build=build, size_mb=rows.nbytes / 2**20 + len(rows) * m * 2 * 4 / 2**20)
 
 
+def bench_faiss_pca(run: Run, dims: list[int], m: int, efc: int, ef_searches: list[int]) -> None:
+    """FAISS with the same reduction: PCA to d dims, HNSW over it, exact re-rank of ef_search
+    candidates (IndexRefineFlat), as vecsearch's compact index does."""
+    import faiss
+
+    rows = run.data.rows
+    for d in dims:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        idx = faiss.index_factory(DIM, f"PCA{d},HNSW{m},RFlat")
+        faiss.downcast_index(faiss.downcast_index(idx.base_index).index).hnsw.efConstruction = efc
+        t = time.perf_counter()
+        idx.train(rows[np.random.default_rng(0).choice(len(rows), min(20000, len(rows)), replace=False)])
+        idx.add(rows)
+        build = time.perf_counter() - t
+        faiss.omp_set_num_threads(1)
+        for ef in ef_searches:
+            faiss.ParameterSpace().set_index_parameter(idx, "efSearch", ef)
+            idx.k_factor = max(1, ef // K)
+
+            def by_id(q: int, idx=idx) -> list[int]:
+                _, found = idx.search(rows[q:q + 1], K + 1)
+                return [int(i) for i in found[0] if i != q][:K]
+
+            def held(v: np.ndarray, idx=idx) -> list[int]:
+                return idx.search(v[None, :], K)[1][0].tolist()
+
+            run.measure("FAISS PCA + HNSW + re-rank", f"PCA{d},HNSW{m} ef_c {efc}, ef_search {ef}",
+                        by_id, held, build=build)
+
+
 def bench_annoy(run: Run, trees: int = 100) -> None:
     from annoy import AnnoyIndex
 
@@ -204,17 +254,21 @@ def print_table(name: str, n: int, run: Run) -> None:
     queries = run.results[-1]["queries"]
     print(f"\n### {name}, {n:,} rows: {queries // 2} queries by id + {queries // 2} held out, "
           f"k = {K} (exact scan: {exact['queries']} queries)\n")
+    numpy_p50 = next((r["p50"] for r in run.results if r["method"].startswith("numpy")), None)
     print("| method | params | recall@10 by id | recall@10 held out | p50 ms | p95 ms "
-          "| p50 / exact | build s | size MB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| p50 / exact | p50 / numpy | build s | size MB | index bytes/row |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in run.results:
         if "recall id" not in r:
             print(f"| {r['method']} | {r['params']} | | | | | | {r['build']:.0f} | |")
             continue
         build = f"{r['build']:.0f}" if r["build"] is not None else ""
         size = f"{r['size']:.0f}" if r["size"] is not None else ""
+        per_row = f"{r['per_row']:,.0f}" if r.get("per_row") is not None else ""
+        vs_numpy = f"{r['p50'] / numpy_p50:.2f}" if numpy_p50 else ""
         print(f"| {r['method']} | {r['params']} | {r['recall id']:.3f} | {r['recall held']:.3f} "
-              f"| {r['p50']:.2f} | {r['p95']:.2f} | {r['p50'] / exact['p50']:.1%} | {build} | {size} |")
+              f"| {r['p50']:.2f} | {r['p95']:.2f} | {r['p50'] / exact['p50']:.1%} | {vs_numpy} | {build} "
+              f"| {size} | {per_row} |")
 
 
 def pairs(text: str) -> list[tuple[int, int]]:
@@ -231,6 +285,10 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200, help="queries of each kind")
     parser.add_argument("--exact-queries", type=int, default=20, help="of each kind, for the exact scan")
     parser.add_argument("--no-peers", action="store_true", help="skip FAISS and Annoy")
+    parser.add_argument("--compact", default="auto,128,256,512",
+                        help="compact index dims to build (`db reindex --dims`: N or auto); '' for none")
+    parser.add_argument("--compact-config", default="32x128", help="compact index m x ef_construction")
+    parser.add_argument("--no-annoy", action="store_true", help="skip Annoy")
     args = parser.parse_args()
     ef_searches = [int(e) for e in args.ef_search.split(",")]
     started = time.perf_counter()
@@ -241,12 +299,18 @@ def main() -> None:
             for name in args.data.split(","):
                 print(f"\n== {name}, {n:,} rows ==", flush=True)
                 run = Run(datasets.make(name, n, args.queries), args.queries, args.exact_queries)
-                bench_postgres(run, settings, pairs(args.configs), ef_searches,
-                               serial=name == args.data.split(",")[0])
+                compact_dims = [d for d in args.compact.split(",") if d]
+                compact_config = pairs(args.compact_config)[0]
+                bench_postgres(run, settings, pairs(args.configs) if args.configs else [], ef_searches,
+                               serial=name == args.data.split(",")[0], compact_dims=compact_dims,
+                               compact_config=compact_config)
                 bench_numpy(run)
                 if not args.no_peers:
-                    bench_faiss(run, pairs(args.faiss_configs), ef_searches)
-                    bench_annoy(run)
+                    bench_faiss(run, pairs(args.faiss_configs) if args.faiss_configs else [], ef_searches)
+                    bench_faiss_pca(run, [int(d) for d in compact_dims if d != "auto"], *compact_config,
+                                    ef_searches)
+                    if not args.no_annoy:
+                        bench_annoy(run)
                 tables.append((name, n, run))
                 print_table(name, n, run)
     print("\n## All tables")

@@ -228,3 +228,19 @@ def test_reader_logins_can_query_a_compact_index(settings, conn, rows):
         assert len(got) == 5
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             r.execute("UPDATE vecsearch_projection SET in_use = false")
+
+
+def test_cli_reindex_dims_then_status_and_recall_say_what_is_in_use(settings, conn, rows):
+    from conftest import run_cli
+
+    result = run_cli("db", "reindex", "--dims", "16")
+    assert result.returncode == 0, result.stderr
+    assert "compact: PCA to 16 dims" in result.stdout
+    status = run_cli("db", "status", check=True).stdout
+    assert "compact: PCA to 16 dims" in status and "bytes per row" in status
+    per_row = int(status.split(" bytes per row")[0].rsplit(" ", 1)[1])
+    assert per_row < 2048  # a full-width graph costs 8 KB a row
+    measured = run_cli("db", "recall", "--sample", "20", check=True).stdout
+    assert "recall@10" in measured and "compact: PCA to 16 dims" in measured
+    bad = run_cli("db", "reindex", "--dims", "lots")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--dims" in bad.stderr

@@ -42,7 +42,8 @@ def test_recall_is_measured_against_exact_and_tune_sets_the_database_default(set
     status = run_cli("db", "status", env=env, check=True).stdout
     assert f"ef_search: {chosen} (this database's" in status
     out = run_cli("db", "recall", "--sample", "10", env=env, check=True).stdout
-    assert out.startswith(f"ef_search {chosen}: recall@10 ") and "over 10 sampled images" in out
+    assert out.startswith("index: full: ") and f"\nef_search {chosen}: recall@10 " in out
+    assert "over 10 held-out-style queries" in out
 
 
 def test_recall_of_an_empty_table_is_one_line(settings):

@@ -54,13 +54,14 @@ def test_a_killed_reindex_leaves_the_old_index_and_a_rerun_finishes(settings, co
     insert_vectors(conn, clustered(300, seed=22))
     with psycopg.connect(settings.database_url, autocommit=True) as lock:
         lock.execute("BEGIN")
-        lock.execute("LOCK TABLE images IN ROW EXCLUSIVE MODE")  # CREATE INDEX waits for it
+        lock.execute("LOCK TABLE images IN ROW EXCLUSIVE MODE")  # the rebuild waits for it
         proc = subprocess.Popen(cli_command("db", "reindex", "--m", "20", "--ef-construction", "60"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             _wait(lambda: conn.execute(
                 "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query LIKE 'CREATE INDEX%%')").fetchone()[0], 60, "the rebuild to wait on the lock")
+                "AND (query LIKE 'CREATE INDEX%%' OR query LIKE 'LOCK TABLE images%%'))").fetchone()[0],
+                60, "the rebuild to wait on the lock")
             proc.send_signal(signal.SIGKILL)
             proc.wait(30)
         finally:

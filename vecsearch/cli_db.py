@@ -155,16 +155,26 @@ def db_reindex(
     ef_construction: Annotated[int | None, typer.Option(
         "--ef-construction", help="Candidates while building (4-1000, at least 2 m) [default: the "
         "index's own].", show_default=False)] = None,
+    dims: Annotated[str | None, typer.Option(
+        "--dims", help="The graph's vectors: N (a compact graph over a PCA projection to N dims "
+        "fitted on this table, every candidate re-ranked by the full vector), full (the whole "
+        "vector), or auto (the smallest N that keeps recall@10 >= 0.99 here, measured; else full) "
+        "[default: the representation in use, refitted].", show_default=False)] = None,
 ) -> None:
-    """Rebuild the HNSW index, with new build parameters if given (parallel, memory for the whole
-    graph). Queries use the old index meanwhile; a killed rebuild leaves the old one in place."""
-    from . import index, progress
+    """Rebuild the HNSW index, with new build parameters or representation if given (parallel,
+    memory for the whole graph). Queries use the old index meanwhile; a killed rebuild leaves the
+    old one, and its projection, in place. Also rebuilds an index an ETL dropped."""
+    from . import compact, index, progress
 
     with db.connect(settings(ctx), session="reindex") as conn:
-        definition, seconds = index.reindex(conn, m, ef_construction, progress.for_terminal(err))
+        done = index.reindex(conn, m, ef_construction, progress.for_terminal(err), dims=dims)
         options = index.index_options(conn)
-    out.print(printable(f"reindexed in {seconds:.1f} s: m={options['m']}, "
-                        f"ef_construction={options['ef_construction']}"), markup=False)
+        what = compact.describe(conn)
+    out.print(printable(f"reindexed in {done.seconds:.1f} s: m={options['m']}, "
+                        f"ef_construction={options['ef_construction']}; {what}"), markup=False)
+    if done.recall is not None:
+        out.print(f"measured recall@10 {done.recall:.3f}; this database's default ef_search is now "
+                  f"{done.ef_search}", markup=False)
 
 
 @db_app.command("recall")
@@ -183,18 +193,22 @@ def db_recall(
     """Recall@k of the HNSW index on this database's own images, against the exact scan (how
     close `vecsearch similar` is to exact here); --tune sets the ef_search that reaches 0.99."""
     from . import recall
+    from .compact import describe
     from .limits import DEFAULT_EF_SEARCH
 
     with db.connect(settings(ctx)) as conn:
+        what = describe(conn)
         ids = recall.sample(conn, sample, seed)
         if tune:
             chosen, measured = recall.tune(conn, ids, k)
         else:
             current = ef_search or db.database_ef_search(conn) or DEFAULT_EF_SEARCH
             measured = recall.measure(conn, ids, k, [current])
+    out.print(printable(f"index: {what}"), markup=False)
     for m in measured:
         out.print(f"ef_search {m.ef_search}: recall@{k} {m.recall:.3f} (worst query {m.worst:.1f}) over "
-                  f"{len(ids)} sampled images; p50 {m.ann_ms:.1f} ms, exact scan {m.exact_ms:.0f} ms",
+                  f"{len(ids)} held-out-style queries from sampled images; p50 {m.ann_ms:.1f} ms, "
+                  f"exact scan {m.exact_ms:.0f} ms",
                   markup=False)
     best = max(m.recall for m in measured)
     if tune:

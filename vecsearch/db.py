@@ -17,7 +17,7 @@ from .errors import DatabaseUnavailable, InvalidInput, PgvectorMissing, SchemaMi
 from .limits import DEFAULT_EF_SEARCH, DIM
 
 # The alembic head this code expects; tests/test_migrations.py keeps it equal to migrations/.
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 # Every ANN query must order by this exact expression, or the planner cannot use the index
 # (pgvector indexes at most 2000 dimensions of `vector`, so the index is on a halfvec cast).
 ANN_EXPR = f"embedding::halfvec({DIM})"
@@ -205,6 +205,10 @@ def sqlalchemy_url(url: str) -> str:
     return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg://", url)
 
 
+# The HNSW index of `images`, compact or full (migration 0006's names), as a regclass expression.
+HNSW_INDEX = "coalesce(to_regclass('images_reduced_hnsw'), to_regclass('images_embedding_hnsw'))"
+
+
 def status(conn: psycopg.Connection, *, rows: bool = True) -> list[tuple[str, str]]:
     """What `vecsearch db status` shows about a connected database; `rows` False leaves the
     images, table and hnsw lines to the caller (on Citus the rows are on the workers, and
@@ -212,23 +216,28 @@ def status(conn: psycopg.Connection, *, rows: bool = True) -> list[tuple[str, st
     measured = """(SELECT count(*) FROM images),
                pg_size_pretty(pg_total_relation_size('images')),
                -- NULL ("none") while a bulk load has the index dropped
-               pg_size_pretty(pg_relation_size(to_regclass('images_embedding_hnsw'))),""" if rows else \
-        "NULL, NULL, NULL,"
+               (SELECT format('%s, %s bytes per row', pg_size_pretty(pg_relation_size(x)),
+                              pg_relation_size(x) / greatest(1, (SELECT count(*) FROM images)))
+                FROM (SELECT {HNSW} AS x) h WHERE x IS NOT NULL),""".replace("{HNSW}", HNSW_INDEX) \
+        if rows else "NULL, NULL, NULL,"
     row = conn.execute(f"""
         SELECT current_setting('server_version'),
                (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
                (SELECT version_num FROM alembic_version),
                {measured}
                (SELECT array_to_string(reloptions, ', ') FROM pg_class
-                WHERE oid = to_regclass('images_embedding_hnsw')),
+                WHERE oid = {HNSW_INDEX}),
                (SELECT format('%s, weights %s', name, weights) FROM embedding_model)
     """).fetchone()
     labels = ["postgres", "pgvector", "schema", "images", "table", "hnsw", "hnsw opts", "model"]
     tuned = database_ef_search(conn)
+    from .compact import describe
+
     return [(label, "none" if value is None else str(value))
             for label, value in zip(labels, row, strict=True)] + [
         ("ef_search", f"{DEFAULT_EF_SEARCH} (the default; `vecsearch db recall` measures recall here)"
-         if tuned is None else f"{tuned} (this database's: `vecsearch db recall --tune`)")]
+         if tuned is None else f"{tuned} (this database's: `vecsearch db recall --tune`)"),
+        ("index", describe(conn))]
 
 
 def database_ef_search(conn: psycopg.Connection) -> int | None:

@@ -13,12 +13,14 @@ import json
 import os
 import re
 import time
+from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
 
 from . import sessions
-from .errors import DatabaseBusy, InvalidInput, NotFound, first_line
+from .config import Settings
+from .errors import DatabaseBusy, InvalidInput, first_line
 from .progress import Progress
 
 DROPPED_MARK = "vecsearch: HNSW index dropped for a bulk load; the next `vecsearch load` recreates it. "
@@ -83,7 +85,12 @@ class BulkLoadIndex:
         try:
             if self.definition is None:
                 return False
-            rebuild_index(self.conn, self.definition, self.report)
+            if decide_on_load(self.conn):
+                done = reindex(self.conn, report=self.report, dims="auto")
+                self.report.message(f"index: {'full' if done.dims is None else f'compact, {done.dims} dims'} "
+                                    f"({done.reason})")
+            else:
+                rebuild_index(self.conn, self.definition, self.report)
             self.definition = None
             return True
         finally:
@@ -158,42 +165,158 @@ def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress | 
     return _build(conn, build, report or Progress(), _m_of(definition), workers)
 
 
-def reindex(conn: psycopg.Connection, m: int | None = None, ef_construction: int | None = None,
-            report: Progress | None = None, swap_wait: float = SWAP_WAIT_S) -> tuple[str, float]:
-    """Rebuild the HNSW index, with new `m` / `ef_construction` if given (else its own); returns
-    the new definition and the seconds the build took.
+@dataclass
+class Reindexed:
+    """What `reindex` built."""
 
-    The new index is built under another name and swapped in within one transaction: queries use
-    the old one meanwhile, and a kill at any point leaves one complete index, old or new. The swap
-    never queues for long ahead of queries (see _drop_for_swap).
+    definition: str
+    seconds: float  # the build transaction: fit, reduced vectors, graph, swap
+    dims: int | None  # the compact index's, or None: the full index
+    reason: str = ""  # why this representation (auto says what it measured)
+    recall: float | None = None  # measured by auto, at ef_search
+    ef_search: int | None = None
+
+
+def reindex(conn: psycopg.Connection, m: int | None = None, ef_construction: int | None = None,
+            report: Progress | None = None, swap_wait: float = SWAP_WAIT_S,
+            dims: int | str | None = None) -> Reindexed:
+    """Rebuild the HNSW index, with new `m` / `ef_construction` if given (else its own).
+
+    dims: "full" (the graph over the whole vector), N (a compact graph over a PCA projection to N
+    dims fitted on the table's rows, vecsearch/compact.py), "auto" (the smallest N that keeps
+    recall@10 >= 0.99 here, measured, else full), or None (the representation in use, refitted).
+    The new index is built under another name and swapped in within one transaction that holds
+    off writers (not readers): queries use the old index meanwhile, and a kill at any point leaves
+    one complete index, old or new, with its projection. The swap never queues for long ahead of
+    queries (see _drop_for_swap). Works too when the table has no HNSW index (an ETL dropped it).
     """
+    from . import compact
+
     report = report or Progress()
-    present = hnsw_index(conn)
-    if present is None:
-        raise NotFound("the images table has no HNSW index (a bulk load is rebuilding it, or was "
-                       "interrupted): run `vecsearch load` on any folder to restore it first")
-    (schema, name), definition = present
-    options = dict(index_options(conn) or {})
+    options = dict(index_options(conn)
+                   or {"m": Settings.hnsw_m, "ef_construction": Settings.hnsw_ef_construction})
     options.update({k: v for k, v in (("m", m), ("ef_construction", ef_construction)) if v is not None})
     check_options(options)
-    head, _, _ = definition.partition(" WITH (")
-    new = head.replace(f"CREATE INDEX {name} ON ", f"CREATE INDEX {name}_rebuilt ON ", 1)
-    new += f" WITH (m='{int(options['m'])}', ef_construction='{int(options['ef_construction'])}')"
+    current = conn.execute("SELECT dims FROM vecsearch_projection WHERE in_use").fetchone()
+    spec = dims if dims is not None else (current[0] if current else "full")
     if not sessions.try_lock(conn, LOCK_KEY):
         raise DatabaseBusy(f"the HNSW index is being managed by {sessions.describe_holders(conn, LOCK_KEY)} "
                            "(a load or another reindex): run `vecsearch db reindex` when it has finished")
-
-    def build() -> None:
-        conn.execute(new)
-        _drop_for_swap(conn, schema, name, swap_wait)
-        conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
-            sql.Identifier(schema, f"{name}_rebuilt"), sql.Identifier(name)))
-
+    if dims is not None:
+        _remember(conn, dims)
     try:
-        seconds = _build(conn, build, report, int(options["m"]))
+        if spec == "auto":
+            return _auto(conn, options, report, swap_wait)
+        if spec == "full":
+            return _swap_in(conn, None, options, report, swap_wait, "asked for (--dims full)")
+        d = compact.parse_dims(spec)
+        ids, rows = compact.sample(conn)
+        return _swap_in(conn, compact.fit(rows, d), options, report, swap_wait, f"asked for (--dims {d})")
     finally:
         conn.execute("SELECT pg_advisory_unlock(" + LOCK_KEY + ")")
-    return hnsw_index(conn)[1], seconds
+
+
+def decide_on_load(conn: psycopg.Connection) -> bool:
+    """Whether a bulk load's rebuild should let `--dims auto` choose the index: a table big enough
+    to fit a projection on, with a full index, where nobody chose the representation by hand."""
+    from . import compact
+
+    chosen = conn.execute("SELECT nullif(current_setting('vecsearch.dims', true), '')").fetchone()[0]
+    if chosen not in (None, "auto"):
+        return False
+    rows, projection = conn.execute(
+        "SELECT (SELECT count(*) FROM images), (SELECT version FROM vecsearch_projection WHERE in_use)"
+    ).fetchone()
+    return projection is None and rows >= compact.AUTO_MIN_ROWS
+
+
+def _remember(conn: psycopg.Connection, dims: int | str) -> None:
+    """Keep the representation asked for as the database's `vecsearch.dims`: a later bulk load
+    decides again only where it is auto."""
+    database = conn.execute("SELECT current_database()").fetchone()[0]
+    try:
+        with conn.transaction():
+            conn.execute(sql.SQL("ALTER DATABASE {} SET vecsearch.dims = {}").format(
+                sql.Identifier(database), sql.Literal(str(dims))))
+    except psycopg.errors.InsufficientPrivilege:
+        pass  # not the owner: loads may decide again, which measures before it changes anything
+
+
+def _swap_in(conn: psycopg.Connection, projection, options: dict[str, int], report: Progress,
+             swap_wait: float, reason: str) -> Reindexed:
+    """Build the full graph (projection None) or the compact one over `projection` beside the
+    present index and swap it in, in one transaction."""
+    from . import compact
+
+    present = hnsw_index(conn)
+    m, ef = int(options["m"]), int(options["ef_construction"])
+    dims = None if projection is None else projection.dims
+    final = compact.FULL_INDEX if dims is None else compact.COMPACT_INDEX
+    built = {}
+
+    def build() -> None:
+        conn.execute("LOCK TABLE images IN SHARE ROW EXCLUSIVE MODE")  # writers wait, readers go on
+        version = None
+        if projection is not None:
+            version = compact.store(conn, projection, reason)
+            compact.fill(conn, projection, report=report)
+        built["definition"] = compact.definition(dims, m, ef, version, name=f"{final}_rebuilt")
+        conn.execute(built["definition"])
+        if present is not None:
+            _drop_for_swap(conn, *present[0], swap_wait)
+        stored = dropped_definition(conn)
+        if stored is not None:  # a bulk load's mark: the table has its index again
+            conn.execute(sql.SQL("COMMENT ON TABLE images IS {}").format(sql.Literal(stored[1])))
+        compact.rename(conn, conn.execute("SELECT current_schema()").fetchone()[0], f"{final}_rebuilt", final)
+        compact.set_in_use(conn, version)
+
+    what = "full" if dims is None else f"compact ({dims} dims)"
+    report.message(f"building the {what} HNSW index: {reason}")
+    seconds = _build(conn, build, report, m, element_bytes=compact.element_bytes(dims, m))
+    return Reindexed(hnsw_index(conn)[1], seconds, dims, reason)
+
+
+def _auto(conn: psycopg.Connection, options: dict[str, int], report: Progress,
+          swap_wait: float) -> Reindexed:
+    """The smallest compact index whose measured recall@10 reaches recall.TARGET, else full."""
+    from . import compact, recall
+
+    rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+    if rows < compact.AUTO_MIN_ROWS:
+        done = _swap_in(conn, None, options, report, swap_wait,
+                        f"auto: {rows} rows, under {compact.AUTO_MIN_ROWS}: the full index is small here")
+        return done
+    ids, sample = compact.sample(conn)
+    fitted = compact.fit(sample, min(max(compact.DIMS), len(sample) - 1))
+    bounds = compact.screen(sample, fitted, rows)
+    report.message("reduced-space screen (recall@10 of exact search in d dims + exact re-rank, "
+                   f"{len(sample)} sampled rows): "
+                   + ", ".join(f"{d}: {b:.3f}" for d, b in bounds.items()))
+    queries = recall.sample(conn, min(recall.AUTO_QUERIES, rows), seed=1)
+    truth = None
+    tried = []
+    for d in [d for d, b in bounds.items() if b >= compact.SCREEN_TARGET][:2]:
+        done = _swap_in(conn, fitted.first(d), options, report, swap_wait, "auto")
+        truth = truth or recall.exact_answers(conn, queries)
+        chosen, measured = recall.tune(conn, queries, truth=truth)
+        best = measured[-1]
+        tried.append(f"{d} dims: recall@10 {best.recall:.3f} at ef_search {best.ef_search}")
+        if best.recall >= recall.TARGET:
+            done.reason = (f"auto: the smallest d whose screen reached {compact.SCREEN_TARGET} "
+                           f"({', '.join(f'{x}: {b:.3f}' for x, b in bounds.items())}); measured "
+                           f"recall@10 {best.recall:.3f} at ef_search {chosen} on {len(queries)} "
+                           "held-out-style queries")
+            conn.execute("UPDATE vecsearch_projection SET reason = %s WHERE in_use", [done.reason])
+            done.recall, done.ef_search = best.recall, chosen
+            return done
+    why = "; ".join(tried) or ("no d reached the screen's " + str(compact.SCREEN_TARGET) + " ("
+                               + ", ".join(f"{x}: {b:.3f}" for x, b in bounds.items()) + ")")
+    done = _swap_in(conn, None, options, report, swap_wait,
+                    f"auto: no reduction kept recall@10 >= {recall.TARGET} here ({why})")
+    truth = truth or recall.exact_answers(conn, queries)
+    chosen, measured = recall.tune(conn, queries, truth=truth)
+    done.recall, done.ef_search = measured[-1].recall, chosen
+    return done
 
 
 def _drop_for_swap(conn: psycopg.Connection, schema: str, name: str, wait: float) -> None:
@@ -245,7 +368,7 @@ def _m_of(definition: str) -> int:
 
 
 def _build(conn: psycopg.Connection, build, report: Progress, m: int = 16,
-           workers: int | None = None) -> float:
+           workers: int | None = None, element_bytes: int | None = None) -> float:
     """Run `build` (the CREATE INDEX and what goes with it) in one transaction, with memory for the
     whole graph and parallel workers; again without workers if those fail. Seconds taken."""
     from . import citus
@@ -258,7 +381,7 @@ def _build(conn: psycopg.Connection, build, report: Progress, m: int = 16,
     # pgvector keeps the graph in maintenance_work_mem while it fits (far faster, and a graph
     # that outgrows it is finished on disk one insert at a time): a 2048-d halfvec element is
     # 4 KB, plus 2 m neighbours of ~40 bytes on layer 0 and the upper layers' few.
-    per_row = 4096 + 2 * m * 40 + 512
+    per_row = element_bytes or 4096 + 2 * m * 40 + 512
     mem_mb = int(min(max(64, rows / shards * per_row / 2**20 * 1.2 + 64), _memory_cap_mb()))
     if workers is None:
         workers = min(8, max(0, (os.cpu_count() or 1) - 1))

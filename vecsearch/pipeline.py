@@ -196,8 +196,9 @@ class Writer(threading.Thread):
         self.conn = connect(settings, schema)
         self.conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS vecsearch_stage (path text, sha256 text, bytes bigint, "
-            "width integer, height integer, format text, mtime timestamptz, embedding vector(2048)) "
-            "ON COMMIT DELETE ROWS")
+            "width integer, height integer, format text, mtime timestamptz, embedding vector(2048), "
+            "reduced halfvec, reduced_version integer) ON COMMIT DELETE ROWS")
+        self.projection = None  # compact.Projection of the compact index in use, if any
         self.reuse_since, self.summary, self.report = reuse_since, summary, report
         self.queue: queue.Queue = queue.Queue(WRITE_QUEUE)
         self.error: BaseException | None = None
@@ -271,28 +272,53 @@ class Writer(threading.Thread):
                 self.summary.updated += 1
             self.summary.duplicate += row.duplicate
 
+    def _in_use(self):
+        """The projection of the compact index in use, read under a share lock: a reindex cannot
+        swap in another before this batch commits, so its reduced vectors match the graph."""
+        from . import compact
+
+        row = self.conn.execute("SELECT version FROM vecsearch_projection WHERE in_use FOR SHARE").fetchone()
+        if row is None:
+            self.projection = None
+        elif self.projection is None or self.projection.version != row[0]:
+            self.projection = compact.load(self.conn, row[0])
+        return self.projection
+
     def _insert(self, rows: list[Row]) -> dict[str, bool]:
+        from pgvector import HalfVector
+
         cur = self.conn.cursor()
         known = self._known_content([r.sha256 for r in rows if r.embedding is None])
-        with cur.copy(f"COPY vecsearch_stage ({', '.join(COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
-            copy.set_types(COPY_TYPES)
+        projection = self._in_use()
+        with cur.copy(f"COPY vecsearch_stage ({', '.join(COLUMNS)}, reduced, reduced_version) "
+                      "FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types([*COPY_TYPES, "halfvec", "int4"])
             for row in rows:
                 values = {c: getattr(row, c) for c in COLUMNS}
                 if row.embedding is None:  # known content: the existing row's vector and size
                     if row.sha256 not in known:
                         continue  # that row was deleted meanwhile: reported below
                     values.update(known[row.sha256])
-                copy.write_row([values[c] for c in COLUMNS])
+                reduced = None
+                if projection is not None:
+                    vector = values["embedding"]
+                    reduced = HalfVector(projection.reduce(
+                        vector.to_numpy() if hasattr(vector, "to_numpy") else vector))
+                copy.write_row([*(values[c] for c in COLUMNS), reduced,
+                                None if reduced is None else projection.version])
         # loaded_at comes from the SELECT, not now() in DO UPDATE: Citus takes only immutable
         # functions there.
         cur.execute("""
-            INSERT INTO images AS i (path, sha256, bytes, width, height, format, mtime, embedding, loaded_at)
-            SELECT path, sha256, bytes, width, height, format, mtime, embedding, now()
+            INSERT INTO images AS i (path, sha256, bytes, width, height, format, mtime, embedding,
+                                     reduced, reduced_version, loaded_at)
+            SELECT path, sha256, bytes, width, height, format, mtime, embedding, reduced,
+                   reduced_version, now()
             FROM vecsearch_stage ORDER BY path
             ON CONFLICT (path) DO UPDATE SET
                 sha256 = EXCLUDED.sha256, bytes = EXCLUDED.bytes, width = EXCLUDED.width,
                 height = EXCLUDED.height, format = EXCLUDED.format, mtime = EXCLUDED.mtime,
-                embedding = EXCLUDED.embedding, loaded_at = EXCLUDED.loaded_at
+                embedding = EXCLUDED.embedding, reduced = EXCLUDED.reduced,
+                reduced_version = EXCLUDED.reduced_version, loaded_at = EXCLUDED.loaded_at
             RETURNING i.path, (i.xmax = 0)
         """)
         return dict(cur.fetchall())
@@ -324,6 +350,8 @@ class Pipeline:
         if workers is None:
             device = getattr(self.embedder, "_device", None)
             workers = default_workers(gpu=device is not None and device.type != "cpu")
+        if hasattr(self.embedder, "expect"):  # what the engine's set-up must repay (engine.plan)
+            self.embedder.expect(len(paths))
         self.report.start(len(paths))
         # The decode workers are forked first, before this process starts any thread.
         batches = map_batches(self.reader, paths, batch_size=self.embedder.batch_size, workers=workers)
