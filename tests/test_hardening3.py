@@ -258,3 +258,85 @@ def test_a_restore_is_refused_while_a_load_runs_and_a_load_while_a_restore_runs(
                        [f"vecsearch load {socket.gethostname()[:30]}:{dead_pid()}"])
         orphan.execute(f"SELECT pg_advisory_lock_shared({sessions.LOAD_LOCK})")
         assert run_cli("db", "restore", str(dump)).returncode == 0
+
+
+# --- 5: decode memory bounded by a budget computed before decoding --------------------------------
+
+_PEAK = """
+import resource, sys
+from vecsearch.errors import UnreadableImage
+from vecsearch.images import model_input, open_decoded
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    decoded = open_decoded(sys.argv[1])
+    model_input(decoded.image)
+    outcome = f"decoded {decoded.width}x{decoded.height}"
+except UnreadableImage as e:
+    outcome = str(e)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, outcome)
+"""
+
+
+def _png(path, side: int, color_type: int, depth: int) -> None:
+    """A flat PNG of side x side written row by row (small file, no big buffer here)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color_type]
+    row = b"\0" + bytes([7]) * (side * channels * depth // 8)
+    packer = zlib.compressobj(1)
+    data = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    extra = chunk(b"PLTE", bytes(range(24))) + chunk(b"tRNS", b"\0") if color_type == 3 else b""
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, depth,
+                     color_type, 0, 0, 0)) + extra + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def _claiming(path, side: int):
+    """A 64 x 64 AVIF whose `ispe` header claims side x side."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(path, speed=10)
+    data = bytearray(path.read_bytes())
+    at = data.find(b"ispe")
+    data[at + 8:at + 16] = side.to_bytes(4, "big") * 2
+    path.write_bytes(bytes(data))
+
+
+def _make(kind: str, path) -> None:
+    from PIL import Image
+
+    if kind.endswith("png"):
+        color_type, depth = {"grey16.png": (0, 16), "palette_alpha.png": (3, 8), "la.png": (4, 8),
+                             "rgba.png": (6, 8)}[kind]
+        _png(path, 9400 if kind in ("grey16.png", "palette_alpha.png") else 9000, color_type, depth)
+    elif kind == "float.tif":
+        Image.new("F", (9000, 9000), 0.5).save(path, compression="tiff_deflate")
+    elif kind == "lossless.webp":
+        Image.new("RGBA", (9400, 9400), (120, 30, 20, 200)).save(path, lossless=True, quality=0, method=0)
+    else:
+        _claiming(path, 30000 if kind == "claims_30000.avif" else 9000)
+
+
+# Peak RSS of decoding one file before this round (baseline subtracted): 763, 848, 1009, 1009,
+# 1242, 1775 and 741 MB; the 30000-squared AVIF was "a AVIF file of a kind Pillow cannot decode".
+@pytest.mark.parametrize("kind", ["grey16.png", "palette_alpha.png", "rgba.png", "float.tif",
+                                  "lossless.webp", "claims_9000.avif", "claims_30000.avif"])
+def test_decoding_any_format_stays_within_the_stated_memory_limit(tmp_path, kind):
+    import sys
+
+    from vecsearch.images import MAX_DECODED_BYTES
+
+    path = tmp_path / kind
+    _make(kind, path)
+    assert path.stat().st_size < 2_000_000
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True,
+                         check=True).stdout.split(" ", 1)
+    peak, outcome = int(out[0]), out[1].strip()
+    assert peak < MAX_DECODED_BYTES / 2**20 + 32, (peak, outcome)
+    if kind.endswith(("png", ".tif")):
+        assert outcome.startswith("decoded 9"), outcome
+    else:
+        assert "decompression bomb?" in outcome and "over the limit of" in outcome, outcome

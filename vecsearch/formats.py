@@ -58,6 +58,14 @@ def register_heif() -> bool:
     return True
 
 
+def claimed_size(start: bytes) -> tuple[int, int] | None:
+    """The picture size a HEIF/AVIF file's `ispe` property claims (its first one), or None."""
+    at = start.find(b"ispe")
+    if at < 0 or len(start) < at + 16:
+        return None
+    return int.from_bytes(start[at + 8:at + 12], "big"), int.from_bytes(start[at + 12:at + 16], "big")
+
+
 def missing_decoder(head: bytes) -> str | None:
     """The reason a file Pillow could not open is unreadable here, if a decoder is missing."""
     if sniff(head) == "HEIF" and not register_heif():

@@ -28,11 +28,21 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng",
 # draft), so a 100-megapixel JPEG still loads at 1/8 scale while a 20000 x 20000 PNG is refused.
 # Pillow itself refuses any header above twice this before decoding anything.
 MAX_PIXELS = 89_478_485
-# Memory is bounded by bytes, not pixels: what the decoder really allocates for the file's mode
-# and bit depth (Pillow keeps 1, 2 or 4 bytes a pixel), or for a progressive JPEG's coefficient
-# buffers, which are full size whatever the draft scale. The limit is what an 8-bit RGBA image
-# at MAX_PIXELS has always taken.
-MAX_DECODED_BYTES = 4 * MAX_PIXELS
+# Memory is bounded by bytes, not pixels: what decoding really holds at its peak (decode_budget:
+# the file's mode and bit depth, the decoder's own buffers, a progressive JPEG's coefficients,
+# the conversion to RGB), computed before decoding. 448 MiB keeps the largest photos of today's
+# phones (a 48-megapixel HEIC needs 384 MB) and an 8-bit RGBA image of MAX_PIXELS.
+MAX_DECODED_BYTES = 448 * 2**20
+# Above this many pixels a picture is box-reduced in bands right after decoding, to the smallest
+# size whose short side stays >= the draft size (as a JPEG's draft does inside libjpeg), so that
+# converting and orienting it costs a fraction of decoding it. Smaller ones keep today's path.
+REDUCE_ABOVE = 16_000_000
+# What converting a full-size picture to RGB holds a pixel at most: RGBA (4) + RGB (4) + its alpha
+# (1), plus the copy an EXIF rotation makes (4).
+_CONVERT_BYTES = 13
+# Decoders that fill buffers of their own, copied into Pillow's image afterwards (libwebp's
+# canvas and output, libavif's and libheif's planes): decoding holds that many copies at once.
+_DECODE_COPIES = {"WEBP": 4, "AVIF": 3, "HEIF": 2}  # measured: 4.0, 2.4 and 1.8
 WHITE = (255, 255, 255)
 # The unique btree index on images.path holds rows of at most 2704 bytes; a longer path (Linux
 # allows 4095) would fail its whole batch. Reported at discovery instead.
@@ -220,12 +230,12 @@ def _decode(source: str | os.PathLike | BinaryIO, draft: int | None, name: str |
             img = Image.open(source)
         with img:
             fmt, (width, height) = img.format or "unknown", img.size
-            if _orientation(img) in (5, 6, 7, 8):
-                width, height = height, width
             full_size = img.size
             if draft and img.format == "JPEG":
                 img.draft(None, resized_size(*img.size, draft))
-            _check_decode_memory(img, full_size)
+            _check_decode_memory(img, full_size, draft)  # before the orientation: a PNG's loads it
+            if _orientation(img) in (5, 6, 7, 8):
+                width, height = height, width
             w, h = img.size
             if w * h > MAX_PIXELS:
                 raise Image.DecompressionBombError(f"Image size ({w * h} pixels)")
@@ -233,7 +243,7 @@ def _decode(source: str | os.PathLike | BinaryIO, draft: int | None, name: str |
             missing = _jpeg_truncated(source, img, full_size) if img.format == "JPEG" else None
             if missing:
                 raise UnreadableImage(f"truncated file ({missing})")
-            return Decoded(_to_rgb(_oriented(img)), fmt, width, height)
+            return Decoded(_to_rgb(_oriented(_reduced(img, draft))), fmt, width, height)
     except UnreadableImage:
         raise
     except FileNotFoundError as e:
@@ -246,8 +256,14 @@ def _decode(source: str | os.PathLike | BinaryIO, draft: int | None, name: str |
         if missing:
             raise UnreadableImage(missing) from e
         fmt = sniff(head)
+        claimed = formats.claimed_size(_head(source, 1 << 16)) if fmt in ("AVIF", "HEIF") else None
+        if claimed and claimed[0] * claimed[1] > MAX_PIXELS:  # libavif/libheif refuse it before Pillow
+            w, h = claimed
+            raise UnreadableImage(f"decompression bomb? {w * h} pixels ({w}x{h}) is over the limit of "
+                                  f"{MAX_PIXELS} pixels") from e
         if fmt:
-            raise UnreadableImage(f"a {fmt} file of a kind Pillow cannot decode") from e
+            article = "an" if fmt[0] in "AEIOU" else "a"
+            raise UnreadableImage(f"{article} {fmt} file of a kind Pillow cannot decode") from e
         raise UnreadableImage("not an image (no image format recognised in its content)") from e
     except MemoryError as e:
         raise UnreadableImage("out of memory while decoding") from e
@@ -262,20 +278,67 @@ def _bytes_per_pixel(mode: str) -> int:
     return 2 if mode.startswith("I;16") else 1 if mode in ("1", "L", "P") else 4
 
 
-def _check_decode_memory(img: Image.Image, full_size: tuple[int, int]) -> None:
-    """Refuse, before decoding, a file whose decoding would allocate over MAX_DECODED_BYTES.
+def decode_budget(img: Image.Image, full_size: tuple[int, int], draft: int | None) -> int:
+    """The bytes decoding `img` holds at its peak, from its size, bands and bytes per band alone:
+    the decoder's buffers, then the conversion to RGB (of the reduced picture above REDUCE_ABOVE).
 
     `img.size` is what will be decoded (a JPEG's draft scale), `full_size` the file's own.
     """
-    need = img.size[0] * img.size[1] * _bytes_per_pixel(img.mode)
-    w, h = full_size
+    w, h = img.size
+    need = w * h * _bytes_per_pixel(img.mode) * _DECODE_COPIES.get(img.format or "", 1)
     if img.format == "JPEG" and ("progressive" in img.info or "progression" in img.info):
         # libjpeg buffers every DCT coefficient (2 bytes) of a progressive image at full size.
         need = max(need, _jpeg_blocks(img, full_size) * 64 * 2)
+    factor = _reduce_factor(img.size, draft)
+    rw, rh = -(-w // factor), -(-h // factor)
+    return need + rw * rh * _CONVERT_BYTES + (_BAND_BYTES * 2 if factor > 1 else 0)
+
+
+def _check_decode_memory(img: Image.Image, full_size: tuple[int, int], draft: int | None) -> None:
+    """Refuse, before decoding, a file whose decoding would allocate over MAX_DECODED_BYTES."""
+    need = decode_budget(img, full_size, draft)
+    w, h = full_size
     if need > MAX_DECODED_BYTES:
         raise UnreadableImage(f"decompression bomb? decoding this {w}x{h} {img.format or ''} {img.mode} "
                               f"image needs {need / 2**20:.0f} MB, over the limit of "
                               f"{MAX_DECODED_BYTES / 2**20:.0f} MB")
+
+
+_BAND_BYTES = 1 << 23  # a band of rows reduced at a time (held twice: as read, as converted)
+
+
+def _reduce_factor(size: tuple[int, int], draft: int | None) -> int:
+    w, h = size
+    return max(1, min(w, h) // draft) if draft and w * h > REDUCE_ABOVE else 1
+
+
+def _reduced(img: Image.Image, draft: int | None) -> Image.Image:
+    """`img` box-reduced by _reduce_factor, band by band (each band converted to a mode reduce()
+    takes first), so no full-size copy is ever made; `img` itself if it is not reduced."""
+    factor = _reduce_factor(img.size, draft)
+    if factor == 1:
+        return img
+    w, h = img.size
+    rows = factor * max(1, _BAND_BYTES // (w * 4 * factor))
+    scale = _grey_scale(img) if img.mode.startswith("I;16") else None
+    out = None
+    for top in range(0, h, rows):
+        band = img.crop((0, top, w, min(h, top + rows)))
+        if scale is not None:
+            band = Image.fromarray(_to_uint8(np.asarray(band), scale), "L")
+        elif band.mode == "P":
+            band = band.convert("RGBA" if "transparency" in img.info else "RGB")
+        elif band.mode == "1":
+            band = band.convert("L")
+        band = band.reduce(factor)
+        if out is None:
+            out = Image.new(band.mode, (-(-w // factor), -(-h // factor)))
+        out.paste(band, (0, top // factor))
+    out.info = dict(img.info)
+    exif = img.getexif()  # the orientation, which a TIFF keeps in its tags rather than in info
+    if exif:
+        out.getexif().update(exif)
+    return out
 
 
 def _jpeg_truncated(source: str | os.PathLike | BinaryIO, img: Image.Image,
@@ -331,14 +394,14 @@ def _jpeg_blocks(img: Image.Image, full_size: tuple[int, int], size: int = 8) ->
     return sum(-(-w * la[1] // hmax // size) * -(-h * la[2] // vmax // size) for la in layers)
 
 
-def _head(source: str | os.PathLike | BinaryIO) -> bytes:
-    """The first bytes of a file (a file object is left where it was)."""
+def _head(source: str | os.PathLike | BinaryIO, size: int = 32) -> bytes:
+    """The first `size` bytes of a file (a file object is left where it was)."""
     try:
         if isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as f:
-                return f.read(32)
+                return f.read(size)
         position = source.tell()
-        head = source.read(32)
+        head = source.read(size)
         source.seek(position)
         return head
     except (OSError, ValueError):
@@ -372,7 +435,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_to_uint8(np.asarray(img)), "L").convert("RGB")
+        return Image.fromarray(_to_uint8(np.asarray(img), _grey_scale(img)), "L").convert("RGB")
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
     elif mode in ("PA", "LA", "La", "RGBa"):
@@ -384,20 +447,22 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, HSV
 
 
-def _to_uint8(a: np.ndarray) -> np.ndarray:
-    """16-bit, 32-bit and float greyscale scaled to 0..255 (Pillow's own convert clips at 255).
+def _grey_scale(img: Image.Image) -> float:
+    """The factor that maps a 16-bit, 32-bit or float greyscale image's values to 0..255."""
+    low_high = img.getextrema()
+    top = float(max(0, low_high[1]) if low_high else 0)
+    if top <= 1.0 and img.mode == "F":
+        return 255.0
+    if top <= 255:
+        return 1.0
+    if top <= 65535:
+        return 1 / 257
+    return 255.0 / top
 
-    In bands of rows, so the extra memory is one byte a pixel plus a small float buffer.
-    """
-    top = float(a.max(initial=0))
-    if top <= 1.0 and a.dtype.kind == "f":
-        scale = 255.0
-    elif top <= 255:
-        scale = 1.0
-    elif top <= 65535:
-        scale = 1 / 257
-    else:
-        scale = 255.0 / top
+
+def _to_uint8(a: np.ndarray, scale: float) -> np.ndarray:
+    """16-bit, 32-bit and float greyscale scaled to 0..255 by `scale` (Pillow's own convert clips
+    at 255). In bands of rows, so the extra memory is one byte a pixel plus a small float buffer."""
     out = np.empty(a.shape, dtype=np.uint8)
     rows = max(1, (1 << 22) // max(1, a.shape[1] if a.ndim > 1 else 1))
     for start in range(0, a.shape[0], rows):
