@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 
 import psycopg
 import pytest
@@ -340,3 +341,130 @@ def test_decoding_any_format_stays_within_the_stated_memory_limit(tmp_path, kind
         assert outcome.startswith("decoded 9"), outcome
     else:
         assert "decompression bomb?" in outcome and "over the limit of" in outcome, outcome
+
+
+# --- 6, 11: originals streamed; names escaped in pages, downloads and contact sheets -------------
+
+def _index_file(conn, path) -> int:
+    """A row for `path` as `vecsearch load` writes it (its real sha256 and size)."""
+    import hashlib
+
+    data = path.read_bytes()
+    return conn.execute(
+        "INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
+        "VALUES (%s, %s, %s, 16, 16, 'JPEG', now(), %s) RETURNING id",
+        [str(path), hashlib.sha256(data).hexdigest(), len(data), clustered(1, seed=40)[0]]).fetchone()[0]
+
+
+@contextmanager
+def _live(app):
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server_ = uvicorn.Server(uvicorn.Config(app, log_level="critical", access_log=False))
+    thread = threading.Thread(target=server_.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_for(lambda: server_.started, 30, "uvicorn")
+    try:
+        yield sock.getsockname()
+    finally:
+        server_.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _get(address, target: str, read: bool = True):
+    import http.client
+
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    conn.request("GET", target)
+    response = conn.getresponse()
+    if not read:
+        return conn, response
+    body, total = b"", 0
+    while chunk := response.read(1 << 16):
+        body += chunk if len(body) < 1 << 20 else b""  # the test keeps only the start
+        total += len(chunk)
+    conn.close()
+    declared = response.getheader("content-length")
+    return response, None if declared and total < int(declared) else body  # None: ended short
+
+
+def test_originals_stream_in_bounded_memory_a_few_at_once_and_never_finish_if_changed(
+        settings, conn, tmp_path):
+    import tracemalloc
+
+    from PIL import Image
+
+    from vecsearch import web
+    from vecsearch.web_state import ORIGINALS_AT_ONCE
+
+    photo = tmp_path / "trailing.jpg"
+    Image.new("RGB", (16, 16), (9, 99, 199)).save(photo, quality=90)
+    with open(photo, "ab") as f:  # 48 MB of trailing bytes: still the same JPEG to a decoder
+        f.write(b"\0" * (48 << 20))
+    image_id = _index_file(conn, photo)
+    with _live(web.create_app(settings)) as address:
+        tracemalloc.start()
+        try:
+            results = []
+            target = f"/media/{image_id}/original"
+            threads = [threading.Thread(target=lambda: results.append(_get(address, target)))
+                       for _ in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert [r[0].status for r in results] == [200] * 4
+        assert all(body is not None and body.startswith(b"\xff\xd8") for _, body in results)
+        assert peak < 24 << 20, peak  # 4 x 48 MB and more before: each request read the whole file
+        # At most ORIGINALS_AT_ONCE at a time: the next one is told to retry; leaving frees them.
+        held = [_get(address, f"/media/{image_id}/original", read=False) for _ in range(ORIGINALS_AT_ONCE)]
+        assert all(r.status == 200 for _, r in held)
+        busy, _ = _get(address, f"/media/{image_id}/original")
+        assert busy.status == 503 and busy.getheader("retry-after")
+        for c, _ in held:
+            c.sock.shutdown(socket.SHUT_RDWR)
+            c.close()
+        wait_for(lambda: _get(address, f"/media/{image_id}/thumb")[0].status == 200 and
+                 _get(address, f"/media/{image_id}/original")[0].status == 200, 30, "the slots back")
+        # The same size, another last byte: the response never completes.
+        data = bytearray(photo.read_bytes())
+        data[-1] ^= 1
+        photo.write_bytes(bytes(data))
+        response, body = _get(address, f"/media/{image_id}/original")
+        assert response.status == 404 or body is None, (response.status, body and len(body))
+
+
+ODD = "odd\x1b[2J\x07\u009b\u202eevil\u202dgpj.exe.jpg"
+
+
+def test_control_and_bidi_characters_are_escaped_in_pages_downloads_and_contact_sheets(
+        settings, conn, tmp_path):
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from vecsearch import dupes, sheet, web
+
+    photo = tmp_path / ODD
+    Image.new("RGB", (16, 16), (9, 99, 199)).save(photo, "JPEG")
+    image_id = _index_file(conn, photo)
+    raw = ("\x1b", "\x07", "\u009b", "\u202e", "\u202d")
+    with TestClient(web.create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        for page in (f"/images/{image_id}", "/"):
+            html = client.get(page).text
+            assert not any(c in html for c in raw), page
+            assert "\\u202eevil" in html
+        download = client.get(f"/media/{image_id}/original")
+        assert download.status_code == 200
+        assert "%E2%80%AE" not in download.headers["content-disposition"].upper()
+    member = dupes.Member(image_id, str(photo), 16, 16, photo.stat().st_size, "JPEG", "0" * 64, 0.0)
+    out = tmp_path / "sheet.html"
+    sheet.write_contact_sheet(dupes.DupesResult([dupes.Group([member, member])], 0.05, 2), out, settings.home)
+    text = out.read_text()
+    assert not any(c in text for c in raw) and "\\u202eevil" in text

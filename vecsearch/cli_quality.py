@@ -13,7 +13,7 @@ from . import db, dupes, sheet
 from .cli_common import BATCH_HELP, DEVICE_HELP, err, out, output_format, settings, stage_bars
 from .errors import InvalidInput
 from .limits import DEFAULT_K, MAX_K
-from .output import printable
+from .output import display_path, printable
 
 
 def dupes_command(
@@ -72,7 +72,7 @@ def dupes_command(
                   "neighbours; their groups may be incomplete (lower --threshold)", markup=False)
     if html is not None:
         sheet.write_contact_sheet(result, html, s.home)
-        err.print(printable(f"contact sheet: {html}"), markup=False)
+        err.print(printable(f"contact sheet: {display_path(str(html))}"), markup=False)
 
 
 eval_app = typer.Typer(help="Measure retrieval quality on your own images (embedded into a scratch "

@@ -18,10 +18,12 @@ import os
 import stat
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator
 
 from .errors import NotFound
 
 CACHE_ENTRIES = 4096
+CHUNK = 1 << 20  # what streaming a file holds at a time (twice: the chunk sent, the one held back)
 
 
 def _changed(image_id: int, path: str) -> NotFound:
@@ -72,6 +74,12 @@ class Verified:
         self._remember(st, sha256)
         return data
 
+    def stream(self, image_id: int, path: str, sha256: str, size: int) -> Stream:
+        """The file's bytes in chunks, hashed as they are read: see Stream. NotFound at once when
+        its type or size already differs from the indexed file's."""
+        fd, st = _open(image_id, path, size)
+        return Stream(self, fd, st, (image_id, path, sha256, size))
+
     def check(self, image_id: int, path: str, sha256: str, size: int) -> None:
         """NotFound unless the file holds the indexed content (hashed once per file version)."""
         fd, st = _open(image_id, path, size)
@@ -87,6 +95,44 @@ class Verified:
             self._ok[_key(st)] = sha256
             while len(self._ok) > CACHE_ENTRIES:
                 self._ok.popitem(last=False)
+
+
+class Stream:
+    """An indexed file's bytes, CHUNK at a time, never more in memory. The last chunk is held back
+    until the whole content has hashed to the indexed sha256: a file changed since the load (even
+    while it is being sent) never reaches its end, the iteration raising NotFound instead (a
+    response with its length declared then ends short). `close` is safe to call more than once and
+    runs `on_close` once (the web server releases its download slot there)."""
+
+    def __init__(self, verified: Verified, fd: int, st: os.stat_result, row: tuple) -> None:
+        self._verified, self._fd, self._st, self._row = verified, fd, st, row
+        self.size = row[3]
+        self.on_close: Callable[[], None] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        image_id, path, sha256, size = self._row
+        digest, held, left = hashlib.sha256(), b"", size + 1  # a file that grew does not match
+        try:
+            while left > 0 and self._fd is not None and (chunk := os.read(self._fd, min(left, CHUNK))):
+                digest.update(chunk)
+                left -= len(chunk)
+                if held:
+                    yield held
+                held = chunk
+            if left != 1 or digest.hexdigest() != sha256:
+                raise _changed(image_id, path)
+            self._verified._remember(self._st, sha256)
+            yield held
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
 
 
 def _key(st: os.stat_result) -> tuple:

@@ -10,6 +10,7 @@ from pathlib import Path
 from . import thumbs
 from .dupes import DupesResult, Group, Member
 from .indexed import Verified
+from .output import printable
 
 _PAGE_HEAD = """<!doctype html>
 <html><head><meta charset="utf-8"><title>vecsearch dupes</title>
@@ -46,7 +47,7 @@ def write_contact_sheet(result: DupesResult, path: Path, home: Path,
             for i, m in enumerate(group.members):
                 role = "keep" if i == 0 else "dupe"
                 caption = (f"{role} #{m.id} &middot; d={m.distance:.4f} &middot; {m.width}x{m.height} "
-                           f"&middot; {m.bytes:,} B<br>{html.escape(m.path)}")
+                           f"&middot; {m.bytes:,} B<br>{html.escape(printable(m.path))}")
                 out.write(f'<figure class="{role}">{_thumbnail(home, m, px, verified)}'
                           f"<figcaption>{caption}</figcaption></figure>\n")
             out.write("</section>\n")
@@ -60,6 +61,6 @@ def _thumbnail(home: Path, m: Member, px: int, verified: Verified) -> str:
         row = {"id": m.id, "path": m.path, "sha256": m.sha256, "bytes": m.bytes}
         data = thumbs.thumbnail(home, row, px, verified).read_bytes()
     except Exception as e:  # a vanished or unreadable file must not stop the page
-        reason = html.escape(f"{type(e).__name__}: {e}"[:200])
+        reason = html.escape(printable(f"{type(e).__name__}: {e}"[:200]))
         return f'<div class="missing">cannot read: {reason}</div>'
     return f'<img alt="" src="data:image/jpeg;base64,{base64.b64encode(data).decode("ascii")}">'

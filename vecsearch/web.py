@@ -31,10 +31,11 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from fastapi_offline import FastAPIOffline
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from . import __version__, catalogue, db, thumbs, web_state
@@ -51,6 +52,7 @@ from .errors import (
     database_failure,
 )
 from .limits import DEFAULT_K, MAX_EF_SEARCH, WEB_DEFAULT_K, WEB_MAX_K, WEB_MAX_UPLOAD_MB, WEB_PORT
+from .output import printable
 from .web_guard import LoopbackHostOnly, SecurityHeaders, UploadLimit, UploadTooLarge, allowed_hosts_for
 from .web_models import ERRORS, ImageInfo, ImagePage, SimilarOut
 
@@ -114,6 +116,9 @@ def create_app(settings: Settings, *, weights: str | None = None,
     templates.env.globals.update(version=__version__, max_upload_bytes=max_upload_bytes,
                                  default_k=WEB_DEFAULT_K, max_k=WEB_MAX_K)
     templates.env.filters["basename"] = lambda p: os.path.basename(p)
+    # Every value a page shows, with control and bidirectional characters escaped (as the CLI does):
+    # a name with U+202E must not display as another.
+    templates.env.finalize = lambda v: printable(v) if type(v) is str else v  # Markup is left as is
     templates.env.filters["filesize"] = _filesize
 
     def respond(request: Request, status: int, message: str) -> Response:
@@ -189,18 +194,34 @@ def _add_media(app: FastAPI, state: web_state.State) -> None:
         with state.connection() as conn:
             row = catalogue.get_image(conn, image_id)
         if rendition is Rendition.original:
-            # Only bytes whose sha256 is the indexed one (see vecsearch/indexed.py).
-            data = state.verified.read(row["id"], row["path"], row["sha256"], row["bytes"])
-            mime = MIME.get(row["format"].upper())
-            disposition = "inline" if mime else "attachment"
-            name = quote(os.path.basename(row["path"]))
-            return Response(data, media_type=mime or "application/octet-stream",
-                            headers={"content-disposition": f"{disposition}; filename*=utf-8''{name}"})
+            return _original(state, row)
         with state.decode_slots:
             thumb = thumbs.thumbnail(state.settings.home, row, thumbs.SIZES[rendition.value], state.verified)
         return FileResponse(thumb, media_type="image/jpeg",
                             headers={"cache-control": "private, max-age=86400"})
 
+
+
+def _original(state: web_state.State, row: dict) -> Response:
+    """The indexed file, streamed while it is hashed (only bytes whose sha256 is the indexed one:
+    vecsearch/indexed.py), at most ORIGINALS_AT_ONCE at a time."""
+    if not state.original_slots.acquire(blocking=False):
+        raise HTTPException(503, "too many originals are being sent right now: try again in a moment",
+                            headers={"retry-after": "2"})
+    try:
+        stream = state.verified.stream(row["id"], row["path"], row["sha256"], row["bytes"])
+    except BaseException:
+        state.original_slots.release()
+        raise
+    stream.on_close = state.original_slots.release
+    mime = MIME.get(row["format"].upper())
+    disposition = "inline" if mime else "attachment"
+    name = quote(printable(os.path.basename(row["path"])))  # no bidi override in a save dialog
+    # The background task closes a stream whose body never started (the client left first).
+    return StreamingResponse(iter(stream), media_type=mime or "application/octet-stream",
+                             background=BackgroundTask(stream.close),
+                             headers={"content-length": str(stream.size),
+                                      "content-disposition": f"{disposition}; filename*=utf-8''{name}"})
 
 
 def _add_api(app: FastAPI, state: web_state.State) -> None:
@@ -258,7 +279,9 @@ def _add_error_handlers(app: FastAPI, respond) -> None:
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404 and exc.detail == "Not Found":
             return respond(request, 404, f"no such page: {request.url.path}")
-        return respond(request, exc.status_code, str(exc.detail))
+        response = respond(request, exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # a 503's retry-after
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:

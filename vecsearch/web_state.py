@@ -24,6 +24,20 @@ from .web_models import ImageInfo, ImagePage, SimilarOut, image_info, neighbour_
 POOL_TIMEOUT_S = 5  # waiting for a database connection, before a 503
 
 
+ORIGINALS_AT_ONCE = 8
+
+
+def decode_slots() -> int:
+    """Decodes at once: one a core, as many as a quarter of memory holds at images.MAX_DECODED_BYTES."""
+    from .images import MAX_DECODED_BYTES
+
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 8 << 30
+    return max(1, min(max(2, os.cpu_count() or 2), memory // 4 // MAX_DECODED_BYTES))
+
+
 class State:
     def __init__(self, settings: Settings, weights: str | None, max_upload_bytes: int,
                  pool_size: int):
@@ -36,9 +50,11 @@ class State:
         self.opened = False
         self._pool_lock = threading.Lock()
         self.verified = Verified()
-        # Decodes at once (thumbnails, uploads): a 90-megapixel PNG takes 270 MB to decode, and
-        # a grid page asks for dozens of thumbnails in parallel.
-        self.decode_slots = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
+        # Decodes at once (thumbnails, uploads): each holds up to images.MAX_DECODED_BYTES, and a
+        # grid page asks for dozens of thumbnails in parallel; together at most a quarter of memory.
+        self.decode_slots = threading.BoundedSemaphore(decode_slots())
+        # Originals sent at once (each streams CHUNK by CHUNK); more get 503 and retry.
+        self.original_slots = threading.BoundedSemaphore(ORIGINALS_AT_ONCE)
 
     def open(self) -> None:
         db.connect(self.settings).close()  # starts the embedded server, migrates, checks pgvector
