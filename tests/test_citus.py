@@ -130,7 +130,8 @@ def test_same_answers_as_single_node(url, conn):
 def _sent(conn: psycopg.Connection, sql: str, params) -> tuple[list, list[str]]:
     """Rows of `sql`, and the commands the coordinator sent to the workers for it."""
     notices: list[str] = []
-    conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+    # Each remote command with its connection ("on server USER@HOST:PORT connectionId: N").
+    conn.add_notice_handler(lambda d: notices.append(f"{d.message_primary or ''} [{d.message_detail}]"))
     conn.execute("SET citus.log_remote_commands = on")
     conn.execute("SET client_min_messages = log")
     rows = conn.execute(sql, params).fetchall()
@@ -140,17 +141,20 @@ def _sent(conn: psycopg.Connection, sql: str, params) -> tuple[list, list[str]]:
 
 
 def _settings_reached_the_shards(notices: list[str], ef: int) -> None:
-    """Each worker connection got the SET LOCALs (with its BEGIN, or on its own when the
-    connection was already in the transaction) before the shard queries, and the workers'
-    defaults back afterwards."""
-    def sent(command: str) -> list[int]:
-        return [i for i, n in enumerate(notices) if n.startswith("issuing") and command in n]
+    """Each worker connection that ran a shard query got the SET LOCALs before it (with its
+    BEGIN, or on its own when the connection was already in the transaction), and the workers'
+    defaults back afterwards. Connections interleave: the executor may open one mid-query."""
+    def connection(notice: str) -> str:
+        return notice.rsplit(" [", 1)[-1]
 
-    search = next(i for i, n in enumerate(notices) if "ORDER BY" in n and "halfvec" in n)
+    issued = [(i, n) for i, n in enumerate(notices) if n.startswith("issuing")]
+    searches = [i for i, n in issued if "ORDER BY" in n and "halfvec" in n]
+    assert len({connection(notices[i]) for i in searches}) >= 2, notices  # the shards of both workers
     for command in (f"SET LOCAL hnsw.ef_search = {ef}", "SET LOCAL hnsw.iterative_scan = relaxed_order",
                     "SET LOCAL enable_seqscan = off"):
-        lines = sent(command)
-        assert len(lines) >= 2 and max(lines) < search, (command, notices)  # one per worker connection
+        for search in searches:
+            on = connection(notices[search])
+            assert any(command in n and connection(n) == on for i, n in issued if i < search), (command, on)
     last = [n for n in notices if "hnsw.ef_search" in n][-1]
     assert "SET LOCAL hnsw.ef_search TO DEFAULT" in last, last
 
