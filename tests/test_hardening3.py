@@ -468,3 +468,22 @@ def test_control_and_bidi_characters_are_escaped_in_pages_downloads_and_contact_
     sheet.write_contact_sheet(dupes.DupesResult([dupes.Group([member, member])], 0.05, 2), out, settings.home)
     text = out.read_text()
     assert not any(c in text for c in raw) and "\\u202eevil" in text
+
+
+def test_an_original_edited_in_place_while_it_is_sent_never_reaches_its_end(tmp_path):
+    import hashlib
+
+    from vecsearch.errors import NotFound
+    from vecsearch.indexed import CHUNK, Verified
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(os.urandom(3 * CHUNK + 5))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    stream = iter(Verified().stream(1, str(path), digest, path.stat().st_size))
+    sent = [next(stream)]
+    with open(path, "r+b") as f:  # the same inode: the open descriptor sees the edit
+        f.seek(-1, os.SEEK_END)
+        f.write(b"\0" if path.read_bytes()[-1] else b"\1")
+    with pytest.raises(NotFound, match="changed since it was loaded"):
+        sent.extend(stream)
+    assert sum(map(len, sent)) < path.stat().st_size

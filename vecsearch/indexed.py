@@ -75,9 +75,26 @@ class Verified:
         return data
 
     def stream(self, image_id: int, path: str, sha256: str, size: int) -> Stream:
-        """The file's bytes in chunks, hashed as they are read: see Stream. NotFound at once when
-        its type or size already differs from the indexed file's."""
+        """The file's bytes in chunks (see Stream), or NotFound before any is sent.
+
+        Unless this very file version hashed right before, the open file is hashed first, a
+        chunk at a time: a symbolic link to a private file planted since the load must not get a
+        single byte out. The same descriptor is then read again to send it, hashed once more.
+        """
         fd, st = _open(image_id, path, size)
+        try:
+            with self._lock:
+                known = self._ok.get(_key(st)) == sha256
+            if not known:
+                digest = hashlib.sha256()
+                while chunk := os.read(fd, CHUNK):
+                    digest.update(chunk)
+                if digest.hexdigest() != sha256:
+                    raise _changed(image_id, path)
+                os.lseek(fd, 0, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
         return Stream(self, fd, st, (image_id, path, sha256, size))
 
     def check(self, image_id: int, path: str, sha256: str, size: int) -> None:
@@ -99,9 +116,9 @@ class Verified:
 
 class Stream:
     """An indexed file's bytes, CHUNK at a time, never more in memory. The last chunk is held back
-    until the whole content has hashed to the indexed sha256: a file changed since the load (even
-    while it is being sent) never reaches its end, the iteration raising NotFound instead (a
-    response with its length declared then ends short). `close` is safe to call more than once and
+    until the whole content has hashed to the indexed sha256 again: a file edited in place while it
+    is being sent never reaches its end, the iteration raising NotFound instead (a response with
+    its length declared then ends short). `close` is safe to call more than once and
     runs `on_close` once (the web server releases its download slot there)."""
 
     def __init__(self, verified: Verified, fd: int, st: os.stat_result, row: tuple) -> None:
