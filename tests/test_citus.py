@@ -297,6 +297,45 @@ def test_an_existing_database_is_distributed_with_its_rows_and_ids(url, tmp_path
                          "VALUES ('/new.jpg', 'y', 1, 1, 1, 'JPEG', now(), %s)", [vectors[1]])
 
 
+HNSW_PER_SHARD = ("SELECT result FROM run_command_on_shards('images', $$SELECT count(*) FROM pg_indexes "
+                  "WHERE tablename = '%s' AND indexdef LIKE '%%USING hnsw%%'$$)")
+
+
+def test_a_populated_database_moves_without_its_graph_and_a_killed_distribute_is_finished(url, tmp_path):
+    """The rows move without the HNSW index, which is then built on every shard at once; a
+    distribute killed before or after the move (the index dropped, its definition in the table's
+    comment, as index.drop_marked leaves it) is finished by the next."""
+    with connect(url) as conn:
+        ids = insert_vectors(conn, clustered(400, seed=34))
+        expected = [[x.id for x in query.similar(conn, i, 10, exact=True)] for i in ids[::100]]
+        index_mod.drop_marked(conn, *index_mod.hnsw_index(conn))  # killed before the move
+    e = env(url, tmp_path)
+    first = run_cli("db", "distribute", env=e, check=True)
+    assert "an earlier distribute or load was interrupted" in first.stderr, first.stderr
+    assert "400 rows moved into 4 shards" in first.stderr
+    assert "HNSW index built on every shard" in first.stdout
+    with connect(url) as conn:
+        assert [r[0] for r in conn.execute(HNSW_PER_SHARD)] == ["1"] * 4
+        assert index_mod.dropped_definition(conn) is None
+        index_mod.drop_marked(conn, *index_mod.hnsw_index(conn))  # killed after the move
+    again = run_cli("db", "distribute", env=e, check=True)
+    assert "interrupted" in again.stderr and "HNSW index built on every shard" in again.stdout
+    with connect(url) as conn:
+        assert [r[0] for r in conn.execute(HNSW_PER_SHARD)] == ["1"] * 4
+        assert [[x.id for x in query.similar(conn, i, 10, exact=True)] for i in ids[::100]] == expected
+        assert [[x.id for x in query.similar(conn, i, 10)] for i in ids[::100]] == expected
+    # A populated local table with its index: dropped for the move (the message), built after.
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(DROP)
+    db.upgrade(url)
+    with connect(url) as conn:
+        insert_vectors(conn, clustered(100, seed=35))
+    moved = run_cli("db", "distribute", env=e, check=True)
+    assert "100 rows: HNSW index dropped, rows moved without it" in moved.stderr, moved.stderr
+    with connect(url) as conn:
+        assert [r[0] for r in conn.execute(HNSW_PER_SHARD)] == ["1"] * 4
+
+
 def test_distribute_refuses_a_server_without_citus(settings):
     with db.connect(settings) as conn:
         with pytest.raises(Exception, match="no Citus extension"):

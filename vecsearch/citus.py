@@ -8,9 +8,13 @@ on the coordinator, where the migrations run.
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 
-from .errors import InvalidInput
+from . import index, sessions
+from .errors import DatabaseBusy, InvalidInput
+from .progress import Progress
 
 # Small tables every node reads (the model record, the compact index's projection), where they exist.
 REFERENCE_TABLES = ("embedding_model", "vecsearch_projection")
@@ -34,9 +38,15 @@ def shard_count(conn: psycopg.Connection) -> int:
                         "WHERE logicalrelid = 'images'::regclass").fetchone()[0]
 
 
-def distribute(conn: psycopg.Connection, shards: int | None = None) -> str:
+def distribute(conn: psycopg.Connection, shards: int | None = None, report: Progress | None = None) -> str:
     """Make `images` distributed (by path, `shards` shards) and REFERENCE_TABLES reference
-    tables; idempotent (a different `shards` on a distributed table is refused). What was done."""
+    tables; idempotent (a different `shards` on a distributed table is refused). What was done.
+
+    Rows already there move without their HNSW index (Citus would otherwise build each shard's
+    graph insert by insert, ~5x slower), which is then built on every shard at once, as a bulk
+    load does: dropped with its definition left in the table's comment (index.drop_marked), so a
+    killed distribute is finished by the next one, or by the next load."""
+    report = report or Progress()
     if not has_citus(conn):
         raise InvalidInput("this database has no Citus extension: `vecsearch db distribute` needs a Citus "
                            "coordinator (CREATE EXTENSION citus; see docs/scaling.md)")
@@ -59,21 +69,52 @@ def distribute(conn: psycopg.Connection, shards: int | None = None) -> str:
             raise InvalidInput(f"images already has {current} shards; Citus cannot re-shard a table with an "
                                f"identity column: `vecsearch db backup F`, drop the tables, `vecsearch db "
                                f"distribute --shards {shards}`, `vecsearch db restore F`")
-    else:
-        count = shards or SHARDS_PER_WORKER * workers
-        rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
-        # Existing rows are copied into the shards and each shard's HNSW index is built there.
-        with conn.transaction():
-            # Citus copies a table's triggers to its shards only when told to; images' own
-            # (migration 0006) reads no other table, so it is safe on a shard.
-            conn.execute("SET LOCAL citus.enable_unsafe_triggers = on")
-            conn.execute("SELECT create_distributed_table('images', 'path', shard_count := %s)", [count])
-        if rows:
-            conn.execute("SELECT truncate_local_data_after_distributing_table('images')")
-        done.append(f"images distributed by path over {count} shards on {workers} workers "
-                    f"({rows} rows moved)")
+    owed = _index_owed(conn, report)
+    try:
+        if not is_distributed(conn):
+            count = shards or SHARDS_PER_WORKER * workers
+            rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+            present = index.hnsw_index(conn) if rows else None
+            if present is not None:
+                if not sessions.try_lock(conn, index.LOCK_KEY):
+                    raise DatabaseBusy(f"the HNSW index is being rebuilt or loaded into by "
+                                       f"{sessions.describe_holders(conn, index.LOCK_KEY)}: distribute "
+                                       "when that has finished")
+                owed = index.drop_marked(conn, *present)
+                report.message(f"{rows} rows: HNSW index dropped, rows moved without it, then built on "
+                               "every shard at once")
+            started = time.monotonic()
+            with conn.transaction():
+                # Citus copies a table's triggers to its shards only when told to; images' own
+                # (migration 0006) reads no other table, so it is safe on a shard.
+                conn.execute("SET LOCAL citus.enable_unsafe_triggers = on")
+                conn.execute("SELECT create_distributed_table('images', 'path', shard_count := %s)", [count])
+            if rows:
+                conn.execute("SELECT truncate_local_data_after_distributing_table('images')")
+                report.message(f"{rows} rows moved into {count} shards in {time.monotonic() - started:.1f} s")
+            done.append(f"images distributed by path over {count} shards on {workers} workers "
+                        f"({rows} rows moved)")
+        if owed is not None:
+            index.rebuild_index(conn, owed, report)
+            done.append("HNSW index built on every shard")
+    finally:
+        if owed is not None:
+            conn.execute(f"SELECT pg_advisory_unlock({index.LOCK_KEY})")
     return "; ".join(done) or (f"already distributed: images has {shard_count(conn)} shards on "
                                f"{workers} workers")
+
+
+def _index_owed(conn: psycopg.Connection, report: Progress) -> str | None:
+    """The definition of an HNSW index that a killed distribute (or load) dropped and left in the
+    table's comment, with its lock now held by this session to rebuild it; else None."""
+    if index.hnsw_index(conn) is not None:
+        return None
+    stored = index.dropped_definition(conn)
+    if stored is None or not sessions.try_lock(conn, index.LOCK_KEY):
+        return None
+    report.message("the HNSW index is missing (an earlier distribute or load was interrupted): "
+                   "it is built at the end")
+    return stored[0]
 
 
 # Bytes of each shard's HNSW index: (shardid, result) rows, measured on the workers.

@@ -140,11 +140,12 @@ def db_distribute(
         show_default=False)] = None,
 ) -> None:
     """On a Citus coordinator: distribute the images table by path (one HNSW graph per shard)
-    and make the model record a reference table. Safe to run again (docs/scaling.md)."""
-    from . import citus
+    and make the model record a reference table. Rows already there move without the index, which
+    is then built on every shard at once. Safe to run again, also after a kill (docs/scaling.md)."""
+    from . import citus, progress
 
     with db.connect(settings(ctx), session="distribute") as conn:
-        out.print(printable(citus.distribute(conn, shards)), markup=False)
+        out.print(printable(citus.distribute(conn, shards, progress.for_terminal(err))), markup=False)
 
 
 @db_app.command("reindex")
