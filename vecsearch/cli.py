@@ -279,8 +279,9 @@ def main() -> None:
     except Exception as e:
         import psycopg
 
-        if debug or not isinstance(e, psycopg.OperationalError):
+        cause = getattr(e, "orig", e)  # SQLAlchemy (the migrations) wraps the driver's error
+        if debug or not isinstance(cause, psycopg.OperationalError):
             raise
-        failure = database_failure(e)
+        failure = database_failure(cause)
         err.print(printable(f"error: {failure}"), markup=False)
         sys.exit(failure.exit_code)
