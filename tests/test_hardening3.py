@@ -487,3 +487,55 @@ def test_an_original_edited_in_place_while_it_is_sent_never_reaches_its_end(tmp_
     with pytest.raises(NotFound, match="changed since it was loaded"):
         sent.extend(stream)
     assert sum(map(len, sent)) < path.stat().st_size
+
+
+# --- 9, 10, 12: the minors, each one line ----------------------------------------------------------
+
+def test_shard_digits_and_negative_workers_are_one_line_before_any_work(settings, tmp_path):
+    folder = tmp_path / "one"
+    make_image(folder / "a.png", 42, (48, 48))
+    for args, message in ((["--shard", "²/3"], "--shard '²/3': give K/N"),
+                          (["--shard", "1/٣"], "give K/N"), (["--workers", "-5"], "-5")):
+        line = one_error_line(run_cli("load", str(folder), "--weights", "random", *args))
+        assert message in line, line
+
+
+def test_arithmetic_extremes_are_queries_not_nan_or_a_wrong_reason(settings, conn):
+    import numpy as np
+
+    from vecsearch import expr
+    from vecsearch.errors import InvalidInput
+
+    ids = insert_vectors(conn, clustered(5, seed=43))
+    a, b = (np.asarray(conn.execute("SELECT embedding FROM images WHERE id = %s", [i]).fetchone()[0]
+                       .to_numpy(), dtype=np.float64) for i in ids[:2])
+    for text, expected in ((f"{ids[0]}*5e-324", a), (f"{ids[0]}*1e-300", a),
+                           (f"{ids[0]}*1e308 + {ids[1]}*1e308", a + b),
+                           (f"{ids[0]}*1e308 + {ids[1]}*1.5e308", a + 1.5 * b)):
+        vector, _ = expr.evaluate(conn, expr.parse(text), embed_file=None)
+        assert np.all(np.isfinite(vector)), text
+        assert float(vector @ (expected / np.linalg.norm(expected))) > 0.9999, text
+    with pytest.raises(InvalidInput, match="cancels out"):
+        expr.evaluate(conn, expr.parse(f"{ids[0]}*1e-300 - {ids[0]}*1e-300"), embed_file=None)
+    result = run_cli("similar", f"{ids[0]}*5e-324", "-k", "2")
+    assert result.returncode == 0, result.stderr
+
+
+def test_decode_warnings_name_the_file_they_are_about(settings, tmp_path):
+    import io
+    import struct
+
+    from PIL import Image
+
+    folder = tmp_path / "exif"
+    # An EXIF block whose one tag claims data past the end of the block: Pillow warns while reading it.
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHII", 0x010E, 2, 200, 1000) + b"\0" * 4
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(buf, "JPEG", exif=b"Exif\x00\x00" + tiff)
+    folder.mkdir()
+    (folder / "bad_exif.jpg").write_bytes(buf.getvalue())
+    result = run_cli("load", str(folder), "--weights", "random", "--workers", "0")
+    assert result.returncode == 0, result.stderr
+    warned = [x for x in result.stderr.splitlines()
+              if x.startswith("warning: ") and "--weights random" not in x]
+    assert warned and all("bad_exif.jpg: " in x for x in warned), result.stderr

@@ -7,6 +7,7 @@ so `vecsearch similar` starts in a fraction of a second.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -200,8 +201,8 @@ def load_command(
     batch_size: Annotated[int | None, typer.Option(
         "--batch-size", help=BATCH_HELP, show_default=False)] = None,
     workers: Annotated[int | None, typer.Option(
-        "--workers", help="Decode processes [default: CPU cores - 1; 0 decodes in the main process].",
-        show_default=False)] = None,
+        "--workers", min=0, help="Decode processes [default: CPU cores - 1; 0 decodes in the main "
+        "process].", show_default=False)] = None,
     precision: Annotated[str, typer.Option("--precision", help=PRECISION_HELP)] = "auto",
     recheck_engine: Annotated[bool, typer.Option(
         "--recheck-engine", help="Time the engines again on the first batch instead of reusing the "
@@ -260,10 +261,10 @@ def load_command(
 def _parse_shard(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
-    k, sep, n = text.partition("/")
-    if not (sep and k.strip().isdigit() and n.strip().isdigit() and int(n) >= 1):
+    found = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text, re.ASCII)  # not ² or other digits
+    if not found or int(found.group(2)) < 1:
         raise InvalidInput(f"--shard {text!r}: give K/N, e.g. --shard 2/4 for the second of 4 loaders")
-    return int(k), int(n)
+    return int(found.group(1)), int(found.group(2))
 
 
 def main() -> None:

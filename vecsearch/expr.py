@@ -113,13 +113,18 @@ def evaluate(conn: psycopg.Connection, terms: list[Term], embed_file: Callable[[
                 vectors[file] = np.asarray(embed_file(file), dtype=np.float64)
                 files.append(file)
     total = np.zeros_like(next(iter(vectors.values())), dtype=np.float64)
+    # The direction is all that counts, so the weights are divided by the largest first: `1*5e-324`,
+    # `1*1e-300` and `1*1e308 + 2*1e308` are queries like any other, never under- or overflows.
+    largest = max(abs(t.weight) for t in terms)
+    if largest == 0:
+        raise InvalidInput("the expression cancels out: its weighted sum is the zero vector")
     for term in terms:
         v = vectors[term.ref if isinstance(term.ref, int) else absolute(term.ref)]
-        total += term.weight * v / np.linalg.norm(v)
+        total += (term.weight / largest) * v / np.linalg.norm(v)
     norm = np.linalg.norm(total)
-    # Relative to the terms' own scale: `1*1e-7` is a fine query, `12 - 12` is not.
-    scale = sum(abs(t.weight) for t in terms)
-    if not np.isfinite(norm) or scale == 0 or norm < 1e-6 * scale:
+    # Relative to the terms' own scale: `12 - 12` cancels out.
+    scale = sum(abs(t.weight) / largest for t in terms)
+    if not np.isfinite(norm) or norm < 1e-6 * scale:
         raise InvalidInput("the expression cancels out: its weighted sum is the zero vector")
     return (total / norm).astype(np.float32), ids + ids_of_paths(conn, files)
 

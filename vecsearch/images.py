@@ -209,12 +209,21 @@ def open_image(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESI
 def open_decoded(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESIZE,
                  name: str | None = None) -> Decoded:
     """open_image, plus the format and full pixel size (for the images row)."""
-    if not isinstance(source, (str, os.PathLike)):
-        return _decode(source, draft, name or getattr(source, "name", None))
+    own = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", None)
+    if not isinstance(own, str):  # bytes in memory (the gallery's threads: no warnings juggling there)
+        return _decode(source, draft, name)
+    path = display_path(own)
     try:
-        return _decode(source, draft, os.fspath(source))
+        with warnings.catch_warnings(record=True) as caught:  # Pillow's "Corrupt EXIF data"...
+            warnings.simplefilter("always")
+            decoded = _decode(source, draft, name or own)
     except UnreadableImage as e:
-        raise UnreadableImage(f"{display_path(os.fspath(source))}: {e}") from e.__cause__
+        if not isinstance(source, (str, os.PathLike)):
+            raise  # the caller has its file object's name (the load's `skipped PATH: reason`)
+        raise UnreadableImage(f"{path}: {e}") from e.__cause__
+    for w in caught:  # again, naming the file they are about
+        warnings.warn(f"{path}: {w.message}", stacklevel=2)
+    return decoded
 
 
 def _decode(source: str | os.PathLike | BinaryIO, draft: int | None, name: str | None) -> Decoded:
