@@ -92,7 +92,8 @@ def test_reindex_dims_fits_stores_and_versions_a_projection_that_sql_and_numpy_a
 def test_rows_written_by_plain_sql_are_found_at_once_and_in_the_graph_after_reindex(conn, rows):
     vectors, ids = rows
     index.reindex(conn, dims=48)
-    etl = low_rank(5, seed=123)
+    fresh = low_rank(3020, seed=7)[3000:]  # more rows of the same kind, not in the table
+    etl = fresh[:5]
     conn.execute("DROP INDEX images_reduced_hnsw")  # an ETL that dropped it for its bulk COPY
     with conn.cursor().copy("COPY images (path, sha256, bytes, width, height, format, mtime, embedding) "
                             "FROM STDIN") as copy:
@@ -100,7 +101,7 @@ def test_rows_written_by_plain_sql_are_found_at_once_and_in_the_graph_after_rein
             copy.write_row([f"/etl/{i}.jpg", f"{i:064x}", 10, 4, 4, "PNG", "2026-01-01", v])
     index.reindex(conn)  # no HNSW index at all: still works, keeps the representation
     assert hnsw_names(conn) == ["images_reduced_hnsw"]
-    more = low_rank(3, seed=321)
+    more = fresh[5:8]
     conn.execute("INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
                  "SELECT '/etl/late' || n || '.jpg', md5(n::text), 1, 1, 1, 'PNG', now(), v::vector "
                  "FROM unnest(%s::text[]) WITH ORDINALITY AS u(v, n)", [[str(v.tolist()) for v in more]])
@@ -109,7 +110,7 @@ def test_rows_written_by_plain_sql_are_found_at_once_and_in_the_graph_after_rein
     for (late_id,), v in zip(late, more, strict=True):
         assert ann(conn, v, 1) == [late_id]  # not in the graph yet: the exact pass finds it
     # An UPDATE of a vector by SQL drops the row's reduced vector, so it is answered exactly too.
-    moved = low_rank(1, seed=555)[0]
+    moved = fresh[10]
     conn.execute("UPDATE images SET embedding = %s::vector WHERE id = %s", [str(moved.tolist()), ids[0]])
     assert conn.execute("SELECT reduced FROM images WHERE id = %s", [ids[0]]).fetchone()[0] is None
     assert ann(conn, moved, 1) == [ids[0]]

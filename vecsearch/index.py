@@ -67,14 +67,7 @@ class BulkLoadIndex:
                                     "rebuilds it; if it is no vecsearch load, end it and load again")
             return
         if bulk and self._lock():
-            name, definition = present
-            previous = self.conn.execute(
-                "SELECT obj_description('images'::regclass, 'pg_class')").fetchone()[0]
-            mark = DROPPED_MARK + json.dumps({"index": definition, "previous_comment": previous})
-            with self.conn.transaction():
-                self.conn.execute(sql.SQL("COMMENT ON TABLE images IS {}").format(sql.Literal(mark)))
-                self.conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(*name)))
-            self.definition = definition
+            self.definition = drop_marked(self.conn, *present)
             self.report.message(f"bulk load ({additions} new rows): HNSW index dropped, rebuilt after "
                                 "the rows are in (much faster than inserting into the graph)")
         elif bulk:
@@ -104,6 +97,18 @@ class BulkLoadIndex:
             self._unlock()
         except psycopg.Error:
             pass  # the connection is gone: so is the lock
+
+
+def drop_marked(conn: psycopg.Connection, name: tuple[str, str], definition: str) -> str:
+    """Drop the HNSW index, leaving its definition in the table's comment in the same
+    transaction, so that whoever comes next (a load, a reindex) rebuilds it if this process dies
+    before it does; the definition."""
+    previous = conn.execute("SELECT obj_description('images'::regclass, 'pg_class')").fetchone()[0]
+    mark = DROPPED_MARK + json.dumps({"index": definition, "previous_comment": previous})
+    with conn.transaction():
+        conn.execute(sql.SQL("COMMENT ON TABLE images IS {}").format(sql.Literal(mark)))
+        conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(*name)))
+    return definition
 
 
 def hnsw_index(conn: psycopg.Connection) -> tuple[tuple[str, str], str] | None:
@@ -251,6 +256,15 @@ def _swap_in(conn: psycopg.Connection, projection, options: dict[str, int], repo
     present = hnsw_index(conn)
     m, ef = int(options["m"]), int(options["ef_construction"])
     dims = None if projection is None else projection.dims
+    if projection is not None and present is not None and "reduced_version" not in present[1]:
+        # From the full graph to a compact one: writing each row's reduced vector would insert
+        # every row into the full graph again (a non-HOT update enters every index), as slow as
+        # building it. So it goes first, as for a bulk load: queries scan exactly until the swap,
+        # and if this process dies the next load or reindex rebuilds it from the table's comment.
+        report.message("the full HNSW index is dropped first (queries are exact until the compact one "
+                       "is in)")
+        drop_marked(conn, *present)
+        present = None
     final = compact.FULL_INDEX if dims is None else compact.COMPACT_INDEX
     built = {}
 

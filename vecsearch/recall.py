@@ -24,7 +24,7 @@ from .limits import MAX_K
 from .metrics import recall_against_exact
 from .query import check_ef_search
 
-STEPS = (100, 200, 400, 800, 1000)
+STEPS = (40, 100, 200, 400, 800, 1000)
 TARGET = 0.99
 AUTO_QUERIES = 100  # sampled rows `db reindex --dims auto` measures the built index with
 
