@@ -13,7 +13,7 @@ import time
 import psycopg
 
 from . import index, sessions
-from .errors import DatabaseBusy, InvalidInput
+from .errors import DatabaseBusy, InvalidInput, first_line
 from .progress import Progress
 
 # Small tables every node reads (the model record, the compact index's projection), where they exist.
@@ -149,9 +149,11 @@ def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
             WHERE s.logicalrelid = 'images'::regclass ORDER BY s.shardid"""):
         placements.setdefault((name, port), []).append(shard)
     measured = _measure_nodes(conn, [(n, p, placements.get((n, p), [])) for n, p, _, up in nodes if up])
-    down = sum(len(placements.get((n, p), [])) for n, p, _, up in nodes if not up)
-    missing = f" ({down} shards on unreachable nodes not counted)" if down else ""
-    rows, table, hnsw = (sum(column) for column in zip((0, 0, 0), *measured.values(), strict=True))
+    down = sum(len(placements.get((n, p), [])) for n, p, _, up in nodes
+               if not up or isinstance(measured[(n, p)], str))
+    missing = f" (not counting {down} shards on nodes that did not answer)" if down else ""
+    counted = [m for m in measured.values() if not isinstance(m, str)]
+    rows, table, hnsw = (sum(column) for column in zip((0, 0, 0), *counted, strict=True))
     lines = [("images", f"{rows}{missing}"),
              ("table", f"{_pretty(table)} on the workers{missing}"),
              ("hnsw", f"{_pretty(hnsw) + ' on the workers' if hnsw else 'none'}{missing}"),
@@ -162,6 +164,8 @@ def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
             state = f"DOWN (cannot connect), {shards} shards unavailable"
         elif not shards:
             state = "up, no shards"
+        elif isinstance(measured[(name, port)], str):
+            state = f"up, {shards} shards, not counted ({measured[(name, port)]})"
         else:
             rows, table, hnsw = measured[(name, port)]
             state = f"up, {shards} shards, {rows} images, table {_pretty(table)}, hnsw {_pretty(hnsw)}"
@@ -170,9 +174,10 @@ def status(conn: psycopg.Connection) -> list[tuple[str, str]]:
 
 
 def _measure_nodes(conn: psycopg.Connection, nodes: list[tuple[str, int, list[str]]]
-                   ) -> dict[tuple[str, int], tuple[int, int, int]]:
-    """(rows, table bytes, HNSW bytes) of the `images` shards on each node, one command per node,
-    all at once (master_run_on_worker reports a failed node as a row rather than an error)."""
+                   ) -> dict[tuple[str, int], tuple[int, int, int] | str]:
+    """(rows, table bytes, HNSW bytes) of the `images` shards on each node, or the error that
+    node gave; one command per node, all at once (master_run_on_worker reports a failed node as
+    a row rather than an error)."""
     commands = []
     for _, _, shards in nodes:
         names = ", ".join(_literal(s) for s in shards) or "NULL"
@@ -188,8 +193,7 @@ def _measure_nodes(conn: psycopg.Connection, nodes: list[tuple[str, int, list[st
     for name, port, ok, text in conn.execute(
             "SELECT node_name, node_port, success, result FROM master_run_on_worker(%s, %s, %s, true)",
             [[n for n, _, _ in nodes], [p for _, p, _ in nodes], commands]):
-        rows, table, hnsw = (int(x) for x in text.split()) if ok else (0, 0, 0)
-        result[(name, port)] = (rows, table, hnsw)
+        result[(name, port)] = tuple(int(x) for x in text.split()) if ok else first_line(Exception(text))
     return result
 
 
