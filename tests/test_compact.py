@@ -17,6 +17,8 @@ from conftest import exact_neighbours, insert_vectors
 from vecsearch import compact, db, index, recall
 from vecsearch.limits import DIM
 
+CHEAP = {"m": 8, "ef_construction": 32}  # a small graph, where the test is not about recall
+
 
 def low_rank(n: int, seed: int, rank: int = 24, clusters: int = 30) -> np.ndarray:
     """Clustered vectors whose variance lives in `rank` directions (as CNN features mostly do)."""
@@ -48,7 +50,7 @@ def hnsw_names(conn) -> list[str]:
 
 @pytest.fixture
 def rows(conn):
-    vectors = low_rank(3000, seed=7)
+    vectors = low_rank(2000, seed=7)
     return vectors, insert_vectors(conn, vectors)
 
 
@@ -58,9 +60,9 @@ def test_reindex_dims_fits_stores_and_versions_a_projection_that_sql_and_numpy_a
     assert done.dims == 64 and hnsw_names(conn) == ["images_reduced_hnsw"]
     version, dims, fitted_on, retained = conn.execute(
         "SELECT version, dims, fitted_on, retained FROM vecsearch_projection WHERE in_use").fetchone()
-    assert (dims, fitted_on) == (64, 3000) and retained > 0.95
+    assert (dims, fitted_on) == (64, 2000) and retained > 0.95
     assert conn.execute("SELECT count(*) FROM images WHERE reduced_version = %s",
-                        [version]).fetchone()[0] == 3000
+                        [version]).fetchone()[0] == 2000
     projection = compact.in_use(conn)
     q = low_rank(1, seed=99)[0]
     in_sql = conn.execute("SELECT vecsearch_reduce(%s::vector, %s)", [str(q.tolist()), version]).fetchone()[0]
@@ -91,15 +93,15 @@ def test_reindex_dims_fits_stores_and_versions_a_projection_that_sql_and_numpy_a
 
 def test_rows_written_by_plain_sql_are_found_at_once_and_in_the_graph_after_reindex(conn, rows):
     vectors, ids = rows
-    index.reindex(conn, dims=48)
-    fresh = low_rank(3020, seed=7)[3000:]  # more rows of the same kind, not in the table
+    index.reindex(conn, dims=48, **CHEAP)
+    fresh = low_rank(2020, seed=7)[2000:]  # more rows of the same kind, not in the table
     etl = fresh[:5]
     conn.execute("DROP INDEX images_reduced_hnsw")  # an ETL that dropped it for its bulk COPY
     with conn.cursor().copy("COPY images (path, sha256, bytes, width, height, format, mtime, embedding) "
                             "FROM STDIN") as copy:
         for i, v in enumerate(etl):
             copy.write_row([f"/etl/{i}.jpg", f"{i:064x}", 10, 4, 4, "PNG", "2026-01-01", v])
-    index.reindex(conn)  # no HNSW index at all: still works, keeps the representation
+    index.reindex(conn, **CHEAP)  # no HNSW index at all: still works, keeps the representation
     assert hnsw_names(conn) == ["images_reduced_hnsw"]
     more = fresh[5:8]
     conn.execute("INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
@@ -114,7 +116,7 @@ def test_rows_written_by_plain_sql_are_found_at_once_and_in_the_graph_after_rein
     conn.execute("UPDATE images SET embedding = %s::vector WHERE id = %s", [str(moved.tolist()), ids[0]])
     assert conn.execute("SELECT reduced FROM images WHERE id = %s", [ids[0]]).fetchone()[0] is None
     assert ann(conn, moved, 1) == [ids[0]]
-    index.reindex(conn)
+    index.reindex(conn, **CHEAP)
     assert conn.execute("SELECT count(*) FROM images WHERE reduced IS NULL").fetchone()[0] == 0
     for (late_id,), v in zip(late, more, strict=True):
         assert ann(conn, v, 1) == [late_id]
@@ -129,8 +131,8 @@ def test_a_load_writes_reduced_vectors_of_the_projection_in_use(settings, conn, 
     for i in range(6):
         make_image(folder / f"{i}.png", i)
     load(settings, folder, embedder, workers=0)
-    insert_vectors(conn, low_rank(2000, seed=3))  # synthetic rows, so there is enough to fit on
-    index.reindex(conn, dims=16)
+    insert_vectors(conn, low_rank(500, seed=3))  # synthetic rows, so there is enough to fit on
+    index.reindex(conn, dims=16, **CHEAP)
     for i in range(6, 9):
         make_image(folder / f"{i}.png", i)
     assert load(settings, folder, embedder, workers=0).new == 3
@@ -147,14 +149,14 @@ def test_auto_keeps_a_compact_index_where_it_measures_well_and_full_where_it_doe
     monkeypatch.setattr(compact, "AUTO_MIN_ROWS", 1000)
     monkeypatch.setattr(compact, "DIMS", (16, 32, 64))
     monkeypatch.setattr(recall, "AUTO_QUERIES", 30)
-    insert_vectors(conn, low_rank(2500, seed=11))
+    insert_vectors(conn, low_rank(1500, seed=11))
     done = index.reindex(conn, dims="auto")
     assert done.dims in (16, 32, 64) and done.recall >= recall.TARGET, done.reason
     assert "measured recall@10" in done.reason and "compact" in compact.describe(conn)
     assert db.database_ef_search(conn) == done.ef_search
 
     conn.execute("TRUNCATE images")
-    insert_vectors(conn, isotropic(2500, seed=12))
+    insert_vectors(conn, isotropic(1500, seed=12))
     done = index.reindex(conn, dims="auto")
     assert done.dims is None and "no reduction kept recall" in done.reason, done.reason
     assert hnsw_names(conn) == ["images_embedding_hnsw"]
@@ -186,13 +188,13 @@ def fill(conn, projection, **kw):
     return n
 compact.fill = fill
 with db.connect(Settings.from_env()) as conn:
-    index.reindex(conn, dims=16)
+    index.reindex(conn, 8, 32, dims=16)
 """
 
 
 def test_a_kill_during_a_refit_leaves_the_old_index_and_projection_working(settings, conn, rows):
     vectors, ids = rows
-    index.reindex(conn, dims=32)
+    index.reindex(conn, dims=32, **CHEAP)
     before = conn.execute("SELECT version FROM vecsearch_projection WHERE in_use").fetchone()[0]
     q = vectors[3]
     answer = ann(conn, q)
@@ -212,16 +214,16 @@ def test_a_kill_during_a_refit_leaves_the_old_index_and_projection_working(setti
     assert conn.execute("SELECT array_agg(version) FROM vecsearch_projection").fetchone()[0] == [before]
     assert hnsw_names(conn) == ["images_reduced_hnsw"]
     assert conn.execute("SELECT count(*) FROM images WHERE reduced_version = %s",
-                        [before]).fetchone()[0] == 3000
+                        [before]).fetchone()[0] == 2000
     assert ann(conn, q) == answer
-    index.reindex(conn, dims=16)  # and the next refit works
+    index.reindex(conn, dims=16, **CHEAP)  # and the next refit works
     assert conn.execute("SELECT dims FROM vecsearch_projection WHERE in_use").fetchone()[0] == 16
 
 
 def test_reader_logins_can_query_a_compact_index(settings, conn, rows):
     from vecsearch import reader
 
-    index.reindex(conn, dims=32)
+    index.reindex(conn, dims=32, **CHEAP)
     password = reader.create(conn, "compact_reader")
     url = reader.url(settings, conn, "compact_reader", password)
     with psycopg.connect(url, autocommit=True) as r:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import psycopg
+import scipy.linalg
 from psycopg import sql
 
 from .errors import InvalidInput
@@ -82,10 +83,12 @@ def fit(sample: np.ndarray, dims: int) -> Projection:
     x = np.asarray(sample, dtype=np.float32)
     mean = x.mean(axis=0, dtype=np.float64)
     centred = x - mean.astype(np.float32)
-    values, vectors = np.linalg.eigh((centred.T @ centred).astype(np.float64) / len(x))
-    order = np.argsort(values)[::-1][:dims]
+    covariance = centred.T @ centred / np.float32(len(x))
+    # Only the `dims` largest eigenpairs (LAPACK's syevr): several times faster than all 2048.
+    values, vectors = scipy.linalg.eigh(covariance, subset_by_index=[DIM - dims, DIM - 1], driver="evr")
+    order = np.argsort(values)[::-1]
     axes = vectors[:, order].T.astype(np.float16).astype(np.float32)  # stored as halfvecs
-    total = float(values.sum()) or 1.0
+    total = float(np.trace(covariance, dtype=np.float64)) or 1.0
     return Projection(axes, (axes @ mean).astype(np.float32),
                       retained=float(values[order].sum()) / total, fitted_on=len(x))
 

@@ -299,7 +299,9 @@ def _previous():
 
 
 def upgrade() -> None:
-    op.execute(SCHEMA)
+    for statement in SCHEMA.split(";\n"):  # one at a time: Citus prepares each command alone
+        if statement.strip():
+            op.execute(statement)
     op.execute(REFERENCE)
     op.execute(TRIGGER)
     op.execute(REDUCE)
