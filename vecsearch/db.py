@@ -169,7 +169,8 @@ def downgrade(url: str, revision: str) -> None:
     command.downgrade(alembic_config(url), revision)
 
 
-_FUNCTIONS = ("SEARCH_SETTINGS", "SIMILAR_TO", "SIMILAR")  # migration constants, in creation order
+# Migration constants, in creation order.
+_FUNCTIONS = ("SEARCH_SETTINGS", "REDUCE", "SIMILAR_TO", "SIMILAR")
 
 
 def similarity_functions() -> list[str]:

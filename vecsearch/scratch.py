@@ -50,6 +50,10 @@ def scratch_schema(conn: psycopg.Connection) -> Iterator[str]:
                     conn.execute(sql.SQL("ALTER TABLE {}.{} SET ({})").format(
                         schema, sql.Identifier(table), sql.SQL(", ").join(sql.SQL(o) for o in options)))
                 _copy_index_names(conn, name, table)
+            # The compact index's projection in use, so the copy's graph and queries are the same.
+            if any(table == "vecsearch_projection" for table, _ in tables):
+                conn.execute(sql.SQL("INSERT INTO {}.vecsearch_projection SELECT * FROM "
+                                     "public.vecsearch_projection WHERE in_use").format(schema))
             # The neighbour functions, created in the scratch schema with it first on their path.
             conn.execute(sql.SQL("SET LOCAL search_path TO {}, public").format(schema))
             for statement in db.similarity_functions():
