@@ -119,7 +119,7 @@ def test_the_reindex_swap_never_stalls_queries_and_gives_up_keeping_the_old_inde
 
     def run() -> None:
         try:
-            with db.connect(settings, session="reindex") as c:
+            with db.connect(settings) as c:
                 index.reindex(c, m=20, ef_construction=60, swap_wait=3)
             outcome.append(None)
         except BaseException as e:  # noqa: BLE001 - handed to the test
@@ -131,8 +131,8 @@ def test_the_reindex_swap_never_stalls_queries_and_gives_up_keeping_the_old_inde
         worker.start()
         try:
             wait_for(lambda: conn.execute(
-                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name LIKE "
-                "'vecsearch reindex %%' AND (query LIKE 'DROP INDEX%%' OR query LIKE '%%swap%%'))"
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE query LIKE 'DROP INDEX%%' "
+                "OR query LIKE '%%SAVEPOINT swap%%')"
             ).fetchone()[0], 60, "the swap to start")
             with psycopg.connect(settings.database_url, autocommit=True) as query:
                 query.execute("SET statement_timeout = '1s'")
@@ -544,3 +544,32 @@ def test_decode_warnings_name_the_file_they_are_about(settings, tmp_path):
     warned = [x for x in result.stderr.splitlines()
               if x.startswith("warning: ") and "--weights random" not in x]
     assert warned and all("bad_exif.jpg: " in x for x in warned), result.stderr
+
+
+def test_a_killed_migration_ends_its_server_session_within_seconds_even_in_a_lock_wait(pg_home):
+    running = server.ensure_running(pg_home)
+    name = f"migrate_kill_{os.getpid()}"
+    with server.psql_connection(running) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    url = running.url(name)
+    env = {**os.environ, "VECSEARCH_DATABASE_URL": url}
+    waiting = ("SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+               "AND application_name LIKE 'vecsearch migrate %%'")
+    gone = "SELECT NOT EXISTS (SELECT FROM pg_stat_activity WHERE pid = %s)"
+    try:
+        with psycopg.connect(url, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(727112001)")  # migrations/env.py's MIGRATION_LOCK
+            proc = subprocess.Popen(cli_command("db", "migrate"), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, env=env)
+            try:
+                backend = wait_for(lambda: holder.execute(waiting).fetchone(), 60, "the migration's wait")[0]
+                proc.send_signal(signal.SIGKILL)
+                proc.wait(30)
+                wait_for(lambda: holder.execute(gone, [backend]).fetchone()[0], 10,
+                         "the killed migration's session to end")
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+    finally:
+        with server.psql_connection(running) as c:
+            c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
