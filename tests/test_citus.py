@@ -442,3 +442,46 @@ def test_a_third_worker_and_a_rebalance_keep_the_answers(cluster, url, tmp_path)
     status = run_cli("db", "status", env=e, check=True).stdout
     assert f"worker:    {node_name(worker3)}: up, {moved} shards" in status, status
     assert "images:    300\n" in status
+
+
+def test_the_compact_index_on_the_cluster(url, tmp_path, embedder):
+    """vecsearch_projection is a reference table; every shard's graph is over the reduced column;
+    answers are the exact re-rank of its candidates; SQL-inserted rows are found; a load writes
+    reduced vectors on the shards."""
+    from test_compact import low_rank
+
+    from vecsearch import compact
+
+    vectors = low_rank(2020, seed=7)
+    with connect(url) as conn:
+        citus.distribute(conn, shards=4)
+        ids = insert_vectors(conn, vectors[:2000])
+        done = index_mod.reindex(conn, 8, 32, dims=24)
+        assert done.dims == 24
+        assert conn.execute("SELECT partmethod FROM pg_dist_partition "
+                            "WHERE logicalrelid = 'vecsearch_projection'::regclass").fetchone()[0] == "n"
+        graphs = conn.execute("SELECT result FROM run_command_on_shards('images', $$SELECT count(*) "
+                              "FROM pg_indexes WHERE tablename = '%s' "
+                              "AND indexdef LIKE '%%halfvec(24)) halfvec_l2_ops%%'$$)")
+        assert [r[0] for r in graphs] == ["1"] * 4
+        assert conn.execute("SELECT count(*) FROM images WHERE reduced_version IS NULL").fetchone()[0] == 0
+        hits = 0
+        for j in range(20):
+            q = vectors[2000 + j % 20]
+            exact = [x.id for x in query.similar_to(conn, q, 10, exact=True)]
+            hits += len({x.id for x in query.similar_to(conn, q, 10)} & set(exact))
+        assert hits / 200 >= 0.95
+        conn.execute("INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
+                     "VALUES ('/etl/x.jpg', 'x', 1, 1, 1, 'PNG', now(), %s::vector)",
+                     [str(vectors[2019].tolist())])
+        etl = conn.execute("SELECT id FROM images WHERE path = '/etl/x.jpg'").fetchone()[0]
+        assert query.similar_to(conn, vectors[2019], 1)[0].id == etl
+        assert "compact: PCA to 24 dims" in compact.describe(conn)
+    folder = tmp_path / "photos"
+    for i in range(3):
+        make_image(folder / f"{i}.png", i)
+    run_cli("load", str(folder), "--weights", "random", env=env(url, tmp_path), check=True)
+    with connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM images WHERE path LIKE %s AND reduced_version IS NOT NULL",
+                            [f"{folder}/%"]).fetchone()[0] == 3
+        assert len(ids) == 2000
