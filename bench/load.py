@@ -204,27 +204,27 @@ def child_extra(folder: str, url: str, batch_size: int, workers: int, weights: s
     return result
 
 
-SMALL_ROUNDS = 3
-
-
-def _timed_cli(args: list[str], env: dict) -> float:
-    """Wall-clock seconds of one whole `vecsearch` process (it must succeed)."""
+def _timed_cli(args: list[str], env: dict) -> tuple[float, float]:
+    """Wall-clock and CPU seconds (its own and its decode workers', not the database server's) of
+    one whole `vecsearch` process, which must succeed. CPU time is what a machine shared with
+    other jobs disturbs least."""
+    cpu = _cpu()
     started = time.perf_counter()
     result = subprocess.run([str(Path(sys.executable).parent / "vecsearch"), *args], capture_output=True,
                             text=True, env={**os.environ, **env})
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise SystemExit(f"vecsearch {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
-    return seconds
+    return seconds, _cpu() - cpu
 
 
 def process_table(sizes: list[int], folders: dict, external: str | None, running, home: Path,
-                  weights: str) -> tuple[list[dict], dict]:
+                  weights: str, small_rounds: int) -> tuple[list[dict], dict]:
     """Whole-process `load` times by size (fp32, default first run, fp32, default second run)
     and `search FILE` times, default vs fp32."""
     rows, url = [], None
     for n in sizes:
-        rounds = SMALL_ROUNDS if n <= 64 else 1  # small loads are noisy: medians of 3 rounds
+        rounds = small_rounds if n <= 64 else 1  # small loads are noisy: medians of rounds
         times: dict = {}
         for r in range(rounds):
             cache = home / f"engine-home-{n}-{r}"  # the default runs' VECSEARCH_HOME (engine.json)
@@ -237,9 +237,12 @@ def process_table(sizes: list[int], folders: dict, external: str | None, running
                 times.setdefault((run, precision), []).append(_timed_cli(args, env))
         kept = cache / "engine.json"
         engines = json.loads(kept.read_text())["entries"] if kept.exists() else []
-        medians = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+        medians = {k: tuple(sorted(x)[len(x) // 2] for x in zip(*v, strict=True)) for k, v in times.items()}
         rows.append({"files": n, "rounds": rounds, "times": medians,
                      "kept": [e["measured"]["precision"] for e in engines], "load_avg": os.getloadavg()[0]})
+        so_far = {f"{p} run {run}": t for (run, p), t in medians.items()}
+        # as it goes: a long run cut short keeps what it measured
+        print(f"  {n} files (wall, CPU s): {json.dumps(so_far)}", file=sys.stderr)
     search = {"auto": [], "fp32": []}
     file = sorted(folders[sizes[0]].iterdir())[0]
     env = {"VECSEARCH_DATABASE_URL": url, "VECSEARCH_HOME": str(cache)}
@@ -248,29 +251,36 @@ def process_table(sizes: list[int], folders: dict, external: str | None, running
             print(f"whole process: search FILE, --precision {precision}...", file=sys.stderr)
             args = ["search", str(file), "-k", "3", "--precision", precision]
             search[precision].append(_timed_cli(args, env))
-    return rows, {p: sorted(t)[1] for p, t in search.items()} | {"load_avg": os.getloadavg()[0]}
+    medians = {p: tuple(sorted(x)[1] for x in zip(*t, strict=True)) for p, t in search.items()}
+    return rows, medians | {"load_avg": os.getloadavg()[0]}
 
 
 def _report_process(rows: list[dict], search: dict) -> None:
-    print("| files | fp32, run 1 (s) | default, run 1 (s) | default / fp32 | fp32, run 2 (s) "
-          "| default, run 2 (s) | default / fp32 | engine kept | load avg |")
+    """Wall-clock seconds, and in brackets CPU seconds; ratios default / fp32 of each."""
+    print("| files | fp32, run 1 | default, run 1 | default / fp32 | fp32, run 2 | default, run 2 "
+          "| default / fp32 | engine kept | load avg |")
     print("|---|---|---|---|---|---|---|---|---|")
+
+    def cells(fp32: tuple, auto: tuple) -> str:
+        return (f"{fp32[0]:.1f} ({fp32[1]:.1f}) | {auto[0]:.1f} ({auto[1]:.1f}) "
+                f"| {auto[0] / fp32[0]:.2f}x ({auto[1] / fp32[1]:.2f}x)")
+
     for r in rows:
         t = r["times"]
         files = f"{r['files']} (median of {r['rounds']})" if r["rounds"] > 1 else r["files"]
-        print(f"| {files} | {t[1, 'fp32']:.1f} | {t[1, 'auto']:.1f} "
-              f"| {t[1, 'auto'] / t[1, 'fp32']:.2f}x | {t[2, 'fp32']:.1f} | {t[2, 'auto']:.1f} "
-              f"| {t[2, 'auto'] / t[2, 'fp32']:.2f}x "
+        print(f"| {files} | {cells(t[1, 'fp32'], t[1, 'auto'])} | {cells(t[2, 'fp32'], t[2, 'auto'])} "
               f"| {', '.join(r['kept']) or '(none measured)'} | {r['load_avg']:.1f} |")
-    print(f"`vecsearch search FILE -k 3`, whole process, median of 3: default {search['auto']:.2f} s, "
-          f"fp32 {search['fp32']:.2f} s ({search['auto'] / search['fp32']:.2f}x); "
-          f"load avg {search['load_avg']:.1f}")
+    auto, fp32 = search["auto"], search["fp32"]
+    print(f"`vecsearch search FILE -k 3`, whole process, median of 3: default {auto[0]:.2f} s ({auto[1]:.2f} "
+          f"CPU s), fp32 {fp32[0]:.2f} s ({fp32[1]:.2f}); {auto[0] / fp32[0]:.2f}x "
+          f"({auto[1] / fp32[1]:.2f}x); load avg {search['load_avg']:.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mode", choices=["process", "throughput", "both"], default="process")
     parser.add_argument("--process-sizes", default="1,16,64,300,1000", help="sizes of the process table")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the process table up to 64 files")
     parser.add_argument("--sizes", default="100,300", help="folder sizes of the throughput table")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=None, help="decode processes (default: load's)")
@@ -303,7 +313,8 @@ def main() -> None:
             folders[n] = home / f"images-{n}"
             make_folder(folders[n], n, source=folders.get(every[-1]))
         if process_sizes:
-            rows, search = process_table(process_sizes, folders, external, running, home, args.weights)
+            rows, search = process_table(process_sizes, folders, external, running, home, args.weights,
+                                         args.rounds)
         common = ["--batch-size", str(args.batch_size), "--workers", str(workers), "--weights", args.weights]
         results = {}
         for n in sizes:
