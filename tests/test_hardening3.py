@@ -573,3 +573,13 @@ def test_a_killed_migration_ends_its_server_session_within_seconds_even_in_a_loc
     finally:
         with server.psql_connection(running) as c:
             c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_a_malformed_cuda_device_is_one_line():
+    from vecsearch.engine import check_choice
+    from vecsearch.errors import InvalidInput
+
+    check_choice("cuda:1", "auto")
+    for bad in ("cuda:abc", "cuda:", "cuda:²"):
+        with pytest.raises(InvalidInput, match="--device must be one of"):
+            check_choice(bad, "auto")

@@ -53,7 +53,8 @@ CACHE_ENTRIES = 16  # machines, models and batch sizes remembered (the oldest go
 
 def check_choice(device: str, precision: str) -> None:
     """InvalidInput for a device or precision vecsearch does not know (before any slow work)."""
-    if device not in DEVICES and not device.startswith("cuda:"):
+    index = device.removeprefix("cuda:")
+    if device not in DEVICES and not (device.startswith("cuda:") and index.isascii() and index.isdigit()):
         raise InvalidInput(f"--device must be one of {', '.join(DEVICES)} (or cuda:N), not {device!r}")
     if precision not in PRECISIONS:
         raise InvalidInput(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
