@@ -9,11 +9,11 @@ import socket
 import subprocess
 import threading
 import time
-from contextlib import contextmanager
 
 import psycopg
 import pytest
 from conftest import cli_command, clustered, fresh_database, insert_vectors, make_image, run_cli
+from test_web_api import live_server
 
 from vecsearch import db, index, reader, server, sessions
 from vecsearch.errors import DatabaseBusy
@@ -361,25 +361,6 @@ def _index_file(conn, path) -> int:
         [str(path), hashlib.sha256(data).hexdigest(), len(data), clustered(1, seed=40)[0]]).fetchone()[0]
 
 
-@contextmanager
-def _live(app):
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen()
-    server_ = uvicorn.Server(uvicorn.Config(app, log_level="critical", access_log=False))
-    thread = threading.Thread(target=server_.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_for(lambda: server_.started, 30, "uvicorn")
-    try:
-        yield sock.getsockname()
-    finally:
-        server_.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 def _get(address, target: str, read: bool = True):
     import http.client
 
@@ -411,7 +392,7 @@ def test_originals_stream_in_bounded_memory_a_few_at_once_and_never_finish_if_ch
     with open(photo, "ab") as f:  # 48 MB of trailing bytes: still the same JPEG to a decoder
         f.write(b"\0" * (48 << 20))
     image_id = _index_file(conn, photo)
-    with _live(web.create_app(settings)) as address:
+    with live_server(web.create_app(settings)) as address:
         tracemalloc.start()
         try:
             results = []

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import psycopg
-import scipy.linalg
 from psycopg import sql
 
 from .errors import InvalidInput
@@ -83,6 +82,8 @@ def fit(sample: np.ndarray, dims: int) -> Projection:
     x = np.asarray(sample, dtype=np.float32)
     mean = x.mean(axis=0, dtype=np.float64)
     centred = x - mean.astype(np.float32)
+    import scipy.linalg  # here, not on `db status`'s path, which only describes the projection
+
     covariance = centred.T @ centred / np.float32(len(x))
     # Only the `dims` largest eigenpairs (LAPACK's syevr): several times faster than all 2048.
     values, vectors = scipy.linalg.eigh(covariance, subset_by_index=[DIM - dims, DIM - 1], driver="evr")

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from . import server
 from .config import Settings
@@ -239,6 +240,15 @@ def status(conn: psycopg.Connection, *, rows: bool = True) -> list[tuple[str, st
         ("ef_search", f"{DEFAULT_EF_SEARCH} (the default; `vecsearch db recall` measures recall here)"
          if tuned is None else f"{tuned} (this database's: `vecsearch db recall --tune`)"),
         ("index", describe(conn))]
+
+
+def set_database_default(conn: psycopg.Connection, setting: str, value: str) -> None:
+    """`ALTER DATABASE <this one> SET setting = value` (every later session gets it), and for this
+    session too. Raises psycopg.errors.InsufficientPrivilege for a login that does not own it."""
+    database = conn.execute("SELECT current_database()").fetchone()[0]
+    conn.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(
+        sql.Identifier(database), sql.SQL(setting), sql.Literal(value)))
+    conn.execute(sql.SQL("SET {} = {}").format(sql.SQL(setting), sql.Literal(value)))
 
 
 def database_ef_search(conn: psycopg.Connection) -> int | None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from . import sessions
+from . import db, sessions
 from .config import Settings
 from .errors import DatabaseBusy, InvalidInput, first_line
 from .progress import Progress
@@ -215,7 +215,7 @@ def reindex(conn: psycopg.Connection, m: int | None = None, ef_construction: int
         if spec == "full":
             return _swap_in(conn, None, options, report, swap_wait, "asked for (--dims full)")
         d = compact.parse_dims(spec)
-        ids, rows = compact.sample(conn)
+        _, rows = compact.sample(conn)
         return _swap_in(conn, compact.fit(rows, d), options, report, swap_wait, f"asked for (--dims {d})")
     finally:
         conn.execute("SELECT pg_advisory_unlock(" + LOCK_KEY + ")")
@@ -238,11 +238,9 @@ def decide_on_load(conn: psycopg.Connection) -> bool:
 def _remember(conn: psycopg.Connection, dims: int | str) -> None:
     """Keep the representation asked for as the database's `vecsearch.dims`: a later bulk load
     decides again only where it is auto."""
-    database = conn.execute("SELECT current_database()").fetchone()[0]
     try:
         with conn.transaction():
-            conn.execute(sql.SQL("ALTER DATABASE {} SET vecsearch.dims = {}").format(
-                sql.Identifier(database), sql.Literal(str(dims))))
+            db.set_database_default(conn, "vecsearch.dims", str(dims))
     except psycopg.errors.InsufficientPrivilege:
         pass  # not the owner: loads may decide again, which measures before it changes anything
 
@@ -300,7 +298,7 @@ def _auto(conn: psycopg.Connection, options: dict[str, int], report: Progress,
         done = _swap_in(conn, None, options, report, swap_wait,
                         f"auto: {rows} rows, under {compact.AUTO_MIN_ROWS}: the full index is small here")
         return done
-    ids, sample = compact.sample(conn)
+    _, sample = compact.sample(conn)
     fitted = compact.fit(sample, min(max(compact.DIMS), len(sample) - 1))
     bounds = compact.screen(sample, fitted, rows)
     report.message("reduced-space screen (recall@10 of exact search in d dims + exact re-rank, "

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import psycopg
-from psycopg import sql
 
+from . import db
 from .errors import InvalidInput, NotFound, first_line
 from .limits import MAX_K
 from .metrics import recall_against_exact
@@ -124,13 +124,10 @@ def tune(conn: psycopg.Connection, ids: list[int], k: int = 10, target: float = 
         if measured[-1].recall >= target:
             break
     chosen = measured[-1].ef_search
-    database = conn.execute("SELECT current_database()").fetchone()[0]
     try:
-        conn.execute(sql.SQL("ALTER DATABASE {} SET vecsearch.ef_search = {}").format(
-            sql.Identifier(database), sql.Literal(str(chosen))))
+        db.set_database_default(conn, "vecsearch.ef_search", str(chosen))
     except psycopg.errors.InsufficientPrivilege as e:
         raise InvalidInput(f"ef_search {chosen} reaches recall {measured[-1].recall:.3f} here, but this "
                            f"login cannot set the database's default ({first_line(e)}): run --tune as "
                            "the database owner, or pass --ef-search to queries") from e
-    conn.execute(sql.SQL("SET vecsearch.ef_search = {}").format(sql.Literal(str(chosen))))
     return chosen, measured
