@@ -1,5 +1,5 @@
-"""The compact index (migration 0006, vecsearch/compact.py): a graph over a PCA reduction fitted on
-the table's own rows, every candidate re-ranked by the full vector."""
+"""The compact index (migrations 0006, 0007, vecsearch/compact.py): a graph over a PCA reduction
+fitted on the table's own rows, its candidates re-ranked by the full vector."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def ann(conn, q, k=10, **kw) -> list[int]:
     return [r[0] for r in conn.execute(
         "SELECT id FROM vecsearch_similar_to(%s::vector, %s, ef_search => %s)",
         [str(q.tolist()), k, kw.get("ef_search")])]
+
+
+def ann_excluding(conn, q, image_id, k=10) -> list[int]:
+    return [r[0] for r in conn.execute(
+        "SELECT id FROM vecsearch_similar_to(%s::vector, %s, exclude => %s)",
+        [str(q.tolist()), k, [image_id]])]
 
 
 def hnsw_names(conn) -> list[str]:
@@ -247,3 +253,43 @@ def test_cli_reindex_dims_then_status_and_recall_say_what_is_in_use(settings, co
     assert "recall@10" in measured and "compact: PCA to 16 dims" in measured
     bad = run_cli("db", "reindex", "--dims", "lots")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--dims" in bad.stderr
+
+
+def test_a_query_by_id_starts_from_the_rows_own_reduced_vector_and_reranks_the_tuned_depth(
+        conn, rows):
+    vectors, ids = rows
+    index.reindex(conn, dims=32)
+    by_id = [[r[0] for r in conn.execute("SELECT id FROM vecsearch_similar(%s, 10)", [i])] for i in ids[:20]]
+    by_vector = [ann_excluding(conn, vectors[j], ids[j]) for j in range(20)]
+    assert by_id == by_vector  # the stored reduced vector and vecsearch_reduce() agree
+    # The stored one is what the graph search starts from: give row 0 the reduced vector of a row
+    # of another cluster and its by-id candidates come from there (re-ranked by its own vector).
+    far = int(np.argmin(vectors[1:] @ vectors[0])) + 1
+    conn.execute("UPDATE images SET reduced = (SELECT reduced FROM images WHERE id = %s) WHERE id = %s",
+                 [ids[far], ids[0]])
+    moved = [r[0] for r in conn.execute("SELECT id FROM vecsearch_similar(%s, 10)", [ids[0]])]
+    assert len(set(moved) & set(by_id[0])) < 5
+    # A re-rank depth: fewer candidates read, still exact distances in order.
+    compact.set_rerank(conn, 20)
+    got = conn.execute("SELECT id, distance FROM vecsearch_similar(%s, 10)", [ids[3]]).fetchall()
+    exact = dict(exact_neighbours(vectors, ids, vectors[3], len(ids)))
+    assert [d for _, d in got] == sorted(d for _, d in got)
+    assert all(abs(exact[i] - d) < 1e-5 for i, d in got)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("UPDATE vecsearch_projection SET rerank = 0 WHERE in_use")
+
+
+def test_tune_on_a_compact_index_keeps_the_fewest_candidates_that_hold_the_recall(settings, conn, rows):
+    from conftest import run_cli
+
+    index.reindex(conn, dims=32)
+    ids = recall.sample(conn, 30, seed=2)
+    chosen, measured = recall.tune(conn, ids)
+    best = measured[-1]
+    assert best.recall >= recall.TARGET and best.ef_search == chosen
+    assert best.rerank is not None and best.rerank < chosen and compact.rerank(conn) == best.rerank
+    assert f"the nearest {best.rerank} candidates" in compact.describe(conn)
+    printed = run_cli("db", "recall", "--sample", "20", check=True).stdout
+    assert f"re-rank {best.rerank}:" in printed
+    index.reindex(conn, dims=32)  # a new projection starts again from every candidate
+    assert compact.rerank(conn) is None

@@ -50,3 +50,16 @@ def test_recall_of_an_empty_table_is_one_line(settings):
     result = run_cli("db", "recall", env={"VECSEARCH_DATABASE_URL": settings.database_url})
     assert result.returncode != 0 and "the images table is empty" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_the_exact_answers_come_from_one_pass_and_equal_the_exact_scans(conn, monkeypatch):
+    vectors = clustered(2500, seed=32, clusters=4, noise=2.0)
+    vectors[::7] *= 3.5  # rows written by SQL need not be unit length: cosine ignores it
+    insert_vectors(conn, vectors)
+    monkeypatch.setattr(recall, "PASS_ROWS", 700)  # several blocks, the last one short
+    truth = recall.exact_answers(conn, recall.sample(conn, 30, seed=4))
+    scans, _ = recall._answers(conn, truth.asked, 10, None, True)
+    assert truth.answers == scans
+    assert all(exclude[0] not in found for (_, exclude), found in zip(truth.asked, truth.answers,
+                                                                      strict=True)
+               if exclude)

@@ -1,5 +1,5 @@
 """The compact index: the HNSW graph over a PCA reduction of the embeddings, fitted on the table's
-own rows; the neighbour functions re-rank every candidate by the full vector (migration 0006).
+own rows; the neighbour functions re-rank the candidates by the full vector (migrations 0006, 0007).
 
 A full-width graph element is a 4 KB halfvec, one per 8 KB index page; a reduced one of d dims
 is 2d bytes, so the graph shrinks and every search step reads less. What the reduction loses is
@@ -148,8 +148,23 @@ def screen(rows: np.ndarray, projection: Projection, table_rows: int, dims: tupl
 
 def in_use(conn: psycopg.Connection) -> Projection | None:
     """The projection the compact index is built over, or None (the full index)."""
+    version = in_use_version(conn)
+    return None if version is None else load(conn, version)
+
+
+def in_use_version(conn: psycopg.Connection) -> int | None:
     row = conn.execute("SELECT version FROM vecsearch_projection WHERE in_use").fetchone()
-    return None if row is None else load(conn, row[0])
+    return None if row is None else row[0]
+
+
+def rerank(conn: psycopg.Connection) -> int | None:
+    """How many of the compact graph's candidates the neighbour functions re-rank (None: all)."""
+    row = conn.execute("SELECT rerank FROM vecsearch_projection WHERE in_use").fetchone()
+    return None if row is None else row[0]
+
+
+def set_rerank(conn: psycopg.Connection, depth: int | None) -> None:
+    conn.execute("UPDATE vecsearch_projection SET rerank = %s WHERE in_use", [depth])
 
 
 def load(conn: psycopg.Connection, version: int) -> Projection:
@@ -225,13 +240,15 @@ def element_bytes(dims: int | None, m: int) -> int:
 
 def describe(conn: psycopg.Connection) -> str:
     """One line on the representation in use, for `db status` and `db recall`."""
-    row = conn.execute("SELECT version, dims, fitted_at, fitted_on, retained, reason "
+    row = conn.execute("SELECT version, dims, fitted_at, fitted_on, retained, reason, rerank "
                        "FROM vecsearch_projection WHERE in_use").fetchone()
     if row is None:
         return "full: the graph over the whole halfvec(2048)"
-    version, dims, fitted_at, fitted_on, retained, reason = row
+    version, dims, fitted_at, fitted_on, retained, reason, depth = row
+    which = "every candidate" if depth is None else f"the nearest {depth} candidates"
     text = (f"compact: PCA to {dims} dims (projection {version}, fitted {fitted_at:%Y-%m-%d %H:%M} "
-            f"on {fitted_on} rows, {retained:.0%} of the variance), exact re-rank by the full vector")
+            f"on {fitted_on} rows, {retained:.0%} of the variance), exact re-rank of {which} by the "
+            "full vector")
     return text + (f"; {reason}" if reason else "")
 
 

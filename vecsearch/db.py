@@ -17,8 +17,8 @@ from .config import Settings
 from .errors import DatabaseUnavailable, InvalidInput, PgvectorMissing, SchemaMismatch, first_line
 from .limits import DEFAULT_EF_SEARCH, DIM
 
-# The alembic head this code expects; tests/test_migrations.py keeps it equal to migrations/.
-SCHEMA_REVISION = "0006"
+# The alembic head this code expects; tests/test_foundation.py keeps it equal to migrations/.
+SCHEMA_REVISION = "0007"
 # Every ANN query must order by this exact expression, or the planner cannot use the index
 # (pgvector indexes at most 2000 dimensions of `vector`, so the index is on a halfvec cast).
 ANN_EXPR = f"embedding::halfvec({DIM})"
@@ -171,12 +171,13 @@ def downgrade(url: str, revision: str) -> None:
 
 
 # Migration constants, in creation order.
-_FUNCTIONS = ("SEARCH_SETTINGS", "REDUCE", "SIMILAR_TO", "SIMILAR")
+_FUNCTIONS = ("SEARCH_SETTINGS", "REDUCE", "NEAREST", "SIMILAR_TO", "SIMILAR")
 
 
 def similarity_functions() -> list[str]:
-    """The CREATE statements of the neighbour functions (`vecsearch_search_settings` where the
-    schema has it, `vecsearch_similar_to`, `vecsearch_similar`), each as the newest migration that
+    """The CREATE statements of the neighbour functions (`vecsearch_search_settings`,
+    `vecsearch_reduce`, `vecsearch_nearest` where the schema has them, `vecsearch_similar_to`,
+    `vecsearch_similar`), each as the newest migration that
     defines it wrote it: for a copy of them in another schema (`vecsearch eval`)."""
     from alembic.script import ScriptDirectory
 

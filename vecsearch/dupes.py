@@ -184,22 +184,23 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
 
 
 # A chunk of query images (%(ids)s) joined to their %(k)s nearest closer than %(threshold)s, by
-# `vecsearch similar`'s own query (the SQL function), batched. The query image itself is not
-# excluded and comes back as a (q, q) row: a graph search that does not find its own starting
-# image went astray (see _exact_pass). Other images with the query's sha256 are excluded (those
-# copies are joined separately), so they do not use up the k slots. The query rows are read
-# first (materialised CTEs): Citus runs no function call per row of a distributed table.
+# `vecsearch similar`'s own query (the SQL function, given each row's reduced vector), batched.
+# The query image itself is not excluded and comes back as a (q, q) row: a graph search that
+# does not find its own starting image went astray (see _exact_pass). Other images with the
+# query's sha256 are excluded (those copies are joined separately), so they do not use up the k
+# slots. The query rows are read first (materialised CTEs): Citus runs no function call per row
+# of a distributed table.
 NEIGHBOURS_SQL = """
     WITH q AS MATERIALIZED (
-        SELECT id, sha256, embedding FROM images WHERE id = ANY(%(ids)s)
+        SELECT id, sha256, embedding, reduced, reduced_version FROM images WHERE id = ANY(%(ids)s)
     ), copies AS MATERIALIZED (
         SELECT c.sha256, array_agg(c.id) AS ids FROM images c
         WHERE c.sha256 IN (SELECT sha256 FROM q) GROUP BY c.sha256
     )
     SELECT q.id, n.id
     FROM q LEFT JOIN copies USING (sha256)
-    CROSS JOIN LATERAL vecsearch_similar_to(
-        q.embedding, %(k)s + 1, %(ef_search)s, %(prefix)s, %(exact)s,
+    CROSS JOIN LATERAL vecsearch_nearest(
+        q.embedding, q.reduced, q.reduced_version, %(k)s + 1, %(ef_search)s, %(prefix)s, %(exact)s,
         array_remove(copies.ids, q.id)) n
     WHERE n.id = q.id OR n.distance < %(threshold)s
 """

@@ -314,9 +314,10 @@ def _auto(conn: psycopg.Connection, options: dict[str, int], report: Progress,
         best = measured[-1]
         tried.append(f"{d} dims: recall@10 {best.recall:.3f} at ef_search {best.ef_search}")
         if best.recall >= recall.TARGET:
+            depth = "" if best.rerank is None else f", re-ranking the nearest {best.rerank}"
             done.reason = (f"auto: the smallest d whose screen reached {compact.SCREEN_TARGET} "
                            f"({', '.join(f'{x}: {b:.3f}' for x, b in bounds.items())}); measured "
-                           f"recall@10 {best.recall:.3f} at ef_search {chosen} on {len(queries)} "
+                           f"recall@10 {best.recall:.3f} at ef_search {chosen}{depth} on {len(queries)} "
                            "held-out-style queries")
             conn.execute("UPDATE vecsearch_projection SET reason = %s WHERE in_use", [done.reason])
             done.recall, done.ef_search = best.recall, chosen

@@ -6,7 +6,8 @@ table, half asked for their k nearest other images, half moved a little off the 
 held-out query: not a row), through `vecsearch_similar_to` (the function every caller uses), by
 the index and by the exact scan. `tune` then stores, as the database's default
 ef_search (`ALTER DATABASE ... SET vecsearch.ef_search`, read by the SQL functions when a caller
-gives none), the smallest of STEPS that reaches the target on the sample.
+gives none), the smallest of STEPS that reaches the target on the sample; with a compact index
+also the smallest re-rank depth that keeps it there (`vecsearch_projection.rerank`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
-from . import db
+from . import compact, db
 from .errors import InvalidInput, NotFound, first_line
 from .limits import MAX_K
 from .metrics import recall_against_exact
 from .query import check_ef_search
 
 STEPS = (40, 100, 200, 400, 800, 1000)
+RERANK_SHARES = (8, 4, 2)  # a compact index's re-rank depths tried: ef_search / these, deepest last
 TARGET = 0.99
 AUTO_QUERIES = 100  # sampled rows `db reindex --dims auto` measures the built index with
 
@@ -36,6 +38,7 @@ class Measured:
     worst: float  # the lowest recall of one query
     ann_ms: float  # p50 of one ANN query
     exact_ms: float  # p50 of one exact query
+    rerank: int | None = None  # a compact index's candidates re-ranked (None: all, or the full index)
 
 
 def sample(conn: psycopg.Connection, size: int, seed: int = 0) -> list[int]:
@@ -55,12 +58,11 @@ def queries(conn: psycopg.Connection, ids: list[int], seed: int = 0) -> list[Que
     """Held-out-style queries from sampled rows: the first half as themselves (excluded from
     their own answers, as `vecsearch similar ID`), the rest moved a little off the row
     (compact.held_out: what a re-encoded or cropped copy sends), so not rows at all."""
-    from .compact import held_out
-
     vectors = dict(conn.execute("SELECT id, embedding FROM images WHERE id = ANY(%s)", [ids]).fetchall())
     kept = [i for i in ids if i in vectors]
     half = len(kept) // 2
-    moved = held_out(np.vstack([vectors[i].to_numpy() for i in kept[half:]]), seed) if kept[half:] else []
+    rest = [vectors[i].to_numpy() for i in kept[half:]]
+    moved = compact.held_out(np.vstack(rest), seed) if rest else []
     return ([(vectors[i].to_numpy().tolist(), [i]) for i in kept[:half]]
             + [(v.tolist(), []) for v in moved])
 
@@ -86,11 +88,55 @@ class Truth:
     asked: list[Query]
 
 
+EXACT_TIMED = 3  # exact queries run through SQL for the exact scan's p50 (each reads the table)
+PASS_ROWS = 10_000  # rows per block of the exact pass
+
+
 def exact_answers(conn: psycopg.Connection, ids: list[int], k: int = 10) -> Truth:
-    """The exact answers of the held-out-style queries made from `ids`, computed once."""
+    """The exact answers of the held-out-style queries made from `ids`, in one pass over the
+    table for all of them (a scan per query costs hours on millions of rows); the exact scan's
+    p50 is timed on a few of them through vecsearch_similar_to, as a caller runs it."""
     asked = queries(conn, ids)
-    answers, ms = _answers(conn, asked, k, None, True)
-    return Truth(answers, ms, asked)
+    _, ms = _answers(conn, asked[:EXACT_TIMED], k, None, True)
+    return Truth(_exact_pass(conn, asked, k), ms, asked)
+
+
+def _exact_pass(conn: psycopg.Connection, asked: list[Query], k: int) -> list[list[int]]:
+    """The k nearest ids of each query by cosine distance, ties by id (as the exact scan orders),
+    over every row of `images` read once (binary COPY, blocks of PASS_ROWS)."""
+    q = np.asarray([v for v, _ in asked], dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    excluded = [set(e) for _, e in asked]
+    best_d = np.full((len(q), k), np.inf)
+    best_id = np.full((len(q), k), np.iinfo(np.int64).max)
+
+    def merge(block_ids: list[int], block: list[np.ndarray]) -> None:
+        nonlocal best_d, best_id
+        x = np.vstack(block)
+        d = 1.0 - (x @ q.T).T / np.linalg.norm(x, axis=1)  # queries x block
+        block_id = np.asarray(block_ids, dtype=np.int64)
+        for row, gone in enumerate(excluded):
+            if gone:
+                d[row, np.isin(block_id, list(gone))] = np.inf
+        all_d = np.hstack([best_d, d])
+        all_id = np.hstack([best_id, np.broadcast_to(block_id, d.shape)])
+        order = np.lexsort((all_id, all_d), axis=1)[:, :k]
+        best_d = np.take_along_axis(all_d, order, axis=1)
+        best_id = np.take_along_axis(all_id, order, axis=1)
+
+    with conn.cursor().copy("COPY (SELECT id, embedding FROM images) TO STDOUT (FORMAT BINARY)") as copy:
+        copy.set_types(["int8", "vector"])
+        block_ids, block = [], []
+        for image_id, vector in copy.rows():
+            block_ids.append(image_id)
+            block.append(vector.to_numpy())
+            if len(block) == PASS_ROWS:
+                merge(block_ids, block)
+                block_ids, block = [], []
+        if block:
+            merge(block_ids, block)
+    return [[int(i) for i, d in zip(ids_, ds, strict=True) if np.isfinite(d)]
+            for ids_, ds in zip(best_id, best_d, strict=True)]
 
 
 def measure(conn: psycopg.Connection, ids: list[int], k: int, ef_searches: list[int],
@@ -103,27 +149,49 @@ def measure(conn: psycopg.Connection, ids: list[int], k: int, ef_searches: list[
         check_ef_search(ef)
     truth = truth or exact_answers(conn, ids, k)
     exact = dict(enumerate(truth.answers))
+    rerank = compact.rerank(conn)
     out = []
     for ef in ef_searches:
         ann, ann_ms = _answers(conn, truth.asked, k, ef, False)
         found = dict(enumerate(ann))
         worst = min(recall_against_exact({q: found[q]}, exact, k) for q in exact)
-        out.append(Measured(ef, recall_against_exact(found, exact, k), worst, ann_ms, truth.exact_ms))
+        out.append(Measured(ef, recall_against_exact(found, exact, k), worst, ann_ms, truth.exact_ms,
+                            None if rerank is None else min(rerank, ef)))
     return out
 
 
 def tune(conn: psycopg.Connection, ids: list[int], k: int = 10, target: float = TARGET,
          truth: Truth | None = None) -> tuple[int, list[Measured]]:
     """The smallest ef_search of STEPS whose recall@k reaches `target` on `ids` (else the
-    largest), stored as the database's default; it and the measurements. The exact answers are
-    computed once, not per step."""
+    largest), stored as the database's default; it and the measurements. With a compact index in
+    use, then the smallest re-rank depth (ef_search / RERANK_SHARES) that still reaches it, stored
+    with the projection: fewer full vectors read per query. The exact answers are computed once."""
+    compacted = compact.in_use_version(conn) is not None
+    if compacted and not conn.execute(
+            "SELECT has_table_privilege('vecsearch_projection', 'UPDATE')").fetchone()[0]:
+        raise InvalidInput("this login may not set the compact index's re-rank depth: run --tune as "
+                           "the database owner, or pass --ef-search to queries")
     truth = truth or exact_answers(conn, ids, k)
+    if compacted:
+        compact.set_rerank(conn, None)  # every candidate re-ranked: what each ef_search can reach
     measured = []
     for ef in STEPS:
         measured += measure(conn, ids, k, [ef], truth)
         if measured[-1].recall >= target:
             break
-    chosen = measured[-1].ef_search
+    chosen, every = measured[-1].ef_search, measured[-1]
+    if compacted and every.recall >= target:
+        for share in RERANK_SHARES:
+            depth = chosen // share
+            if depth < max(k + 10, 2 * k):
+                continue
+            compact.set_rerank(conn, depth)
+            measured += measure(conn, ids, k, [chosen], truth)
+            if measured[-1].recall >= target:
+                break
+        else:
+            compact.set_rerank(conn, None)
+            measured.append(every)  # the last is what is in use
     try:
         db.set_database_default(conn, "vecsearch.ef_search", str(chosen))
     except psycopg.errors.InsufficientPrivilege as e:
