@@ -471,6 +471,13 @@ def test_the_compact_index_on_the_cluster(url, tmp_path, embedder):
             exact = [x.id for x in query.similar_to(conn, q, 10, exact=True)]
             hits += len({x.id for x in query.similar_to(conn, q, 10)} & set(exact))
         assert hits / 200 >= 0.95
+        # By id: from the row's own reduced vector (vecsearch_nearest, 0007), the tuned re-rank depth.
+        compact.set_rerank(conn, 20)
+        for image_id, v in zip(ids[:5], vectors[:5], strict=True):
+            by_id = [(x.id, round(x.distance, 6)) for x in query.similar(conn, image_id, 10)]
+            by_vector = [(x.id, round(x.distance, 6))
+                         for x in query.similar_to(conn, v, 10, exclude=[image_id])]
+            assert by_id == by_vector and len(by_id) == 10
         conn.execute("INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
                      "VALUES ('/etl/x.jpg', 'x', 1, 1, 1, 'PNG', now(), %s::vector)",
                      [str(vectors[2019].tolist())])
