@@ -46,12 +46,22 @@ K = 10
 def truth_of(rows: np.ndarray, queries: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
     """Row indexes of the K nearest rows to each query (its own row excluded for id queries)."""
     out = np.empty((len(queries), K), dtype=np.int64)
+    block = 65536  # rows at a time in float64: a 1M-row table would need 16 GB at once
     for start in range(0, len(queries), 256):
         q = queries[start:start + 256].astype(np.float64)
-        d = -(q @ rows.T.astype(np.float64))
-        if exclude is not None:
-            d[np.arange(len(q)), exclude[start:start + 256]] = np.inf
-        out[start:start + len(q)] = np.argsort(d, axis=1)[:, :K]
+        best_d = np.full((len(q), K), np.inf)
+        best_i = np.zeros((len(q), K), dtype=np.int64)
+        for first in range(0, len(rows), block):
+            d = -(q @ rows[first:first + block].T.astype(np.float64))
+            if exclude is not None:
+                mine = exclude[start:start + 256] - first
+                inside = (mine >= 0) & (mine < d.shape[1])
+                d[np.flatnonzero(inside), mine[inside]] = np.inf
+            all_d = np.hstack([best_d, d])
+            all_i = np.hstack([best_i, np.broadcast_to(np.arange(first, first + d.shape[1]), d.shape)])
+            top = np.argsort(all_d, axis=1, kind="stable")[:, :K]
+            best_d, best_i = np.take_along_axis(all_d, top, 1), np.take_along_axis(all_i, top, 1)
+        out[start:start + len(q)] = best_i
     return out
 
 
@@ -288,6 +298,8 @@ def main() -> None:
     parser.add_argument("--compact", default="auto,128,256,512",
                         help="compact index dims to build (`db reindex --dims`: N or auto); '' for none")
     parser.add_argument("--compact-config", default="32x128", help="compact index m x ef_construction")
+    parser.add_argument("--faiss-pca", default=None,
+                        help="FAISS PCA+HNSW dims [default: the numbers among --compact]")
     parser.add_argument("--no-annoy", action="store_true", help="skip Annoy")
     args = parser.parse_args()
     ef_searches = [int(e) for e in args.ef_search.split(",")]
@@ -307,7 +319,8 @@ def main() -> None:
                 bench_numpy(run)
                 if not args.no_peers:
                     bench_faiss(run, pairs(args.faiss_configs) if args.faiss_configs else [], ef_searches)
-                    bench_faiss_pca(run, [int(d) for d in compact_dims if d != "auto"], *compact_config,
+                    pca = args.faiss_pca.split(",") if args.faiss_pca is not None else compact_dims
+                    bench_faiss_pca(run, [int(d) for d in pca if d and d != "auto"], *compact_config,
                                     ef_searches)
                     if not args.no_annoy:
                         bench_annoy(run)
