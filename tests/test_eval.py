@@ -87,7 +87,7 @@ def test_scratch_schema_mirrors_the_tables_and_is_dropped(conn):
     with scratch.scratch_schema(conn) as schema:
         tables = {r[0] for r in conn.execute(
             "SELECT tablename FROM pg_tables WHERE schemaname = %s", [schema])}
-        assert tables == {"images", "embedding_model", "vecsearch_projection"}
+        assert tables == {"images", "embedding_model", "vecsearch_projection", "vecsearch_dupe_decisions"}
         indexes = {r[0]: r[1] for r in conn.execute(
             "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = %s", [schema])}
         public = {r[0] for r in conn.execute(

@@ -16,8 +16,9 @@ from . import index, sessions
 from .errors import DatabaseBusy, InvalidInput, first_line
 from .progress import Progress
 
-# Small tables every node reads (the model record, the compact index's projection), where they exist.
-REFERENCE_TABLES = ("embedding_model", "vecsearch_projection")
+# Small tables every node reads (the model record, the compact index's projection, duplicate
+# decisions), where they exist.
+REFERENCE_TABLES = ("embedding_model", "vecsearch_projection", "vecsearch_dupe_decisions")
 SHARDS_PER_WORKER = 2  # the default: parallel across workers, and room to rebalance onto new ones
 
 
