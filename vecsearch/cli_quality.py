@@ -40,15 +40,38 @@ def dupes_command(
     html: Annotated[Path | None, typer.Option(
         "--html", help="Also write a contact sheet of the groups (thumbnails inline) to FILE.",
         show_default=False)] = None,
+    include_settled: Annotated[bool, typer.Option(
+        "--include-settled", help="Also groups whose every file has a decision (gallery /duplicates).")
+    ] = False,
+    decisions: Annotated[bool, typer.Option(
+        "--decisions", help="Print the stored decisions (gallery /duplicates) instead of searching.")
+    ] = False,
+    move_to: Annotated[str | None, typer.Option(
+        "--move-to", help="With --decisions: print a shell script that moves the decided duplicates "
+        "into DIR (under their own absolute paths), to read and run yourself.", show_default=False)
+    ] = None,
 ) -> None:
-    """Groups of near-duplicate images, the suggested keeper (largest resolution, then file) first.
+    """Groups of near-duplicate images, the suggested keeper (the most pixels, then the largest
+    file, then the oldest) first; groups already settled in the gallery are left out.
 
     Each image's neighbours within the threshold come from the HNSW index, joined into groups
     (union-find): no all-pairs matrix, so it scales to 100k+ images in bounded memory.
     """
+    from . import decisions as decided
     from . import dupes, output, query
 
     fmt = output_format(fmt)
+    if move_to is not None and not decisions:
+        raise InvalidInput("--move-to goes with --decisions")
+    if decisions:
+        with db.connect(settings(ctx)) as conn:
+            rows = decided.export(conn)
+        if move_to is not None:
+            sys.stdout.write(decided.move_script(rows, str(Path(move_to).expanduser().absolute())))
+        else:
+            output.render(rows, decided.COLUMNS, fmt, title="duplicate decisions")
+        err.print(f"{len({r['decision'] for r in rows})} decisions ({len(rows)} files)", markup=False)
+        return
     query.check_ef_search(ef_search)
     if html is not None and not html.parent.is_dir():
         raise InvalidInput(f"--html {html}: the folder {html.parent} does not exist")
@@ -58,12 +81,19 @@ def dupes_command(
             conn, threshold, under=under, k=k, ef_search=ef_search,
             jobs=jobs if jobs is not None else min(4, os.cpu_count() or 1),
             progress=bars)
+        settled = 0
+        if not include_settled:
+            seen = decided.review(conn, result.groups)
+            result.groups, settled = seen.pending, seen.settled
     output.render(result.rows(), dupes.COLUMNS, fmt,
                   title=f"near-duplicates (cosine distance < {threshold:g})")
     members = sum(len(g.members) for g in result.groups)
     groups = f"{len(result.groups)} group{'' if len(result.groups) == 1 else 's'}"
     err.print(f"{groups} ({members} images, {members - len(result.groups)} "
               f"removable) among {result.images} images in {result.seconds:.1f} s", markup=False)
+    if settled:
+        err.print(f"{settled} settled group{'' if settled == 1 else 's'} left out (--include-settled "
+                  "shows them, --decisions lists the decisions)", markup=False)
     if result.unreached:
         err.print(f"{result.unreached} images the HNSW graph search did not reach were compared "
                   "exactly with all others", markup=False)

@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -56,11 +57,16 @@ class Member:
     format: str
     sha256: str
     distance: float  # cosine distance to the group's keeper (0 for the keeper itself)
+    mtime: datetime | None = None  # the file's modification time when it was loaded
+
+
+# The suggested keeper, stated once: the pages and the CLI say it, _describe's ORDER BY applies it.
+KEEPER_RULE = "the most pixels, then the largest file, then the oldest (modification time)"
 
 
 @dataclass(frozen=True)
 class Group:
-    """Near-duplicate images; the suggested keeper (largest resolution, then file) first."""
+    """Near-duplicate images; the suggested keeper (KEEPER_RULE) first."""
 
     members: list[Member]
 
@@ -346,7 +352,7 @@ def _exact_pass(conn: psycopg.Connection, ids: list[int], where_q: str, params: 
 
 
 def _describe(conn: psycopg.Connection, groups: list[list[int]]) -> list[Group]:
-    """Members' metadata and distance to the keeper (largest resolution, then largest file)."""
+    """Members' metadata and distance to the keeper (KEEPER_RULE, then the lowest id)."""
     if not groups:
         return []
     ids = [i for g in groups for i in g]
@@ -355,21 +361,21 @@ def _describe(conn: psycopg.Connection, groups: list[list[int]]) -> list[Group]:
     # Citus joins a distributed table to itself only on its distribution column.
     rows = conn.execute("""
         WITH g AS MATERIALIZED (
-            SELECT g.grp, i.id, i.path, i.width, i.height, i.bytes, i.format, i.sha256, i.embedding
+            SELECT g.grp, i.id, i.path, i.width, i.height, i.bytes, i.format, i.sha256, i.mtime, i.embedding
             FROM unnest(%s::bigint[], %s::int[]) AS g(id, grp) JOIN images i USING (id)
         ), m AS (
             SELECT g.*, first_value(g.id) OVER (PARTITION BY g.grp ORDER BY g.width::bigint * g.height DESC,
-                                                g.bytes DESC, g.id) AS keeper
+                                                g.bytes DESC, g.mtime, g.id) AS keeper
             FROM g
         )
         SELECT m.grp, m.id, m.path, m.width, m.height, m.bytes, m.format, m.sha256,
-               CASE WHEN m.id = m.keeper THEN 0 ELSE m.embedding <=> k.embedding END
+               CASE WHEN m.id = m.keeper THEN 0 ELSE m.embedding <=> k.embedding END, m.mtime
         FROM m JOIN g k ON k.id = m.keeper AND k.grp = m.grp
         ORDER BY m.grp, m.id <> m.keeper, 9, m.id
     """, [ids, numbers]).fetchall()
     by_group: dict[int, list[Member]] = {}
-    for grp, *fields in rows:
-        by_group.setdefault(grp, []).append(Member(*fields[:-1], distance=float(fields[-1])))
+    for grp, *fields, distance, mtime in rows:
+        by_group.setdefault(grp, []).append(Member(*fields, distance=float(distance), mtime=mtime))
     out = [Group(members) for members in by_group.values()]
     out.sort(key=lambda g: (-len(g.members), g.keeper.path))
     return out

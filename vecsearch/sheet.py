@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from . import thumbs
-from .dupes import DupesResult, Group, Member
+from .dupes import KEEPER_RULE, DupesResult, Group, Member
 from .indexed import Verified
 from .output import printable
 
@@ -38,7 +38,7 @@ def write_contact_sheet(result: DupesResult, path: Path, home: Path,
     px = thumbs.SIZES["thumb"]
     verified = Verified()
     summary = (f"{len(result.groups)} groups among {result.images} images, cosine distance "
-               f"&lt; {result.threshold:g}; the suggested keeper (largest resolution, then file) first.")
+               f"&lt; {result.threshold:g}; the suggested keeper ({KEEPER_RULE}) first.")
     written = 0
     with open(path, "w", encoding="utf-8") as out:
         out.write(_PAGE_HEAD.format(px=px * 5 // 8, summary=summary))
