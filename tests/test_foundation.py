@@ -33,11 +33,14 @@ def test_the_sql_functions_limits_are_vecsearch_limits():
     from vecsearch import limits
 
     script = ScriptDirectory.from_config(db.alembic_config("postgresql://unused"))
-    newest = next(r.module for r in script.walk_revisions() if hasattr(r.module, "SIMILAR_TO"))
+    # The neighbour query's body: vecsearch_nearest since 0007 (vecsearch_similar_to calls it).
+    newest = next(r.module for r in script.walk_revisions()
+                  if hasattr(r.module, "NEAREST") or hasattr(r.module, "SIMILAR_TO"))
+    body = getattr(newest, "NEAREST", None) or newest.SIMILAR_TO
     assert (newest.MAX_K, newest.DEFAULT_EF_SEARCH, newest.EXACT_BELOW) == \
         (limits.MAX_K, limits.DEFAULT_EF_SEARCH, limits.EXACT_BELOW)
-    assert f"k must be between 1 and {limits.MAX_K}" in newest.SIMILAR_TO
-    assert f"ef_search must be between 1 and {limits.MAX_EF_SEARCH}" in newest.SIMILAR_TO
+    assert f"k must be between 1 and {limits.MAX_K}" in body
+    assert f"ef_search must be between 1 and {limits.MAX_EF_SEARCH}" in body
 
 
 def test_migrations_down_and_up_on_fresh_database(pg_home):
