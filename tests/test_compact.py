@@ -293,3 +293,33 @@ def test_tune_on_a_compact_index_keeps_the_fewest_candidates_that_hold_the_recal
     assert f"re-rank {best.rerank}:" in printed
     index.reindex(conn, dims=32)  # a new projection starts again from every candidate
     assert compact.rerank(conn) is None
+
+
+def test_the_screen_runs_over_the_whole_table_and_equals_numpy(conn, monkeypatch):
+    vectors = low_rank(1800, seed=21)
+    ids = insert_vectors(conn, vectors)
+    monkeypatch.setattr(compact, "PASS_ROWS", 500)  # several blocks, the last one short
+    monkeypatch.setattr(compact, "SCREEN_CANDIDATES", 30)
+    sample_ids, sample = compact.sample(conn, 600)
+    fitted = compact.fit(sample, 32)
+    got = compact.screen(conn, fitted, sample, sample_ids, dims=(4, 32), queries=40)
+    # The same by brute force over all 1800 rows.
+    rng = np.random.default_rng(0)
+    picked = rng.choice(len(sample), size=40, replace=False)
+    q = np.vstack([sample[picked[:20]], compact.held_out(sample[picked[20:]], 0)])
+    row_of = {image_id: j for j, image_id in enumerate(ids)}
+    own = [row_of[sample_ids[p]] for p in picked[:20]] + [None] * 20
+    exact = 1 - q @ vectors.T / np.linalg.norm(vectors, axis=1)
+    rx, rq = fitted.reduce(vectors).astype(np.float32), fitted.reduce(q).astype(np.float32)
+    for d, bound in got.items():
+        far = ((rq[:, None, :d] - rx[None, :, :d]) ** 2).sum(2)
+        hits = 0
+        for j in range(40):
+            e, f = exact[j].copy(), far[j].copy()
+            if own[j] is not None:
+                e[own[j]] = f[own[j]] = np.inf
+            candidates = np.argsort(f, kind="stable")[:30]
+            found = candidates[np.argsort(e[candidates], kind="stable")[:10]]
+            hits += len(set(found) & set(np.argsort(e, kind="stable")[:10]))
+        assert abs(bound - hits / 400) < 0.01, (d, bound, hits / 400)
+    assert got[4] < got[32]

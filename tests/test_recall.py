@@ -7,7 +7,7 @@ import numpy as np
 import psycopg
 from conftest import clustered, exact_neighbours, insert_vectors, run_cli
 
-from vecsearch import query, recall
+from vecsearch import compact, query, recall
 
 
 def test_recall_is_measured_against_exact_and_tune_sets_the_database_default(settings, conn):
@@ -56,7 +56,7 @@ def test_the_exact_answers_come_from_one_pass_and_equal_the_exact_scans(conn, mo
     vectors = clustered(2500, seed=32, clusters=4, noise=2.0)
     vectors[::7] *= 3.5  # rows written by SQL need not be unit length: cosine ignores it
     insert_vectors(conn, vectors)
-    monkeypatch.setattr(recall, "PASS_ROWS", 700)  # several blocks, the last one short
+    monkeypatch.setattr(compact, "PASS_ROWS", 700)  # several blocks, the last one short
     truth = recall.exact_answers(conn, recall.sample(conn, 30, seed=4))
     scans, _ = recall._answers(conn, truth.asked, 10, None, True)
     assert truth.answers == scans

@@ -27,6 +27,7 @@ FIT_ROWS = 20_000  # rows sampled to fit the projection
 SCREEN_QUERIES = 200
 SCREEN_TARGET = 0.995  # the bound a d must reach before its graph is built (the graph loses some)
 SCREEN_CANDIDATES = 400  # candidates re-ranked per query on the whole table, for the screen
+PASS_ROWS = 10_000  # rows per block of a pass over the table
 NEAR_COPY_NOISE = 0.15  # held-out-style queries: a row moved by this share of its length
 COMPACT_INDEX = "images_reduced_hnsw"
 FULL_INDEX = "images_embedding_hnsw"
@@ -112,35 +113,89 @@ def held_out(rows: np.ndarray, seed: int = 0) -> np.ndarray:
     return (moved / np.linalg.norm(moved, axis=1, keepdims=True)).astype(np.float32)
 
 
-def screen(rows: np.ndarray, projection: Projection, table_rows: int, dims: tuple[int, ...] = DIMS,
-           k: int = 10, queries: int = SCREEN_QUERIES, seed: int = 0) -> dict[int, float]:
-    """{d: recall@k} of exact search in the first d axes then the exact re-rank, on `rows` (a
-    sample of the table): the best any graph over that reduction can do. Half the queries are
-    rows (themselves excluded), half held-out near-copies. The re-rank depth is scaled to the
-    sample (candidates x sample / table rows): rows that outrank a true neighbour in the reduced
-    space grow with the table."""
+def screen(conn: psycopg.Connection, projection: Projection, sample_rows: np.ndarray,
+           sample_ids: list[int], dims: tuple[int, ...] = DIMS, k: int = 10,
+           queries: int = SCREEN_QUERIES, seed: int = 0) -> dict[int, float]:
+    """{d: recall@k} of exact search in the first d axes, then the exact re-rank of the nearest
+    SCREEN_CANDIDATES there, over the whole table (one pass): the best any graph over that
+    reduction can do with that many candidates. Half the queries are sampled rows (themselves
+    excluded), half held-out near-copies of others. On the table itself, not on the sample: how
+    many rows outrank a true neighbour in the reduced space grows with the table, and no scaling
+    of a sample's depth says by how much."""
     rng = np.random.default_rng(seed)
-    picked = rng.choice(len(rows), size=min(queries, len(rows)), replace=False)
+    picked = rng.choice(len(sample_rows), size=min(queries, len(sample_rows)), replace=False)
     half = len(picked) // 2
-    q = np.vstack([rows[picked[:half]], held_out(rows[picked[half:]], seed)])
-    exact = q @ rows.T
-    exact[np.arange(half), picked[:half]] = -np.inf  # a row is not its own neighbour
-    truth = np.argsort(-exact, axis=1)[:, :k]
-    depth = int(np.clip(SCREEN_CANDIDATES * len(rows) / max(table_rows, 1), k, len(rows)))
-    reduced_rows = projection.reduce(rows).astype(np.float32)
-    reduced_q = projection.reduce(q).astype(np.float32)
+    q = np.vstack([sample_rows[picked[:half]], held_out(sample_rows[picked[half:]], seed)])
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    own = np.full(len(q), -1, dtype=np.int64)
+    own[:half] = np.asarray(sample_ids, dtype=np.int64)[picked[:half]]
+    tried = [d for d in dims if d <= projection.dims]
+    rq = projection.reduce(q).astype(np.float32)
+    truth = TopK(len(q), k)
+    reduced = {d: TopK(len(q), SCREEN_CANDIDATES, extra=True) for d in tried}
+    for ids, x in blocks(conn):
+        exact = 1.0 - (x @ q.T).T / np.linalg.norm(x, axis=1)  # queries x block
+        exact[own[:, None] == ids[None, :]] = np.inf  # a row is not its own neighbour
+        truth.add(ids, exact)
+        rx = projection.reduce(x).astype(np.float32)
+        for d in tried:
+            a, b = rx[:, :d], rq[:, :d]
+            far = (b ** 2).sum(1)[:, None] - 2 * b @ a.T + (a ** 2).sum(1)[None, :]
+            far[~np.isfinite(exact)] = np.inf
+            reduced[d].add(ids, far, exact)
     out = {}
-    for d in dims:
-        if d > projection.dims:
-            continue
-        r, rq = reduced_rows[:, :d], reduced_q[:, :d]
-        far = (rq ** 2).sum(1)[:, None] - 2 * rq @ r.T + (r ** 2).sum(1)[None, :]
-        far[np.arange(half), picked[:half]] = np.inf
-        candidates = np.argpartition(far, depth - 1, axis=1)[:, :depth]
-        scores = np.take_along_axis(exact, candidates, axis=1)
-        found = np.take_along_axis(candidates, np.argsort(-scores, axis=1)[:, :k], axis=1)
-        out[d] = float(np.mean([len(set(f) & set(t)) / k for f, t in zip(found, truth, strict=True)]))
+    for d in tried:
+        found = reduced[d].rerank(k)
+        out[d] = float(np.mean([len(set(f) & set(t)) / k
+                                for f, t in zip(found, truth.ids, strict=True)]))
     return out
+
+
+class TopK:
+    """The `size` smallest distances per query seen so far, ties by id, over blocks of rows;
+    with `extra`, a second distance carried along (the exact one, for a re-rank)."""
+
+    def __init__(self, queries: int, size: int, extra: bool = False) -> None:
+        self.d = np.full((queries, 0), np.inf)
+        self.ids = np.zeros((queries, 0), dtype=np.int64)
+        self.e = np.full((queries, 0), np.inf) if extra else None
+        self.size = size
+
+    def add(self, ids: np.ndarray, d: np.ndarray, e: np.ndarray | None = None) -> None:
+        all_d = np.hstack([self.d, d])
+        all_ids = np.hstack([self.ids, np.broadcast_to(ids, d.shape)])
+        order = np.lexsort((all_ids, all_d), axis=1)[:, :self.size]
+        self.d, self.ids = np.take_along_axis(all_d, order, 1), np.take_along_axis(all_ids, order, 1)
+        if self.e is not None:
+            self.e = np.take_along_axis(np.hstack([self.e, e]), order, 1)
+
+    def finite_ids(self) -> list[list[int]]:
+        return [[int(i) for i, d in zip(ids, ds, strict=True) if np.isfinite(d)]
+                for ids, ds in zip(self.ids, self.d, strict=True)]
+
+    def rerank(self, k: int) -> list[list[int]]:
+        """The k of the kept candidates nearest by the extra (exact) distance."""
+        order = np.lexsort((self.ids, self.e), axis=1)[:, :k]
+        return [[int(i) for i, e in zip(ids, es, strict=True) if np.isfinite(e)]
+                for ids, es in zip(np.take_along_axis(self.ids, order, 1),
+                                   np.take_along_axis(self.e, order, 1), strict=True)]
+
+
+def blocks(conn: psycopg.Connection, size: int | None = None):
+    """(ids, embeddings) of every row of `images` in blocks of `size` rows, read once by a binary
+    COPY: a pass over the table for many queries at a time, where a scan per query costs hours."""
+    size = size or PASS_ROWS
+    with conn.cursor().copy("COPY (SELECT id, embedding FROM images) TO STDOUT (FORMAT BINARY)") as copy:
+        copy.set_types(["int8", "vector"])
+        ids, rows = [], []
+        for image_id, vector in copy.rows():
+            ids.append(image_id)
+            rows.append(vector.to_numpy())
+            if len(rows) == size:
+                yield np.asarray(ids, dtype=np.int64), np.vstack(rows)
+                ids, rows = [], []
+        if rows:
+            yield np.asarray(ids, dtype=np.int64), np.vstack(rows)
 
 
 # -- in the database ---------------------------------------------------------------------------

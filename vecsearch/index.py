@@ -298,11 +298,11 @@ def _auto(conn: psycopg.Connection, options: dict[str, int], report: Progress,
         done = _swap_in(conn, None, options, report, swap_wait,
                         f"auto: {rows} rows, under {compact.AUTO_MIN_ROWS}: the full index is small here")
         return done
-    _, sample = compact.sample(conn)
+    sample_ids, sample = compact.sample(conn)
     fitted = compact.fit(sample, min(max(compact.DIMS), len(sample) - 1))
-    bounds = compact.screen(sample, fitted, rows)
-    report.message("reduced-space screen (recall@10 of exact search in d dims + exact re-rank, "
-                   f"{len(sample)} sampled rows): "
+    bounds = compact.screen(conn, fitted, sample, sample_ids)
+    report.message(f"reduced-space screen (recall@10 of exact search in d dims + exact re-rank of "
+                   f"{compact.SCREEN_CANDIDATES}, over the {rows} rows): "
                    + ", ".join(f"{d}: {b:.3f}" for d, b in bounds.items()))
     queries = recall.sample(conn, min(recall.AUTO_QUERIES, rows), seed=1)
     truth = None

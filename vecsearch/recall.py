@@ -89,7 +89,6 @@ class Truth:
 
 
 EXACT_TIMED = 3  # exact queries run through SQL for the exact scan's p50 (each reads the table)
-PASS_ROWS = 10_000  # rows per block of the exact pass
 
 
 def exact_answers(conn: psycopg.Connection, ids: list[int], k: int = 10) -> Truth:
@@ -103,40 +102,18 @@ def exact_answers(conn: psycopg.Connection, ids: list[int], k: int = 10) -> Trut
 
 def _exact_pass(conn: psycopg.Connection, asked: list[Query], k: int) -> list[list[int]]:
     """The k nearest ids of each query by cosine distance, ties by id (as the exact scan orders),
-    over every row of `images` read once (binary COPY, blocks of PASS_ROWS)."""
+    over every row of `images` read once."""
     q = np.asarray([v for v, _ in asked], dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    excluded = [set(e) for _, e in asked]
-    best_d = np.full((len(q), k), np.inf)
-    best_id = np.full((len(q), k), np.iinfo(np.int64).max)
-
-    def merge(block_ids: list[int], block: list[np.ndarray]) -> None:
-        nonlocal best_d, best_id
-        x = np.vstack(block)
+    excluded = [np.asarray(e, dtype=np.int64) for _, e in asked]
+    best = compact.TopK(len(q), k)
+    for ids, x in compact.blocks(conn):
         d = 1.0 - (x @ q.T).T / np.linalg.norm(x, axis=1)  # queries x block
-        block_id = np.asarray(block_ids, dtype=np.int64)
         for row, gone in enumerate(excluded):
-            if gone:
-                d[row, np.isin(block_id, list(gone))] = np.inf
-        all_d = np.hstack([best_d, d])
-        all_id = np.hstack([best_id, np.broadcast_to(block_id, d.shape)])
-        order = np.lexsort((all_id, all_d), axis=1)[:, :k]
-        best_d = np.take_along_axis(all_d, order, axis=1)
-        best_id = np.take_along_axis(all_id, order, axis=1)
-
-    with conn.cursor().copy("COPY (SELECT id, embedding FROM images) TO STDOUT (FORMAT BINARY)") as copy:
-        copy.set_types(["int8", "vector"])
-        block_ids, block = [], []
-        for image_id, vector in copy.rows():
-            block_ids.append(image_id)
-            block.append(vector.to_numpy())
-            if len(block) == PASS_ROWS:
-                merge(block_ids, block)
-                block_ids, block = [], []
-        if block:
-            merge(block_ids, block)
-    return [[int(i) for i, d in zip(ids_, ds, strict=True) if np.isfinite(d)]
-            for ids_, ds in zip(best_id, best_d, strict=True)]
+            if len(gone):
+                d[row, np.isin(ids, gone)] = np.inf
+        best.add(ids, d)
+    return best.finite_ids()
 
 
 def measure(conn: psycopg.Connection, ids: list[int], k: int, ef_searches: list[int],
