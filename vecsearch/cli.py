@@ -219,6 +219,9 @@ def load_command(
         "--shard", metavar="K/N", help="Load only share K of N of the files (by a hash of the path): "
         "N loaders, on N machines or GPUs, split one folder; together they equal one load.",
         show_default=False)] = None,
+    watch: Annotated[bool, typer.Option(
+        "--watch", help="Then keep the database equal to FOLDER as files arrive, change, move and "
+        "vanish (implies --prune), until Ctrl-C.")] = False,
 ) -> None:
     """Embed the images under FOLDER into the database; unchanged files are not read again.
 
@@ -242,6 +245,9 @@ def load_command(
             s = settings(ctx)
             embedder = Embedder(weights, device=device, batch_size=batch_size, precision=precision,
                                 home=s.home, recheck=recheck_engine)
+            if watch:
+                _watch(s, folder, embedder, progress.for_terminal(err, quiet), workers, errors,
+                       reembed or shard)
             summary = loader.load(s, folder, embedder, prune=prune, reembed=reembed,
                                   progress=progress.for_terminal(err, quiet), errors_csv=errors,
                                   workers=workers, shard=_parse_shard(shard))
@@ -255,6 +261,18 @@ def load_command(
         err.print("rows committed so far are kept: run the same load again to finish", markup=False)
     if summary.errors_csv_error:
         err.print(printable(f"error: {summary.errors_csv_error}"), markup=False)
+    raise typer.Exit(summary.exit_code)
+
+
+def _watch(s: Settings, folder: Path, embedder, report, workers: int | None, errors: Path | None,
+           refused: object) -> None:
+    """`load --watch`: vecsearch/watch.py; ends with its one summary line and exit code."""
+    from . import watch
+
+    if refused:
+        raise InvalidInput("--watch follows one folder: it cannot be combined with --reembed or --shard")
+    summary = watch.watch(s, folder, embedder, progress=report, workers=workers, errors_csv=errors)
+    out.print(printable(summary.describe()), markup=False)
     raise typer.Exit(summary.exit_code)
 
 

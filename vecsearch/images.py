@@ -11,6 +11,7 @@ import hashlib
 import os
 import stat
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -129,6 +130,48 @@ def find_images(folder: str | os.PathLike) -> Found:
                    and _classify(entry, found) == "folder"]
         stack.extend(reversed(subdirs))
     found.files.sort(key=lambda c: c.path)
+    return found
+
+
+def find_some(root: str | os.PathLike, paths: Iterable[str]) -> Found:
+    """What `find_images(root)` would find at `paths` only (files, or folders walked whole).
+
+    For `vecsearch load --watch`, which knows which paths changed: each file's folder is listed
+    once (so `_classify` sees the same entries as a walk), never the whole tree. Paths outside
+    `root`, under a hidden name, or gone are left out (gone ones are for the prune to check).
+    """
+    root = os.path.abspath(os.fspath(root))
+    found, by_folder = Found(), {}
+    for path in sorted(set(map(os.path.abspath, paths))):
+        relative = os.path.relpath(path, root)
+        if relative == os.curdir:
+            return find_images(root)
+        if relative.startswith(os.pardir) or any(p.startswith(".") for p in relative.split(os.sep)):
+            continue
+        if os.path.isdir(path):
+            if display_path(path) == path:
+                sub = find_images(path)
+                found.files += sub.files
+                found.failed += sub.failed
+                found.unlisted += sub.unlisted
+        else:
+            by_folder.setdefault(os.path.dirname(path), set()).add(os.path.basename(path))
+    for folder, names in by_folder.items():
+        try:
+            with os.scandir(folder) as it:
+                entries = [e for e in it if e.name in names]
+        except OSError as e:
+            if not isinstance(e, FileNotFoundError | NotADirectoryError):
+                found.unlisted.append(folder)
+            continue
+        for entry in entries:
+            if _classify(entry, found) == "folder":  # became a folder since the event
+                sub = find_images(entry.path)
+                found.files += sub.files
+                found.failed += sub.failed
+                found.unlisted += sub.unlisted
+    unique = {c.path: c for c in found.files}
+    found.files = sorted(unique.values(), key=lambda c: c.path)
     return found
 
 

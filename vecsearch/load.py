@@ -20,7 +20,7 @@ import psycopg
 from . import models, sessions
 from .config import Settings
 from .errors import DatabaseBusy, InvalidInput
-from .images import Found, find_images
+from .images import Found, find_images, find_some
 from .index import BulkLoadIndex
 from .pipeline import LoadSummary, Pipeline, connect, fail
 from .progress import Progress, as_progress
@@ -32,7 +32,7 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
          reembed: bool = False, schema: str = "public",
          progress: Progress | Callable[[int, int], None] | None = None,
          errors_csv: str | os.PathLike | None = None, workers: int | None = None,
-         shard: tuple[int, int] | None = None) -> LoadSummary:
+         shard: tuple[int, int] | None = None, paths: Iterable[str] | None = None) -> LoadSummary:
     """Load every image under `folder` into `schema`.images, embedded by `embedder` (embed.Embedder).
 
     reembed: re-embed every row of the table (also outside `folder`), the way to switch models;
@@ -42,8 +42,13 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
     workers: decode processes (default embed.default_workers(); 0 decodes in this process).
     shard: (K, N) loads only the files of share K of N (1-based, by a hash of the path), so N
     loaders on N machines split one folder; prune then deletes only rows of that share.
+    paths: only these files and folders under `folder` (what `load --watch` saw change), so a
+    sync costs what changed, not a walk of the tree; `prune` then checks only rows at or under them.
     Raises SchemaMismatch when the database was built with another model (and not `reembed`).
     """
+    scope = None if paths is None else sorted({os.path.abspath(os.fspath(p)) for p in paths})
+    if scope is not None and reembed:
+        raise InvalidInput("--reembed re-reads every row: it cannot be limited to some paths")
     if shard is not None:
         check_shard(shard)
         if reembed:
@@ -65,12 +70,12 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
         if not reembed and current not in (None, embedder.record):
             models.ensure_model(conn, embedder.record)  # refuses (or replaces on an empty table)
 
-        found = find_images(folder)
+        found = find_images(folder) if scope is None else find_some(folder, scope)
         if shard is not None:
             found = Found([c for c in found.files if in_share(c.path, shard)],
                           [f for f in found.failed if in_share(f[0], shard)], found.unlisted)
         root = os.path.abspath(os.fspath(folder))
-        existing = _existing(conn, None if reembed else root)
+        existing = _existing(conn, None if reembed else root, scope)
         to_read = _to_read(found, existing, reembed, summary, report)
         share = "" if shard is None else f" (share {shard[0]}/{shard[1]})"
         report.message(f"found {summary.found} image file{'' if summary.found == 1 else 's'} in "
@@ -92,7 +97,7 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
                     summary.interrupted = True
             if not summary.interrupted:
                 if prune:
-                    summary.pruned += _prune(conn, root, found, report, shard)
+                    summary.pruned += _prune(conn, root, found, report, shard, scope)
                 if model_changed:
                     summary.pruned += _finish_reembed(conn, embedder.record, run_start, report)
             summary.index_rebuilt = index.end()
@@ -145,12 +150,22 @@ def _prefix(root: str) -> str:
     return root if root.endswith(os.sep) else root + os.sep
 
 
-def _existing(conn: psycopg.Connection, root: str | None) -> dict[str, tuple[int, int]]:
-    """{path: (bytes, mtime in microseconds)} of the rows under `root` (None: all rows)."""
+_IN_SCOPE = ("(%(scope)s::text[] IS NULL OR path = ANY(%(scope)s) "
+             "OR EXISTS (SELECT FROM unnest(%(dirs)s::text[]) d WHERE starts_with(path, d)))")
+
+
+def _scope(scope: list[str] | None) -> dict:
+    return {"scope": scope, "dirs": None if scope is None else [_prefix(p) for p in scope]}
+
+
+def _existing(conn: psycopg.Connection, root: str | None,
+              scope: list[str] | None = None) -> dict[str, tuple[int, int]]:
+    """{path: (bytes, mtime in microseconds)} of the rows under `root` (None: all rows), at or
+    under the paths of `scope` when given."""
     rows = conn.execute(
         "SELECT path, bytes, (extract(epoch FROM mtime) * 1000000)::bigint FROM images "
-        "WHERE %(prefix)s::text IS NULL OR starts_with(path, %(prefix)s)",
-        {"prefix": None if root is None else _prefix(root)})
+        "WHERE (%(prefix)s::text IS NULL OR starts_with(path, %(prefix)s)) AND " + _IN_SCOPE,
+        {"prefix": None if root is None else _prefix(root), **_scope(scope)})
     return {path: (size, mtime) for path, size, mtime in rows}
 
 
@@ -169,8 +184,9 @@ def in_share(path: str, shard: tuple[int, int]) -> bool:
 
 
 def _prune(conn: psycopg.Connection, root: str, found: Found, report: Progress,
-           shard: tuple[int, int] | None = None) -> int:
-    """Delete the rows under `root` (of this share) whose files are known to be gone.
+           shard: tuple[int, int] | None = None, scope: list[str] | None = None) -> int:
+    """Delete the rows under `root` (of this share; at or under `scope`'s paths when given)
+    whose files are known to be gone.
 
     Known gone: not found by the walk, not under a folder the walk could not list, and stat says
     the path does not exist (ENOENT or ENOTDIR). Any other answer (permission denied, I/O error,
@@ -179,8 +195,8 @@ def _prune(conn: psycopg.Connection, root: str, found: Found, report: Progress,
     discovered = {c.path for c in found.files}
     unlisted = tuple(_prefix(d) for d in found.unlisted)
     gone, kept = [], 0
-    for id_, path in conn.execute("SELECT id, path FROM images WHERE starts_with(path, %s)",
-                                  [_prefix(root)]):
+    for id_, path in conn.execute("SELECT id, path FROM images WHERE starts_with(path, %(root)s) AND "
+                                  + _IN_SCOPE, {"root": _prefix(root), **_scope(scope)}):
         if path in discovered or (shard is not None and not in_share(path, shard)):
             continue
         if path.startswith(unlisted) or not _known_gone(path):
