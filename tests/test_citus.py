@@ -26,8 +26,15 @@ from vecsearch.config import Settings
 
 pytestmark = pytest.mark.citus
 
+# Every table and vecsearch function of the public schema: each migration may add its own.
 DROP = """
-DROP TABLE IF EXISTS images, embedding_model, alembic_version, vecsearch_projection CASCADE;
+DO $$
+DECLARE t text;
+BEGIN
+    FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
+        EXECUTE format('DROP TABLE IF EXISTS public.%I CASCADE', t);
+    END LOOP;
+END $$;
 DO $$
 DECLARE f regprocedure;
 BEGIN
