@@ -38,7 +38,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from . import __version__, catalogue, db, thumbs, web_state
+from . import __version__, catalogue, db, thumbs, web_dupes, web_state
 from .catalogue import MAX_PER_PAGE, PER_PAGE
 from .config import Settings
 from .errors import (
@@ -136,6 +136,7 @@ def create_app(settings: Settings, *, weights: str | None = None,
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _add_error_handlers(app, respond)
     _add_pages(app, state, templates)
+    web_dupes.add_pages(app, state, templates)
     _add_media(app, state)
     _add_api(app, state)
     return app

@@ -98,3 +98,18 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+def same_origin_only(request: Request) -> None:
+    """Refuse (403) a state-changing request that a page of another site could have sent: its
+    Origin (or, without one, its Referer) must be this server's own scheme://host[:port]. Cookies
+    are not needed for such a forgery here (the gallery has no login), so this check is the guard."""
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    origin = request.headers.get("origin")
+    if origin is None:
+        referer = request.headers.get("referer", "")
+        origin = referer if referer.startswith(own + "/") or referer == own else ""
+        origin = own if origin else None
+    if origin != own or request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        raise HTTPException(403, f"refused: this form must be sent from the gallery's own pages ({own}), "
+                                 "not from another site (Origin or Referer header)")
