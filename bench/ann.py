@@ -37,7 +37,7 @@ import common  # noqa: E402
 import datasets  # noqa: E402
 from common import DIM  # noqa: E402
 
-from vecsearch import db, index, query  # noqa: E402
+from vecsearch import db, hnsw, query  # noqa: E402
 from vecsearch.config import Settings  # noqa: E402
 
 K = 10
@@ -116,7 +116,7 @@ def bench_postgres(run: Run, settings: Settings, configs: list[tuple[int, int]],
     rows = run.data.rows
     with db.connect(settings) as conn:
         conn.execute("TRUNCATE images")
-        definition = index.drop(conn) or index.dropped_definition(conn)[0]
+        definition = hnsw.drop(conn) or hnsw.dropped_definition(conn)[0]
         head = definition.partition(" WITH (")[0]
         print(f"  COPY {len(rows) / common.copy_vectors(conn, rows):,.0f} rows/s", flush=True)
         conn.execute("VACUUM ANALYZE images")
@@ -130,15 +130,15 @@ def bench_postgres(run: Run, settings: Settings, configs: list[tuple[int, int]],
             return lambda v: [index_of[x.id] for x in query.similar_to(conn, v, K, **options)]
 
         for number, (m, efc) in enumerate(configs):
-            index.drop(conn)
+            hnsw.drop(conn)
             new = f"{head} WITH (m = {m}, ef_construction = {efc})"
             if number == 0 and serial:
-                seconds = index.rebuild_index(conn, new, workers=0)
+                seconds = hnsw.rebuild_index(conn, new, workers=0)
                 run.results.append({"method": "pgvector HNSW build, no parallel workers",
                                     "params": f"m {m}, ef_c {efc}", "build": seconds})
                 print(f"  build m {m} ef_c {efc} without workers: {seconds:.0f} s", flush=True)
-                index.drop(conn)
-            build = index.rebuild_index(conn, new)
+                hnsw.drop(conn)
+            build = hnsw.rebuild_index(conn, new)
             size = conn.execute("SELECT pg_relation_size('images_embedding_hnsw')").fetchone()[0]
             for image_id in ids[:20]:  # caches warm, as on a running server
                 query.similar(conn, int(image_id), K)
@@ -148,7 +148,7 @@ def bench_postgres(run: Run, settings: Settings, configs: list[tuple[int, int]],
                             per_row=size / len(rows))
         m, efc = compact_config
         for dims in compact_dims:  # the compact index: fitted on these rows by `db reindex --dims`
-            done = index.reindex(conn, m, efc, dims=dims)
+            done = hnsw.reindex(conn, m, efc, dims=dims)
             if dims == "auto":
                 print(f"  auto: {done.reason}", flush=True)
             name = "images_reduced_hnsw" if done.dims else "images_embedding_hnsw"
@@ -165,7 +165,7 @@ def bench_postgres(run: Run, settings: Settings, configs: list[tuple[int, int]],
         run.measure("exact scan in PostgreSQL", "", by_id(exact=True), held(exact=True),
                     few=run.exact_queries)
         conn.execute("TRUNCATE images")
-        index.reindex(conn, dims="full")
+        hnsw.reindex(conn, dims="full")
 
 
 def bench_numpy(run: Run) -> None:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import datasets  # noqa: E402
 
-from vecsearch import citus, cluster, db, index, query, server  # noqa: E402
+from vecsearch import citus, cluster, db, hnsw, query, server  # noqa: E402
 
 K = 10
 
@@ -38,21 +38,21 @@ K = 10
 def load(url: str, rows: np.ndarray) -> dict:
     with psycopg.connect(url, autocommit=True) as conn:
         db.register_vector(conn)
-        definition = index.drop(conn)
+        definition = hnsw.drop(conn)
         copy_s = common.copy_vectors(conn, rows)
-        build_s = index.rebuild_index(conn, definition)
+        build_s = hnsw.rebuild_index(conn, definition)
         conn.execute("ANALYZE images")
         distributed = citus.is_distributed(conn)
         size = "citus_total_relation_size" if distributed else "pg_total_relation_size"
         table = conn.execute(f"SELECT {size}('images')").fetchone()[0]
         if distributed:
-            hnsw = citus.hnsw_bytes(conn)
+            graph = citus.hnsw_bytes(conn)
         else:
-            hnsw = conn.execute("SELECT pg_relation_size('images_embedding_hnsw')").fetchone()[0]
+            graph = conn.execute("SELECT pg_relation_size('images_embedding_hnsw')").fetchone()[0]
         ids = [r[0] for r in conn.execute("SELECT id FROM images ORDER BY path")]
     n = len(rows)
-    return {"copy rows/s": n / copy_s, "build s": build_s, "table B/row": (table - hnsw) / n,
-            "hnsw B/row": hnsw / n, "ids": ids}
+    return {"copy rows/s": n / copy_s, "build s": build_s, "table B/row": (table - graph) / n,
+            "hnsw B/row": graph / n, "ids": ids}
 
 
 def latency(url: str, queries: np.ndarray, ids: list[int], truth: np.ndarray, ef: int) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vecsearch import db, index, server  # noqa: E402
+from vecsearch import db, hnsw, server  # noqa: E402
 from vecsearch.config import Settings  # noqa: E402
 
 DIM = db.DIM
@@ -61,7 +61,7 @@ def cnn_like(n: int, seed: int, clusters: int | None = None, noise: float = 1.0,
 def drop_index(conn) -> str:
     """Drop the HNSW index before a bulk COPY (far faster than inserting into the graph); its
     definition, for `build_index`."""
-    return index.drop(conn)
+    return hnsw.drop(conn)
 
 
 @contextmanager
@@ -85,7 +85,7 @@ def copy_vectors(conn, vectors) -> float:
 def build_index(conn, definition: str) -> float:
     """Build the HNSW index in bulk as `vecsearch load` does (vecsearch.index: the graph in memory,
     parallel workers), then VACUUM ANALYZE; returns the seconds the build took."""
-    seconds = index.rebuild_index(conn, definition)
+    seconds = hnsw.rebuild_index(conn, definition)
     conn.execute("VACUUM ANALYZE images")
     return seconds
 

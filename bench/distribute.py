@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 import datasets  # noqa: E402
 
-from vecsearch import citus, cluster, db, index  # noqa: E402
+from vecsearch import citus, cluster, db, hnsw  # noqa: E402
 
 DROP = """
 DROP TABLE IF EXISTS images, embedding_model, alembic_version, vecsearch_projection CASCADE;
@@ -52,9 +52,9 @@ def fresh(url: str) -> psycopg.Connection:
 
 def populated(url: str, rows, shards: int) -> dict:
     with fresh(url) as conn:
-        definition = index.drop(conn)
+        definition = hnsw.drop(conn)
         common.copy_vectors(conn, rows)
-        index.rebuild_index(conn, definition)  # a single-node database as a bulk load leaves it
+        hnsw.rebuild_index(conn, definition)  # a single-node database as a bulk load leaves it
         started = time.perf_counter()
         citus.distribute(conn, shards)
         return {"total s": time.perf_counter() - started}
@@ -64,17 +64,17 @@ def then_load(url: str, rows, shards: int) -> dict:
     with fresh(url) as conn:
         started = time.perf_counter()
         citus.distribute(conn, shards)
-        definition = index.drop(conn)
+        definition = hnsw.drop(conn)
         copy_s = common.copy_vectors(conn, rows)
-        build_s = index.rebuild_index(conn, definition)
+        build_s = hnsw.rebuild_index(conn, definition)
         return {"total s": time.perf_counter() - started, "copy s": copy_s, "build s": build_s}
 
 
 def live_index(url: str, rows, shards: int) -> dict:
     with fresh(url) as conn:
-        definition = index.drop(conn)
+        definition = hnsw.drop(conn)
         common.copy_vectors(conn, rows)
-        index.rebuild_index(conn, definition)
+        hnsw.rebuild_index(conn, definition)
         started = time.perf_counter()
         with conn.transaction():
             conn.execute("SET LOCAL citus.enable_unsafe_triggers = on")

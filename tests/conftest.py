@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from PIL import Image, ImageDraw
 
-from vecsearch import db, index, server
+from vecsearch import db, hnsw, server
 from vecsearch.config import Settings
 
 TEMPLATE = "vs_template"
@@ -125,13 +125,13 @@ def insert_vectors(conn: psycopg.Connection, vectors: np.ndarray,
     """Bulk-insert embeddings with COPY, rebuilding the HNSW index afterwards (much faster than
     inserting into a live graph); returns the new ids in order. Other columns get dummy values."""
     paths = paths or [f"/synthetic/{i}.jpg" for i in range(len(vectors))]
-    definition = index.drop(conn)
+    definition = hnsw.drop(conn)
     with conn.cursor().copy(
         "COPY images (path, sha256, bytes, width, height, format, mtime, embedding) FROM STDIN"
     ) as copy:
         for i, (path, v) in enumerate(zip(paths, vectors, strict=True)):
             copy.write_row([path, f"{i:064x}", 1000 + i, 64, 48, "JPEG", "2026-01-01", v])
-    index.rebuild_index(conn, definition)
+    hnsw.rebuild_index(conn, definition)
     conn.execute("ANALYZE images")
     rows = conn.execute("SELECT id, path FROM images WHERE path = ANY(%s)", [paths]).fetchall()
     by_path = dict((p, i) for i, p in rows)

@@ -19,9 +19,8 @@ from conftest import clustered, insert_vectors, make_image, run_cli
 from fastapi.testclient import TestClient
 from test_crash import Run, assert_same_rows, count, table, wait_for
 
-from vecsearch import citus, db, query, server, web
+from vecsearch import citus, db, hnsw, query, server, web
 from vecsearch import cluster as cluster_mod
-from vecsearch import index as index_mod
 from vecsearch.config import Settings
 
 pytestmark = pytest.mark.citus
@@ -203,7 +202,7 @@ def test_cli_end_to_end_on_the_cluster_with_split_loads(url, tmp_path, embedder)
     with connect(url) as conn:
         paths = {r[0] for r in conn.execute("SELECT path FROM images")}
         assert paths == {str(p) for p in folder.iterdir()}
-        assert citus.is_distributed(conn) and index_mod.hnsw_index(conn) is not None
+        assert citus.is_distributed(conn) and hnsw.hnsw_index(conn) is not None
         image_id = conn.execute("SELECT id FROM images WHERE path = %s",
                                 [str(folder / "p05.png")]).fetchone()[0]
     status = run_cli("db", "status", env=e, check=True).stdout
@@ -270,7 +269,7 @@ def test_a_sigkilled_load_on_the_cluster_is_finished_by_the_next(url, tmp_path):
     run = Run(tmp_path, e, str(folder), "--weights", "random", "--batch-size", "4", "--workers", "1")
     wait_for(lambda: count(url) >= 4, 180, "the first batch", run.proc)
     with connect(url) as conn:
-        assert index_mod.hnsw_index(conn) is None  # dropped for the bulk load
+        assert hnsw.hnsw_index(conn) is None  # dropped for the bulk load
     run.kill(signal.SIGKILL)
     assert run.wait()[0] == -signal.SIGKILL
     code, out, err = Run(tmp_path, e, str(folder), "--weights", "random").wait()
@@ -278,7 +277,7 @@ def test_a_sigkilled_load_on_the_cluster_is_finished_by_the_next(url, tmp_path):
     with connect(url) as conn:
         paths = [r[0] for r in conn.execute("SELECT path FROM images")]
         assert sorted(paths) == sorted(str(p) for p in folder.iterdir())  # every file, once
-        assert index_mod.hnsw_index(conn) is not None
+        assert hnsw.hnsw_index(conn) is not None
         per_shard = conn.execute("SELECT result FROM run_command_on_shards('images', $$SELECT count(*) FROM "
                                  "pg_indexes WHERE tablename = '%s' AND indexdef LIKE '%%USING hnsw%%'$$)")
         assert {r[0] for r in per_shard} == {"1"}
@@ -315,7 +314,7 @@ def test_a_populated_database_moves_without_its_graph_and_a_killed_distribute_is
     with connect(url) as conn:
         ids = insert_vectors(conn, clustered(400, seed=34))
         expected = [[x.id for x in query.similar(conn, i, 10, exact=True)] for i in ids[::100]]
-        index_mod.drop_marked(conn, *index_mod.hnsw_index(conn))  # killed before the move
+        hnsw.drop_marked(conn, *hnsw.hnsw_index(conn))  # killed before the move
     e = env(url, tmp_path)
     first = run_cli("db", "distribute", env=e, check=True)
     assert "an earlier distribute or load was interrupted" in first.stderr, first.stderr
@@ -323,8 +322,8 @@ def test_a_populated_database_moves_without_its_graph_and_a_killed_distribute_is
     assert "HNSW index built on every shard" in first.stdout
     with connect(url) as conn:
         assert [r[0] for r in conn.execute(HNSW_PER_SHARD)] == ["1"] * 4
-        assert index_mod.dropped_definition(conn) is None
-        index_mod.drop_marked(conn, *index_mod.hnsw_index(conn))  # killed after the move
+        assert hnsw.dropped_definition(conn) is None
+        hnsw.drop_marked(conn, *hnsw.hnsw_index(conn))  # killed after the move
     again = run_cli("db", "distribute", env=e, check=True)
     assert "interrupted" in again.stderr and "HNSW index built on every shard" in again.stdout
     with connect(url) as conn:
@@ -463,7 +462,7 @@ def test_the_compact_index_on_the_cluster(url, tmp_path, embedder):
     with connect(url) as conn:
         citus.distribute(conn, shards=4)
         ids = insert_vectors(conn, vectors[:2000])
-        done = index_mod.reindex(conn, 8, 32, dims=24)
+        done = hnsw.reindex(conn, 8, 32, dims=24)
         assert done.dims == 24
         assert conn.execute("SELECT partmethod FROM pg_dist_partition "
                             "WHERE logicalrelid = 'vecsearch_projection'::regclass").fetchone()[0] == "n"

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from conftest import exact_neighbours, insert_vectors
 
-from vecsearch import compact, db, index, recall
+from vecsearch import compact, db, hnsw, recall
 from vecsearch.limits import DIM
 
 CHEAP = {"m": 8, "ef_construction": 32}  # a small graph, where the test is not about recall
@@ -62,7 +62,7 @@ def rows(conn):
 
 def test_reindex_dims_fits_stores_and_versions_a_projection_that_sql_and_numpy_agree_on(conn, rows):
     vectors, ids = rows
-    done = index.reindex(conn, dims=64)
+    done = hnsw.reindex(conn, dims=64)
     assert done.dims == 64 and hnsw_names(conn) == ["images_reduced_hnsw"]
     version, dims, fitted_on, retained = conn.execute(
         "SELECT version, dims, fitted_on, retained FROM vecsearch_projection WHERE in_use").fetchone()
@@ -83,7 +83,7 @@ def test_reindex_dims_fits_stores_and_versions_a_projection_that_sql_and_numpy_a
         hits += len(set(ann(conn, q)) & set(want))
     assert hits / 200 >= 0.95
     # A second fit is a new version; the old one is gone with its graph.
-    index.reindex(conn, dims=32)
+    hnsw.reindex(conn, dims=32)
     assert conn.execute("SELECT array_agg(version), array_agg(dims) FROM vecsearch_projection").fetchone() \
         == ([version + 1], [32])
     assert conn.execute("SELECT count(DISTINCT reduced_version) FROM images").fetchone()[0] == 1
@@ -92,14 +92,14 @@ def test_reindex_dims_fits_stores_and_versions_a_projection_that_sql_and_numpy_a
         "ORDER BY i.reduced::halfvec(32) <-> (SELECT reduced FROM images LIMIT 1)::halfvec(32) LIMIT 10"
         % (version + 1)))
     assert "images_reduced_hnsw" in plan
-    index.reindex(conn, dims="full")
+    hnsw.reindex(conn, dims="full")
     assert hnsw_names(conn) == ["images_embedding_hnsw"]
     assert conn.execute("SELECT count(*) FROM vecsearch_projection").fetchone()[0] == 0
 
 
 def test_rows_written_by_plain_sql_are_found_at_once_and_in_the_graph_after_reindex(conn, rows):
     vectors, ids = rows
-    index.reindex(conn, dims=48, **CHEAP)
+    hnsw.reindex(conn, dims=48, **CHEAP)
     fresh = low_rank(2020, seed=7)[2000:]  # more rows of the same kind, not in the table
     etl = fresh[:5]
     conn.execute("DROP INDEX images_reduced_hnsw")  # an ETL that dropped it for its bulk COPY
@@ -107,7 +107,7 @@ def test_rows_written_by_plain_sql_are_found_at_once_and_in_the_graph_after_rein
                             "FROM STDIN") as copy:
         for i, v in enumerate(etl):
             copy.write_row([f"/etl/{i}.jpg", f"{i:064x}", 10, 4, 4, "PNG", "2026-01-01", v])
-    index.reindex(conn, **CHEAP)  # no HNSW index at all: still works, keeps the representation
+    hnsw.reindex(conn, **CHEAP)  # no HNSW index at all: still works, keeps the representation
     assert hnsw_names(conn) == ["images_reduced_hnsw"]
     more = fresh[5:8]
     conn.execute("INSERT INTO images (path, sha256, bytes, width, height, format, mtime, embedding) "
@@ -122,7 +122,7 @@ def test_rows_written_by_plain_sql_are_found_at_once_and_in_the_graph_after_rein
     conn.execute("UPDATE images SET embedding = %s::vector WHERE id = %s", [str(moved.tolist()), ids[0]])
     assert conn.execute("SELECT reduced FROM images WHERE id = %s", [ids[0]]).fetchone()[0] is None
     assert ann(conn, moved, 1) == [ids[0]]
-    index.reindex(conn, **CHEAP)
+    hnsw.reindex(conn, **CHEAP)
     assert conn.execute("SELECT count(*) FROM images WHERE reduced IS NULL").fetchone()[0] == 0
     for (late_id,), v in zip(late, more, strict=True):
         assert ann(conn, v, 1) == [late_id]
@@ -138,7 +138,7 @@ def test_a_load_writes_reduced_vectors_of_the_projection_in_use(settings, conn, 
         make_image(folder / f"{i}.png", i)
     load(settings, folder, embedder, workers=0)
     insert_vectors(conn, low_rank(500, seed=3))  # synthetic rows, so there is enough to fit on
-    index.reindex(conn, dims=16, **CHEAP)
+    hnsw.reindex(conn, dims=16, **CHEAP)
     for i in range(6, 9):
         make_image(folder / f"{i}.png", i)
     assert load(settings, folder, embedder, workers=0).new == 3
@@ -156,21 +156,21 @@ def test_auto_keeps_a_compact_index_where_it_measures_well_and_full_where_it_doe
     monkeypatch.setattr(compact, "DIMS", (16, 32, 64))
     monkeypatch.setattr(recall, "AUTO_QUERIES", 30)
     insert_vectors(conn, low_rank(1500, seed=11))
-    done = index.reindex(conn, dims="auto")
+    done = hnsw.reindex(conn, dims="auto")
     assert done.dims in (16, 32, 64) and done.recall >= recall.TARGET, done.reason
     assert "measured recall@10" in done.reason and "compact" in compact.describe(conn)
     assert db.database_ef_search(conn) == done.ef_search
 
     conn.execute("TRUNCATE images")
     insert_vectors(conn, isotropic(1500, seed=12))
-    done = index.reindex(conn, dims="auto")
+    done = hnsw.reindex(conn, dims="auto")
     assert done.dims is None and "no reduction kept recall" in done.reason, done.reason
     assert hnsw_names(conn) == ["images_embedding_hnsw"]
     assert compact.describe(conn).startswith("full")
 
 
 def test_auto_keeps_the_full_index_on_a_small_table(conn, rows):
-    done = index.reindex(conn, dims="auto")
+    done = hnsw.reindex(conn, dims="auto")
     assert done.dims is None and f"under {compact.AUTO_MIN_ROWS}" in done.reason
 
 
@@ -179,12 +179,12 @@ def test_bad_dims_is_one_line(conn, rows):
 
     for bad in ("0", "2001", "many"):
         with pytest.raises(InvalidInput, match="--dims"):
-            index.reindex(conn, dims=bad)
+            hnsw.reindex(conn, dims=bad)
 
 
 KILLED_REFIT = """
 import sys
-from vecsearch import compact, db, index
+from vecsearch import compact, db, hnsw
 from vecsearch.config import Settings
 real = compact.fill
 def fill(conn, projection, **kw):
@@ -194,13 +194,13 @@ def fill(conn, projection, **kw):
     return n
 compact.fill = fill
 with db.connect(Settings.from_env()) as conn:
-    index.reindex(conn, 8, 32, dims=16)
+    hnsw.reindex(conn, 8, 32, dims=16)
 """
 
 
 def test_a_kill_during_a_refit_leaves_the_old_index_and_projection_working(settings, conn, rows):
     vectors, ids = rows
-    index.reindex(conn, dims=32, **CHEAP)
+    hnsw.reindex(conn, dims=32, **CHEAP)
     before = conn.execute("SELECT version FROM vecsearch_projection WHERE in_use").fetchone()[0]
     q = vectors[3]
     answer = ann(conn, q)
@@ -222,16 +222,16 @@ def test_a_kill_during_a_refit_leaves_the_old_index_and_projection_working(setti
     assert conn.execute("SELECT count(*) FROM images WHERE reduced_version = %s",
                         [before]).fetchone()[0] == 2000
     assert ann(conn, q) == answer
-    index.reindex(conn, dims=16, **CHEAP)  # and the next refit works
+    hnsw.reindex(conn, dims=16, **CHEAP)  # and the next refit works
     assert conn.execute("SELECT dims FROM vecsearch_projection WHERE in_use").fetchone()[0] == 16
 
 
 def test_reader_logins_can_query_a_compact_index(settings, conn, rows):
-    from vecsearch import reader
+    from vecsearch import logins
 
-    index.reindex(conn, dims=32, **CHEAP)
-    password = reader.create(conn, "compact_reader")
-    url = reader.url(settings, conn, "compact_reader", password)
+    hnsw.reindex(conn, dims=32, **CHEAP)
+    password = logins.create(conn, "compact_reader")
+    url = logins.url(settings, conn, "compact_reader", password)
     with psycopg.connect(url, autocommit=True) as r:
         got = r.execute("SELECT id FROM vecsearch_similar(%s, 5)", [rows[1][0]]).fetchall()
         assert len(got) == 5
@@ -258,7 +258,7 @@ def test_cli_reindex_dims_then_status_and_recall_say_what_is_in_use(settings, co
 def test_a_query_by_id_starts_from_the_rows_own_reduced_vector_and_reranks_the_tuned_depth(
         conn, rows):
     vectors, ids = rows
-    index.reindex(conn, dims=32)
+    hnsw.reindex(conn, dims=32)
     by_id = [[r[0] for r in conn.execute("SELECT id FROM vecsearch_similar(%s, 10)", [i])] for i in ids[:20]]
     by_vector = [ann_excluding(conn, vectors[j], ids[j]) for j in range(20)]
     assert by_id == by_vector  # the stored reduced vector and vecsearch_reduce() agree
@@ -282,7 +282,7 @@ def test_a_query_by_id_starts_from_the_rows_own_reduced_vector_and_reranks_the_t
 def test_tune_on_a_compact_index_keeps_the_fewest_candidates_that_hold_the_recall(settings, conn, rows):
     from conftest import run_cli
 
-    index.reindex(conn, dims=32)
+    hnsw.reindex(conn, dims=32)
     ids = recall.sample(conn, 30, seed=2)
     chosen, measured = recall.tune(conn, ids)
     best = measured[-1]
@@ -291,7 +291,7 @@ def test_tune_on_a_compact_index_keeps_the_fewest_candidates_that_hold_the_recal
     assert f"the nearest {best.rerank} candidates" in compact.describe(conn)
     printed = run_cli("db", "recall", "--sample", "20", check=True).stdout
     assert f"re-rank {best.rerank}:" in printed
-    index.reindex(conn, dims=32)  # a new projection starts again from every candidate
+    hnsw.reindex(conn, dims=32)  # a new projection starts again from every candidate
     assert compact.rerank(conn) is None
 
 

@@ -24,8 +24,7 @@ import pytest
 from conftest import cli_command, make_image
 from PIL import Image
 
-from vecsearch import db, server
-from vecsearch import index as index_mod
+from vecsearch import db, hnsw, server
 from vecsearch.config import Settings
 from vecsearch.load import load
 
@@ -127,8 +126,8 @@ def assert_same_rows(before: dict[str, tuple], after: dict[str, tuple]) -> None:
 
 def assert_dropped_for_rebuild(conn: psycopg.Connection) -> None:
     """No HNSW index, and the table comment holds the definition the next load rebuilds."""
-    assert index_mod.hnsw_index(conn) is None
-    assert index_mod.dropped_definition(conn) is not None
+    assert hnsw.hnsw_index(conn) is None
+    assert hnsw.dropped_definition(conn) is not None
 
 
 def assert_index_complete(conn: psycopg.Connection, n: int) -> None:
@@ -153,7 +152,7 @@ def test_sigkilled_loads_and_server_end_like_an_uninterrupted_load(settings, emb
     assert reference_summary.new == FOLDERS * PER_FOLDER
     with db.connect(settings) as conn:
         reference = table(conn)
-        original_index = index_mod.hnsw_index(conn)[1]
+        original_index = hnsw.hnsw_index(conn)[1]
 
     home = tmp_path / "home"
     env = {"VECSEARCH_HOME": str(home), "VECSEARCH_DATABASE_URL": ""}
@@ -241,7 +240,7 @@ def _crash_and_recover(home: Path, env: dict, photos: Path, reference: dict, ori
         for path, (_, sha, vector) in final.items():
             assert sha == reference[path][1]
             np.testing.assert_allclose(vector, reference[path][2], atol=2e-4)
-        assert index_mod.hnsw_index(conn)[1] == original_index
+        assert hnsw.hnsw_index(conn)[1] == original_index
         assert conn.execute("SELECT obj_description('images'::regclass, 'pg_class')").fetchone()[0] is None
         assert_index_complete(conn, len(final))
 
@@ -262,7 +261,7 @@ def test_ctrl_c_stops_cleanly_with_a_summary_and_a_rerun_finishes(settings, phot
         kept = table(conn)
         assert 0 < len(kept) < total
         assert f"new {len(kept)}, " in out  # the summary counts what was committed
-        assert index_mod.hnsw_index(conn) is not None  # a clean stop leaves a usable index
+        assert hnsw.hnsw_index(conn) is not None  # a clean stop leaves a usable index
         assert_index_complete(conn, len(kept))
 
     code, out, err = Run(tmp_path, {}, str(folder), "--weights", "random", "--workers", "1").wait()
@@ -303,7 +302,7 @@ def test_sigkill_of_the_load_alone_leaves_no_worker_and_the_next_load_repairs_th
     assert "an earlier load was interrupted" in err
     assert f"new {40 - kept}, updated 0, unchanged {kept}" in out
     with connect(url) as conn:
-        assert index_mod.hnsw_index(conn) is not None
+        assert hnsw.hnsw_index(conn) is not None
         assert_index_complete(conn, 40)
 
 
@@ -317,16 +316,16 @@ def test_a_load_ends_a_session_left_holding_the_index_lock_by_a_dead_load(settin
     with connect(settings.database_url) as orphan:
         orphan.execute("SELECT set_config('application_name', %s, false)",
                        [f"vecsearch load {socket.gethostname()[:30]}:{dead.pid}"])
-        orphan.execute(f"SELECT pg_advisory_lock({index_mod.LOCK_KEY})")
+        orphan.execute(f"SELECT pg_advisory_lock({hnsw.LOCK_KEY})")
         definition = orphan.execute("SELECT pg_get_indexdef('images_embedding_hnsw'::regclass)").fetchone()[0]
-        mark = index_mod.DROPPED_MARK + json.dumps({"index": definition, "previous_comment": None})
+        mark = hnsw.DROPPED_MARK + json.dumps({"index": definition, "previous_comment": None})
         orphan.execute(psycopg.sql.SQL("COMMENT ON TABLE images IS {}").format(psycopg.sql.Literal(mark)))
         orphan.execute("DROP INDEX images_embedding_hnsw")
         code, out, err = Run(tmp_path, {}, str(folder), "--weights", "random", "--workers", "0").wait()
         assert code == 0, err
         assert "an earlier load was interrupted" in err
         with connect(settings.database_url) as conn:
-            assert index_mod.hnsw_index(conn) is not None
+            assert hnsw.hnsw_index(conn) is not None
         assert _is_dead(orphan)
 
 

@@ -54,3 +54,15 @@ def test_every_command_and_option_is_documented():
                 if opt.startswith("--") and opt != "--help" and opt not in text:
                     missing.append(f"{path} {opt}")
     assert not missing, "not in README.md or docs/: " + ", ".join(missing)
+
+
+def test_the_module_map_lists_every_module_and_only_those():
+    """docs/development.md's layout table is how a newcomer finds a concern: it must match the tree."""
+    text = (ROOT / "docs" / "development.md").read_text()
+    table = text[text.index("## Layout"):]
+    table = table[:table.index("\n\n", table.index("| module |"))]
+    listed = set(re.findall(r"`([\w/]+\.py)`", table))
+    package = ROOT / "vecsearch"
+    present = {str(p.relative_to(package)) for p in package.rglob("*.py")} - {"__init__.py"}
+    assert present - listed == set(), "modules missing from docs/development.md's layout table"
+    assert listed - present == set(), "docs/development.md lists modules that do not exist"

@@ -12,8 +12,10 @@ from conftest import make_image, run_cli
 from PIL import Image, ImageFilter
 from psycopg import sql
 
-from vecsearch import db, evaluate, metrics, plots, scratch
+from vecsearch import db, scratch
+from vecsearch import eval as evaluation
 from vecsearch.errors import InvalidInput, VecsearchError
+from vecsearch.eval import metrics, plots
 from vecsearch.images import open_image
 
 # -- metrics on hand-made neighbour lists ----------------------------------------------------
@@ -126,8 +128,8 @@ def test_neighbours_in_scratch_ann_and_exact_equal_numpy(conn):
                                           .format(sql.Identifier(schema)))]
         by_row = {r[0]: int(r[1].rsplit("/", 1)[1]) for r in conn.execute(
             sql.SQL("SELECT id, path FROM {}.images").format(sql.Identifier(schema)))}
-        exact = evaluate.neighbours(conn, schema, ids, 5, exact=True)
-        ann = evaluate.neighbours(conn, schema, ids, 5, exact=False)
+        exact = evaluation.neighbours(conn, schema, ids, 5, exact=True)
+        ann = evaluation.neighbours(conn, schema, ids, 5, exact=False)
         assert conn.execute("SELECT count(*) FROM public.images").fetchone()[0] == 0
     distances = 1 - vectors @ vectors.T
     for q in ids:
@@ -160,7 +162,7 @@ def test_perturb_end_to_end(settings, conn, embedder, tmp_path):
     for seed in (11, 12, 13):
         make_image(folder / f"p{seed}.png", seed=seed, size=(256, 192))
     (folder / "broken.jpg").write_bytes(b"not an image")
-    report = evaluate.perturb(settings, folder, embedder, originals=3, ks=(1, 3, 5), seed=4)
+    report = evaluation.perturb(settings, folder, embedder, originals=3, ks=(1, 3, 5), seed=4)
     assert (report.queries, report.images, report.ks) == (3, 18, [1, 3, 5])
     assert sorted(report.originals) == sorted(str(p) for p in folder.glob("p*.png"))
     assert any(path.endswith("broken.jpg") for path, _ in report.skipped)
@@ -173,8 +175,8 @@ def test_perturb_end_to_end(settings, conn, embedder, tmp_path):
     for n, original in enumerate(report.originals):
         names.append(f"{n:05d}_original")
         images.append(open_image(original))
-        work = open_image(original, draft=evaluate.WORK_PX)
-        work.thumbnail((evaluate.WORK_PX, evaluate.WORK_PX))
+        work = open_image(original, draft=evaluation.WORK_PX)
+        work.thumbnail((evaluation.WORK_PX, evaluation.WORK_PX))
         for kind in metrics.DEFAULT_PERTURBATIONS:
             names.append(f"{n:05d}_{kind}")
             images.append(metrics.perturbed(work, kind, 4, n))
@@ -191,7 +193,7 @@ def test_perturb_end_to_end(settings, conn, embedder, tmp_path):
     assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 0
     assert _schemas(conn) == []
     with pytest.raises(InvalidInput, match="unknown perturbation"):
-        evaluate.perturb(settings, folder, embedder, perturbations=["smudge"])
+        evaluation.perturb(settings, folder, embedder, perturbations=["smudge"])
 
 
 def test_labels_end_to_end_via_cli(settings, conn, embedder, tmp_path):
@@ -244,8 +246,8 @@ def test_eval_ann_neighbours_are_row_for_row_what_vecsearch_similar_returns(conn
     ids = insert_vectors(conn, clustered(2500, seed=13))
     probes = ids[::50]
     for ef_search in (10, 200):
-        ann = evaluate.neighbours(conn, "public", probes, 10, exact=False, ef_search=ef_search)
-        exact = evaluate.neighbours(conn, "public", probes, 10, exact=True)
+        ann = evaluation.neighbours(conn, "public", probes, 10, exact=False, ef_search=ef_search)
+        exact = evaluation.neighbours(conn, "public", probes, 10, exact=True)
         for q in probes:
             shipped = query.similar(conn, q, 10, ef_search=ef_search)
             assert ann[q] == [(n.id, n.distance) for n in shipped]

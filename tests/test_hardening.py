@@ -17,7 +17,7 @@ from conftest import cli_command, clustered, fresh_database, insert_vectors, mak
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from vecsearch import db, reader, server, web
+from vecsearch import db, logins, server, web
 from vecsearch.load import load
 
 
@@ -152,9 +152,9 @@ def test_restore_waits_for_a_readers_open_transaction_with_a_message_and_a_limit
 def test_reader_logins_get_no_temporary_objects_no_other_database_and_timeouts(settings, conn):
     insert_vectors(conn, clustered(3, seed=8))
     name = f"hostile_{os.getpid()}"
-    password = reader.create(conn, name)
+    password = logins.create(conn, name)
     try:
-        url = reader.url(settings, conn, name, password)
+        url = logins.url(settings, conn, name, password)
         with psycopg.connect(url, autocommit=True) as analyst:
             assert analyst.execute("SELECT count(*) FROM vecsearch_similar(1, 2)").fetchone() == (2,)
             for statement in ("CREATE TEMP TABLE t (x int)",
@@ -168,7 +168,7 @@ def test_reader_logins_get_no_temporary_objects_no_other_database_and_timeouts(s
             with pytest.raises(psycopg.OperationalError, match="permission denied for database"):
                 psycopg.connect(url.replace(f"/{conn.info.dbname}?", f"/{other}?"))
     finally:
-        reader.drop(conn, name)
+        logins.drop(conn, name)
     # vecsearch itself (the role that ran the migrations) still makes its load's temporary table.
     conn.execute("CREATE TEMP TABLE still_allowed (x int)")
 

@@ -15,7 +15,7 @@ import pytest
 from conftest import cli_command, clustered, fresh_database, insert_vectors, make_image, run_cli
 from test_web_api import live_server
 
-from vecsearch import db, index, reader, server, sessions
+from vecsearch import db, hnsw, logins, server, sessions
 from vecsearch.errors import DatabaseBusy
 
 
@@ -68,7 +68,7 @@ def test_a_killed_reindex_ends_its_server_session_within_seconds_even_in_a_lock_
             if proc.poll() is None:
                 proc.kill()
         lock.execute("ROLLBACK")
-    assert index.index_options(conn) == {"m": 32, "ef_construction": 128}
+    assert hnsw.index_options(conn) == {"m": 32, "ef_construction": 128}
 
 
 @pytest.mark.parametrize("command", ["reindex", "restore"])
@@ -79,10 +79,10 @@ def test_a_session_left_holding_the_index_lock_by_a_dead_command_is_ended_by_the
     with psycopg.connect(settings.database_url, autocommit=True) as orphan:
         orphan.execute("SELECT set_config('application_name', %s, false)",
                        [f"vecsearch {command} {socket.gethostname()[:30]}:{dead_pid()}"])
-        orphan.execute(f"SELECT pg_advisory_lock({index.LOCK_KEY})")
+        orphan.execute(f"SELECT pg_advisory_lock({hnsw.LOCK_KEY})")
         result = run_cli("db", "reindex", "--m", "20", "--ef-construction", "60")
         assert result.returncode == 0, result.stderr
-        assert index.index_options(conn) == {"m": 20, "ef_construction": 60}
+        assert hnsw.index_options(conn) == {"m": 20, "ef_construction": 60}
         with pytest.raises(psycopg.OperationalError):
             orphan.execute("SELECT 1")
 
@@ -106,7 +106,7 @@ def test_restore_names_its_session_and_a_busy_index_lock_names_its_holder(settin
         blocker.rollback()
     # A live session that is no vecsearch command holding the index lock is named, not guessed at.
     with psycopg.connect(settings.database_url, autocommit=True) as squatter:
-        squatter.execute(f"SELECT pg_advisory_lock({index.LOCK_KEY})")
+        squatter.execute(f"SELECT pg_advisory_lock({hnsw.LOCK_KEY})")
         line = one_error_line(run_cli("db", "reindex"))
         assert f"pid {squatter.info.backend_pid}, role " in line
 
@@ -120,7 +120,7 @@ def test_the_reindex_swap_never_stalls_queries_and_gives_up_keeping_the_old_inde
     def run() -> None:
         try:
             with db.connect(settings) as c:
-                index.reindex(c, m=20, ef_construction=60, swap_wait=3)
+                hnsw.reindex(c, m=20, ef_construction=60, swap_wait=3)
             outcome.append(None)
         except BaseException as e:  # noqa: BLE001 - handed to the test
             outcome.append(e)
@@ -145,7 +145,7 @@ def test_the_reindex_swap_never_stalls_queries_and_gives_up_keeping_the_old_inde
             worker.join(60)
     assert isinstance(outcome[0], DatabaseBusy), outcome
     assert "the old index stays" in str(outcome[0])
-    assert index.index_options(conn) == {"m": 32, "ef_construction": 128}
+    assert hnsw.index_options(conn) == {"m": 32, "ef_construction": 128}
     assert conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'images_embedding_hnsw%'"
                         ).fetchone() == (1,)
 
@@ -155,11 +155,11 @@ def test_the_reindex_swap_never_stalls_queries_and_gives_up_keeping_the_old_inde
 def test_reader_logins_cannot_store_large_objects_or_take_the_index_lock(settings, conn):
     insert_vectors(conn, clustered(3, seed=35))
     name = f"squatter_{os.getpid()}"
-    password = reader.create(conn, name)
+    password = logins.create(conn, name)
     try:
-        with psycopg.connect(reader.url(settings, conn, name, password), autocommit=True) as analyst:
+        with psycopg.connect(logins.url(settings, conn, name, password), autocommit=True) as analyst:
             for statement in ("SELECT lo_from_bytea(0, 'x')", "SELECT lo_create(0)", "SELECT lo_creat(-1)",
-                              f"SELECT pg_advisory_lock({index.LOCK_KEY})",
+                              f"SELECT pg_advisory_lock({hnsw.LOCK_KEY})",
                               f"SELECT pg_try_advisory_lock_shared({sessions.LOAD_LOCK})",
                               "SELECT pg_advisory_xact_lock(1)", "SELECT pg_try_advisory_lock(1, 2)"):
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -169,7 +169,7 @@ def test_reader_logins_cannot_store_large_objects_or_take_the_index_lock(setting
             analyst.execute(psycopg.sql.SQL("ALTER ROLE {} SET statement_timeout = 0").format(
                 psycopg.sql.Identifier(name)))
     finally:
-        reader.drop(conn, name)
+        logins.drop(conn, name)
     assert conn.execute("SELECT lo_unlink(lo_from_bytea(0, 'x'))").fetchone() == (1,)  # vecsearch itself
 
 
@@ -179,9 +179,9 @@ def test_a_load_says_who_holds_the_lock_instead_of_silently_skipping_the_repair(
     assert run_cli("load", str(folder), "--weights", "random", "--workers", "0").returncode == 0
     definition = conn.execute("SELECT pg_get_indexdef('images_embedding_hnsw'::regclass)").fetchone()[0]
     with psycopg.connect(settings.database_url, autocommit=True) as squatter:
-        squatter.execute(f"SELECT pg_advisory_lock({index.LOCK_KEY})")
+        squatter.execute(f"SELECT pg_advisory_lock({hnsw.LOCK_KEY})")
         import json
-        mark = index.DROPPED_MARK + json.dumps({"index": definition, "previous_comment": None})
+        mark = hnsw.DROPPED_MARK + json.dumps({"index": definition, "previous_comment": None})
         squatter.execute(psycopg.sql.SQL("COMMENT ON TABLE images IS {}").format(psycopg.sql.Literal(mark)))
         squatter.execute("DROP INDEX images_embedding_hnsw")
         result = run_cli("load", str(folder), "--weights", "random", "--workers", "0")
@@ -385,7 +385,7 @@ def test_originals_stream_in_bounded_memory_a_few_at_once_and_never_finish_if_ch
     from PIL import Image
 
     from vecsearch import web
-    from vecsearch.web_state import ORIGINALS_AT_ONCE
+    from vecsearch.web.state import ORIGINALS_AT_ONCE
 
     photo = tmp_path / "trailing.jpg"
     Image.new("RGB", (16, 16), (9, 99, 199)).save(photo, quality=90)
@@ -460,7 +460,7 @@ def test_an_original_edited_in_place_while_it_is_sent_never_reaches_its_end(tmp_
     import hashlib
 
     from vecsearch.errors import NotFound
-    from vecsearch.indexed import CHUNK, Verified
+    from vecsearch.verified_files import CHUNK, Verified
 
     path = tmp_path / "big.bin"
     path.write_bytes(os.urandom(3 * CHUNK + 5))

@@ -16,7 +16,7 @@ import pytest
 from conftest import make_image, run_cli
 from PIL import Image
 
-from vecsearch import index as index_mod
+from vecsearch import hnsw
 from vecsearch import load as load_mod
 from vecsearch.errors import SchemaMismatch
 from vecsearch.load import load
@@ -52,7 +52,7 @@ def rows(conn: psycopg.Connection) -> dict[str, tuple]:
 
 
 def hnsw_definition(conn: psycopg.Connection) -> str | None:
-    found = index_mod.hnsw_index(conn)
+    found = hnsw.hnsw_index(conn)
     return found[1] if found else None
 
 
@@ -295,7 +295,7 @@ def test_bulk_first_load_rebuilds_the_index_and_a_killed_one_is_repaired(setting
     # A load killed while the index was dropped: its session (and lock) is gone, the mark remains.
     conn.execute("COMMENT ON TABLE images IS 'analysts wrote this'")
     killed = load_mod.connect(settings)
-    index = index_mod.BulkLoadIndex(killed, Recorder())
+    index = hnsw.BulkLoadIndex(killed, Recorder())
     index.begin(bulk=True, additions=1)
     assert hnsw_definition(conn) is None
     killed.close()
@@ -310,7 +310,7 @@ def test_bulk_first_load_rebuilds_the_index_and_a_killed_one_is_repaired(setting
 def test_a_running_bulk_load_keeps_its_index_from_being_restored_by_another(settings, conn, tmp_path,
                                                                            embedder):
     holder = load_mod.connect(settings)
-    index = index_mod.BulkLoadIndex(holder, Recorder())
+    index = hnsw.BulkLoadIndex(holder, Recorder())
     index.begin(bulk=True, additions=1)  # a live bulk load: dropped, lock held
     try:
         make_image(tmp_path / "p" / "a.png", 1)

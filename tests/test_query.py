@@ -23,7 +23,7 @@ from vecsearch.config import Settings
 from vecsearch.errors import InvalidInput, NotFound
 
 
-def assert_same(neighbours: list[query.Neighbor], reference) -> None:
+def assert_same(neighbours: list[query.Neighbour], reference) -> None:
     assert [n.id for n in neighbours] == [i for i, _ in reference]
     np.testing.assert_allclose([n.distance for n in neighbours], [d for _, d in reference], atol=1e-6)
 

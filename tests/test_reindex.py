@@ -9,7 +9,7 @@ import time
 import psycopg
 from conftest import cli_command, clustered, insert_vectors, run_cli
 
-from vecsearch import db, index
+from vecsearch import db, hnsw
 
 
 def _options(conn) -> str:
@@ -32,7 +32,7 @@ def test_reindex_changes_the_parameters_and_the_new_index_serves_every_row(setti
     assert result.returncode == 0, result.stderr
     assert "reindexed in " in result.stdout and "m=24, ef_construction=80" in result.stdout
     assert _options(conn) == "m=24, ef_construction=80"
-    assert index.index_options(conn) == {"m": 24, "ef_construction": 80}
+    assert hnsw.index_options(conn) == {"m": 24, "ef_construction": 80}
     assert "hnsw opts: " in run_cli("db", "status", check=True).stdout
     # One HNSW index, the one the plan uses, holding every row.
     assert conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'images' "
@@ -47,7 +47,7 @@ def test_reindex_changes_the_parameters_and_the_new_index_serves_every_row(setti
         assert sorted(r[0] for r in conn.execute(sql, [ids[0]])) == sorted(ids)
     # Without options: rebuilt with its own.
     assert run_cli("db", "reindex").returncode == 0
-    assert index.index_options(conn) == {"m": 24, "ef_construction": 80}
+    assert hnsw.index_options(conn) == {"m": 24, "ef_construction": 80}
 
 
 def test_a_killed_reindex_leaves_the_old_index_and_a_rerun_finishes(settings, conn):
@@ -71,13 +71,13 @@ def test_a_killed_reindex_leaves_the_old_index_and_a_rerun_finishes(settings, co
     _wait(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
                                "AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
                                ).fetchone()[0] == 0, 30, "the killed rebuild's session to end")
-    assert index.index_options(conn) == {"m": 32, "ef_construction": 128}  # the old one, untouched
+    assert hnsw.index_options(conn) == {"m": 32, "ef_construction": 128}  # the old one, untouched
     assert conn.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'images_embedding_hnsw%'"
                         ).fetchone() == (1,)
     assert conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = "
                         "'images_embedding_hnsw'::regclass").fetchone() == (True,)
     assert run_cli("db", "reindex", "--m", "20", "--ef-construction", "60").returncode == 0
-    assert index.index_options(conn) == {"m": 20, "ef_construction": 60}
+    assert hnsw.index_options(conn) == {"m": 20, "ef_construction": 60}
 
 
 def test_reindex_refuses_parameters_pgvector_would_refuse(settings, conn):
@@ -86,4 +86,4 @@ def test_reindex_refuses_parameters_pgvector_would_refuse(settings, conn):
                           (["--m", "16", "--ef-construction", "20"], "at least 2 x m (32)")):
         result = run_cli("db", "reindex", *args)
         assert result.returncode == 1 and result.stderr.startswith("error: ") and message in result.stderr
-    assert index.index_options(conn) == {"m": 32, "ef_construction": 128}
+    assert hnsw.index_options(conn) == {"m": 32, "ef_construction": 128}

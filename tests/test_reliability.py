@@ -22,8 +22,7 @@ import psycopg
 import pytest
 from conftest import cli_command, clustered, fresh_database, insert_vectors, make_image, run_cli
 
-from vecsearch import db, query, server
-from vecsearch import index as index_mod
+from vecsearch import db, hnsw, query, server
 from vecsearch.limits import EPOCH
 
 # -- bad queries and broken configurations --------------------------------------------------
@@ -211,7 +210,7 @@ def test_overlapping_loads_at_once_store_each_file_once_while_queries_keep_answe
     assert sorted(paths) == sorted(str(f) for f in files)  # each file exactly once
     news = [int(re.search(r"new (\d+),", out).group(1)) for out, _ in outputs]
     assert sum(news) == len(files)  # each row inserted by one load (the other may update it)
-    assert index_mod.hnsw_index(conn) is not None
+    assert hnsw.hnsw_index(conn) is not None
     assert_index_complete(conn, len(files) + len(ids))
 
 
@@ -323,7 +322,7 @@ def test_everything_a_fresh_home_holds_is_private_to_its_owner(tmp_path):
     old = os.umask(0o022)
     try:
         run_cli("db", "start", "--tcp", "--port", "54341", env=env, check=True)
-        from vecsearch.indexed import Verified
+        from vecsearch.verified_files import Verified
 
         row = {"id": 1, "path": str(photo), "bytes": photo.stat().st_size,
                "sha256": hashlib.sha256(photo.read_bytes()).hexdigest()}

@@ -10,7 +10,7 @@ import psycopg
 import pytest
 from conftest import clustered, exact_neighbours, fresh_database, insert_vectors, nested_plans, run_cli
 
-from vecsearch import db, query, reader, server
+from vecsearch import db, logins, query, server
 from vecsearch.config import Settings
 
 
@@ -42,7 +42,7 @@ def test_vecsearch_similar_matches_the_library_and_numpy(data, sconn):
     image_id = data.ids[10]
     rows = sconn.execute("SELECT id, path, distance FROM vecsearch_similar(%s, 8)", [image_id]).fetchall()
     with db.connect(data.settings) as conn:
-        assert [query.Neighbor(*r) for r in rows] == query.similar(conn, image_id, 8)
+        assert [query.Neighbour(*r) for r in rows] == query.similar(conn, image_id, 8)
     exact = sconn.execute("SELECT id, distance FROM vecsearch_similar(%s, 8, exact => true)",
                           [image_id]).fetchall()
     reference = exact_neighbours(data.vectors, data.ids, data.vectors[10], 8, exclude=[image_id])
@@ -161,9 +161,9 @@ def test_reader_role_can_read_and_call_functions_but_not_write(data, sconn):
     assert group == (False, False, False, False)
     name = f"analyst_{os.getpid()}"
     with db.connect(data.settings) as conn:
-        password = reader.create(conn, name)
+        password = logins.create(conn, name)
         try:
-            url = reader.url(data.settings, conn, name, password)
+            url = logins.url(data.settings, conn, name, password)
             assert url.startswith(f"postgresql://{name}:{password}@/")
             _assert_read_only(url, data.ids[0])
             # Nothing but the group's privileges: no other grants, no attributes.
@@ -172,7 +172,7 @@ def test_reader_role_can_read_and_call_functions_but_not_write(data, sconn):
                                  [name]).fetchall()
             assert roles == [("vecsearch_reader",)]
         finally:
-            reader.drop(conn, name)
+            logins.drop(conn, name)
         assert conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", [name]).fetchone() == (0,)
 
 
@@ -182,9 +182,9 @@ def test_reader_refuses_roles_that_are_not_readers(data):
     with db.connect(data.settings) as conn:
         for name in ("postgres", "vecsearch_reader", "Robert'); DROP TABLE images;--", "pg_monitor", ""):
             with pytest.raises(InvalidInput):
-                reader.create(conn, name)
+                logins.create(conn, name)
         with pytest.raises(InvalidInput, match="not a vecsearch reader"):
-            reader.drop(conn, "postgres")
+            logins.drop(conn, "postgres")
 
 
 def test_cli_db_reader_prints_a_working_url(data):

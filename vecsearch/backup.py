@@ -76,7 +76,7 @@ def restore(settings: Settings, file: Path, *, wait: float = RESTORE_WAIT_S,
     if revision > db.SCHEMA_REVISION:
         raise SchemaMismatch(f"{file} was made by a newer vecsearch (schema {revision}, this one has "
                              f"{db.SCHEMA_REVISION}): upgrade vecsearch")
-    from .index import hnsw_index, rebuild_index
+    from .hnsw import hnsw_index, rebuild_index
     from .progress import as_progress
 
     # Reachable, has pgvector, is vecsearch's (another application's tables are never touched),

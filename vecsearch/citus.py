@@ -12,7 +12,7 @@ import time
 
 import psycopg
 
-from . import index, sessions
+from . import hnsw, sessions
 from .errors import DatabaseBusy, InvalidInput, first_line
 from .progress import Progress
 
@@ -45,7 +45,7 @@ def distribute(conn: psycopg.Connection, shards: int | None = None, report: Prog
 
     Rows already there move without their HNSW index (Citus would otherwise build each shard's
     graph insert by insert, ~5x slower), which is then built on every shard at once, as a bulk
-    load does: dropped with its definition left in the table's comment (index.drop_marked), so a
+    load does: dropped with its definition left in the table's comment (hnsw.drop_marked), so a
     killed distribute is finished by the next one, or by the next load."""
     report = report or Progress()
     if not has_citus(conn):
@@ -75,13 +75,13 @@ def distribute(conn: psycopg.Connection, shards: int | None = None, report: Prog
         if not is_distributed(conn):
             count = shards or SHARDS_PER_WORKER * workers
             rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
-            present = index.hnsw_index(conn) if rows else None
+            present = hnsw.hnsw_index(conn) if rows else None
             if present is not None:
-                if not sessions.try_lock(conn, index.LOCK_KEY):
+                if not sessions.try_lock(conn, hnsw.LOCK_KEY):
                     raise DatabaseBusy(f"the HNSW index is being rebuilt or loaded into by "
-                                       f"{sessions.describe_holders(conn, index.LOCK_KEY)}: distribute "
+                                       f"{sessions.describe_holders(conn, hnsw.LOCK_KEY)}: distribute "
                                        "when that has finished")
-                owed = index.drop_marked(conn, *present)
+                owed = hnsw.drop_marked(conn, *present)
                 report.message(f"{rows} rows: HNSW index dropped, rows moved without it, then built on "
                                "every shard at once")
             started = time.monotonic()
@@ -96,11 +96,11 @@ def distribute(conn: psycopg.Connection, shards: int | None = None, report: Prog
             done.append(f"images distributed by path over {count} shards on {workers} workers "
                         f"({rows} rows moved)")
         if owed is not None:
-            index.rebuild_index(conn, owed, report)
+            hnsw.rebuild_index(conn, owed, report)
             done.append("HNSW index built on every shard")
     finally:
         if owed is not None:
-            conn.execute(f"SELECT pg_advisory_unlock({index.LOCK_KEY})")
+            conn.execute(f"SELECT pg_advisory_unlock({hnsw.LOCK_KEY})")
     return "; ".join(done) or (f"already distributed: images has {shard_count(conn)} shards on "
                                f"{workers} workers")
 
@@ -108,10 +108,10 @@ def distribute(conn: psycopg.Connection, shards: int | None = None, report: Prog
 def _index_owed(conn: psycopg.Connection, report: Progress) -> str | None:
     """The definition of an HNSW index that a killed distribute (or load) dropped and left in the
     table's comment, with its lock now held by this session to rebuild it; else None."""
-    if index.hnsw_index(conn) is not None:
+    if hnsw.hnsw_index(conn) is not None:
         return None
-    stored = index.dropped_definition(conn)
-    if stored is None or not sessions.try_lock(conn, index.LOCK_KEY):
+    stored = hnsw.dropped_definition(conn)
+    if stored is None or not sessions.try_lock(conn, hnsw.LOCK_KEY):
         return None
     report.message("the HNSW index is missing (an earlier distribute or load was interrupted): "
                    "it is built at the end")

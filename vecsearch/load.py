@@ -3,7 +3,7 @@
 Incremental: a file whose path, size and mtime match its row is not even opened; content already
 in the database under another path (same sha256) reuses that row's vector; `prune` deletes rows
 whose files are gone. The embedding and writing is vecsearch/pipeline.py's; the HNSW index around
-a bulk load is vecsearch/index.py's.
+a bulk load is vecsearch/hnsw.py's.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import psycopg
 from . import models, sessions
 from .config import Settings
 from .errors import DatabaseBusy, InvalidInput
+from .hnsw import BulkLoadIndex
 from .images import Found, find_images, find_some
-from .index import BulkLoadIndex
 from .pipeline import LoadSummary, Pipeline, connect, fail
 from .progress import Progress, as_progress
 

@@ -32,7 +32,7 @@ COLUMNS = ("rank", "id", "similarity", "path")
 
 
 @dataclass(frozen=True)
-class Neighbor:
+class Neighbour:
     id: int
     path: str
     distance: float  # cosine distance, 0 (same direction) .. 2
@@ -43,7 +43,7 @@ class Neighbor:
 
 
 def similar(conn: psycopg.Connection, image_id: int, k: int = 10, *, ef_search: int | None = None,
-            exact: bool = False, under: str | Path | None = None) -> list[Neighbor]:
+            exact: bool = False, under: str | Path | None = None) -> list[Neighbour]:
     """The k images nearest to image `image_id` by cosine distance, itself excluded."""
     params = _params(k, ef_search, under)
     rows = conn.execute(
@@ -53,12 +53,12 @@ def similar(conn: psycopg.Connection, image_id: int, k: int = 10, *, ef_search: 
     ).fetchall()
     if not rows:
         _explain_empty(conn, image_id=image_id, under=under)
-    return [Neighbor(*row) for row in rows]
+    return [Neighbour(*row) for row in rows]
 
 
 def similar_to(conn: psycopg.Connection, vector: Any, k: int = 10, *, exclude: Sequence[int] = (),
                ef_search: int | None = None, exact: bool = False, under: str | Path | None = None
-               ) -> list[Neighbor]:
+               ) -> list[Neighbour]:
     """The k images nearest to `vector` (floats, numpy array or pgvector Vector), `exclude` left out."""
     params = _params(k, ef_search, under)
     try:
@@ -73,13 +73,13 @@ def similar_to(conn: psycopg.Connection, vector: Any, k: int = 10, *, exclude: S
         raise InvalidInput(f"invalid query vector: {e.diag.message_primary or e}") from e
     if not rows:
         _explain_empty(conn, under=under)
-    return [Neighbor(*row) for row in rows]
+    return [Neighbour(*row) for row in rows]
 
 
 def search_file(conn: psycopg.Connection, path: str | Path, k: int = 10, *, weights: str | None = None,
                 embedder: Any = None, ef_search: int | None = None, exact: bool = False,
                 under: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                home: Path | None = None) -> list[Neighbor]:
+                home: Path | None = None) -> list[Neighbour]:
     """Neighbours of an image file, embedded with the model the database records.
 
     `embedder`: an embed.Embedder to use (it must be the recorded model), else one is built
@@ -163,7 +163,7 @@ def embedders(weights: str | None = None, device: str = "auto", precision: str =
 def neighbours_of_terms(conn: psycopg.Connection, terms: Sequence[Any], k: int,
                         embed_file: Callable[[Path], np.ndarray], *, ef_search: int | None = None,
                         exact: bool = False, under: str | Path | None = None
-                        ) -> tuple[list[Neighbor], list[int]]:
+                        ) -> tuple[list[Neighbour], list[int]]:
     """Neighbours of a parsed expression (expr.parse) and the ids it excludes: an image id alone
     is `similar`; anything else is the normalised weighted sum, its ids and files left out."""
     from . import expr
@@ -215,7 +215,7 @@ def check_ef_search(ef_search: int) -> int:
     return ef_search
 
 
-def rows(neighbours: Sequence[Neighbor]) -> list[dict[str, Any]]:
+def rows(neighbours: Sequence[Neighbour]) -> list[dict[str, Any]]:
     """Neighbours as output rows with COLUMNS (for output.render and JSON APIs)."""
     return [{"rank": rank, "id": n.id, "similarity": n.similarity, "path": n.path}
             for rank, n in enumerate(neighbours, 1)]

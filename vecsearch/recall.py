@@ -21,8 +21,8 @@ import psycopg
 
 from . import compact, db
 from .errors import InvalidInput, NotFound, first_line
+from .eval.metrics import recall_against_exact
 from .limits import MAX_K
-from .metrics import recall_against_exact
 from .query import check_ef_search
 
 STEPS = (40, 100, 200, 400, 800, 1000)

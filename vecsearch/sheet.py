@@ -9,8 +9,8 @@ from pathlib import Path
 
 from . import thumbs
 from .dupes import KEEPER_RULE, DupesResult, Group, Member
-from .indexed import Verified
 from .output import printable
+from .verified_files import Verified
 
 _PAGE_HEAD = """<!doctype html>
 <html><head><meta charset="utf-8"><title>vecsearch dupes</title>

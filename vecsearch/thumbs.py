@@ -14,7 +14,7 @@ import io
 import tempfile
 from pathlib import Path
 
-from .indexed import Verified
+from .verified_files import Verified
 
 # Rendition name -> longest side in pixels.
 SIZES = {"thumb": 256, "preview": 1024}

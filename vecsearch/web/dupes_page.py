@@ -26,10 +26,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
-from . import db, decisions, dupes
-from .errors import InvalidInput
-from .limits import DEFAULT_K, MAX_EF_SEARCH, MAX_K
-from .web_guard import same_origin_only
+from .. import db, decisions, dupes
+from ..errors import InvalidInput
+from ..limits import DEFAULT_K, MAX_EF_SEARCH, MAX_K
+from .guard import same_origin_only
 
 log = logging.getLogger("vecsearch.web")
 

@@ -13,13 +13,13 @@ from contextlib import contextmanager
 
 import psycopg
 
-from . import db, expr, query, server
-from .catalogue import count_images, get_image, list_images
-from .config import Settings
-from .errors import DatabaseUnavailable, InvalidInput, NotFound, UnreadableImage, database_failure
-from .indexed import Verified
-from .web_guard import UploadTooLarge, too_large
-from .web_models import ImageInfo, ImagePage, SimilarOut, image_info, neighbour_list
+from .. import db, expr, query, server
+from ..catalogue import count_images, get_image, list_images
+from ..config import Settings
+from ..errors import DatabaseUnavailable, InvalidInput, NotFound, UnreadableImage, database_failure
+from ..verified_files import Verified
+from .guard import UploadTooLarge, too_large
+from .schemas import ImageInfo, ImagePage, SimilarOut, image_info, neighbour_list
 
 POOL_TIMEOUT_S = 5  # waiting for a database connection, before a 503
 
@@ -29,7 +29,7 @@ ORIGINALS_AT_ONCE = 8
 
 def decode_slots() -> int:
     """Decodes at once: one a core, as many as a quarter of memory holds at images.MAX_DECODED_BYTES."""
-    from .images import MAX_DECODED_BYTES
+    from ..images import MAX_DECODED_BYTES
 
     try:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -112,7 +112,7 @@ class State:
 
 
 def _recorded_model(conn: psycopg.Connection):
-    from .models import recorded_model as read
+    from ..models import recorded_model as read
 
     record = read(conn)
     if record is None:
@@ -182,7 +182,7 @@ def arithmetic(state: State, text: str, k: int) -> SimilarOut:
 def decode_upload(data: bytes, filename: str | None):
     """An uploaded file decoded like `vecsearch load` decodes files (same limits, same EXIF
     orientation and RGB conversion); UnreadableImage names the upload, not a server path."""
-    from .images import open_image
+    from ..images import open_image
 
     try:
         return open_image(io.BytesIO(data), name=os.path.basename(filename or ""))

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .query import Neighbor
+from ..query import Neighbour
 
 
 class ImageInfo(BaseModel):
@@ -74,7 +74,7 @@ def image_info(row: dict[str, Any]) -> ImageInfo:
     return ImageInfo(**row, **urls(row["id"]))
 
 
-def neighbour_list(neighbours: Sequence[Neighbor]) -> list[NeighbourOut]:
+def neighbour_list(neighbours: Sequence[Neighbour]) -> list[NeighbourOut]:
     out = []
     for rank, n in enumerate(neighbours, 1):
         links = urls(n.id)

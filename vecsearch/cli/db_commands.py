@@ -8,11 +8,11 @@ from typing import Annotated
 
 import typer
 
-from . import db, server
-from .cli_common import embedded_only, err, out, settings
-from .errors import VecsearchError
-from .limits import RESTORE_WAIT_S
-from .output import printable
+from .. import db, server
+from ..errors import VecsearchError
+from ..limits import RESTORE_WAIT_S
+from ..output import printable
+from .common import embedded_only, err, out, settings
 
 db_app = typer.Typer(help="Manage the database: start, stop, status, URL, psql, migrations, "
                      "Citus distribution.",
@@ -85,7 +85,7 @@ def db_migrate(
 @db_app.command("backup")
 def db_backup(ctx: typer.Context, file: Annotated[Path, typer.Argument(help="Dump file to write.")]) -> None:
     """Back up the database to FILE (pg_dump custom format)."""
-    from . import backup
+    from .. import backup
 
     backup.backup(settings(ctx), file)
     out.print(printable(f"backed up to {file}"), markup=False)
@@ -98,7 +98,7 @@ def db_restore(ctx: typer.Context, file: Annotated[Path, typer.Argument(
             "--wait", min=0, help="Seconds to wait for other sessions using the tables.")] = RESTORE_WAIT_S
 ) -> None:
     """Replace the rows of the vecsearch tables with a backup's (its data only: no SQL from FILE runs)."""
-    from . import backup
+    from .. import backup
 
     rows = backup.restore(settings(ctx), file, wait=wait,
                           notify=lambda line: err.print(line, markup=False))
@@ -120,7 +120,7 @@ def db_status(ctx: typer.Context) -> None:
             out.print(printable(f"tcp:       {running.listen}:{running.port}"), markup=False)
     else:
         out.print(printable(f"server:    {db.redact(s.database_url)}"), markup=False)
-    from . import citus
+    from .. import citus
 
     with db.connect(s) as conn:
         cluster = citus.status(conn)
@@ -142,7 +142,7 @@ def db_distribute(
     """On a Citus coordinator: distribute the images table by path (one HNSW graph per shard)
     and make the model record a reference table. Rows already there move without the index, which
     is then built on every shard at once. Safe to run again, also after a kill (docs/scaling.md)."""
-    from . import citus, progress
+    from .. import citus, progress
 
     with db.connect(settings(ctx), session="distribute") as conn:
         out.print(printable(citus.distribute(conn, shards, progress.for_terminal(err))), markup=False)
@@ -165,11 +165,11 @@ def db_reindex(
     """Rebuild the HNSW index, with new build parameters or representation if given (parallel,
     memory for the whole graph). Queries use the old index meanwhile; a killed rebuild leaves the
     old one, and its projection, in place. Also rebuilds an index an ETL dropped."""
-    from . import compact, index, progress
+    from .. import compact, hnsw, progress
 
     with db.connect(settings(ctx), session="reindex") as conn:
-        done = index.reindex(conn, m, ef_construction, progress.for_terminal(err), dims=dims)
-        options = index.index_options(conn)
+        done = hnsw.reindex(conn, m, ef_construction, progress.for_terminal(err), dims=dims)
+        options = hnsw.index_options(conn)
         what = compact.describe(conn)
     out.print(printable(f"reindexed in {done.seconds:.1f} s: m={options['m']}, "
                         f"ef_construction={options['ef_construction']}; {what}"), markup=False)
@@ -194,9 +194,9 @@ def db_recall(
 ) -> None:
     """Recall@k of the HNSW index on this database's own images, against the exact scan (how
     close `vecsearch similar` is to exact here); --tune sets the ef_search that reaches 0.99."""
-    from . import recall
-    from .compact import describe
-    from .limits import DEFAULT_EF_SEARCH
+    from .. import recall
+    from ..compact import describe
+    from ..limits import DEFAULT_EF_SEARCH
 
     with db.connect(settings(ctx)) as conn:
         what = describe(conn)
@@ -236,16 +236,16 @@ def db_reader(
     The login can SELECT the tables and call vecsearch_similar()/vecsearch_similar_to(), nothing
     else. Tools that cannot use a unix socket need `vecsearch db start --tcp` first.
     """
-    from . import reader
+    from .. import logins
 
     s = settings(ctx)
     with db.connect(s) as conn:
         if drop:
-            reader.drop(conn, name)
+            logins.drop(conn, name)
             out.print(printable(f"dropped {name}"), markup=False)
             return
-        password = reader.create(conn, name)
-        url = reader.url(s, conn, name, password)
+        password = logins.create(conn, name)
+        url = logins.url(s, conn, name, password)
     print(url)
     if "?host=/" in url:
         err.print("note: a unix-socket URL; for tools in a container or on another machine run "

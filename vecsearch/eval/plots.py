@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import VecsearchError
+from ..errors import VecsearchError
 
 if TYPE_CHECKING:
-    from .evaluate import Report
+    from . import Report
 
 
 def plot_available() -> None:

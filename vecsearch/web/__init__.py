@@ -9,7 +9,7 @@ Security model:
   page that rebinds its DNS name to 127.0.0.1 cannot read the gallery;
 - files are served by image id only, from the path stored in the images table: no URL carries a
   path, so nothing outside the index can be read (`../`, absolute and encoded paths are 404),
-  and only bytes that hash to the stored sha256 are sent or thumbnailed (vecsearch/indexed.py):
+  and only bytes that hash to the stored sha256 are sent or thumbnailed (vecsearch/verified_files.py):
   a file swapped since the load, even for a link with the same size and mtime, is 404;
 - uploads are capped in size before they are parsed, and decoded by the loader's own
   decode-safe code; arithmetic terms that name server-side files are refused;
@@ -22,6 +22,7 @@ import logging
 import os
 from contextlib import asynccontextmanager
 from enum import StrEnum
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -38,10 +39,10 @@ from fastapi_offline import FastAPIOffline
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from . import __version__, catalogue, db, thumbs, web_dupes, web_state
-from .catalogue import MAX_PER_PAGE, PER_PAGE
-from .config import Settings
-from .errors import (
+from .. import __version__, catalogue, db, thumbs
+from ..catalogue import MAX_PER_PAGE, PER_PAGE
+from ..config import Settings
+from ..errors import (
     DatabaseUnavailable,
     InvalidInput,
     NotFound,
@@ -51,14 +52,17 @@ from .errors import (
     WeightsUnavailable,
     database_failure,
 )
-from .limits import DEFAULT_K, MAX_EF_SEARCH, WEB_DEFAULT_K, WEB_MAX_K, WEB_MAX_UPLOAD_MB, WEB_PORT
-from .output import printable
-from .web_guard import LoopbackHostOnly, SecurityHeaders, UploadLimit, UploadTooLarge, allowed_hosts_for
-from .web_models import ERRORS, ImageInfo, ImagePage, SimilarOut
+from ..limits import DEFAULT_K, MAX_EF_SEARCH, WEB_DEFAULT_K, WEB_MAX_K, WEB_MAX_UPLOAD_MB, WEB_PORT
+from ..output import printable
+from . import dupes_page
+from . import state as web_state
+from .guard import LoopbackHostOnly, SecurityHeaders, UploadLimit, UploadTooLarge, allowed_hosts_for
+from .schemas import ERRORS, ImageInfo, ImagePage, SimilarOut
 
 log = logging.getLogger("vecsearch.web")
 
-HERE = Path(__file__).resolve().parent
+# The templates and static files ship inside this package (pyproject.toml lists them as package data).
+DATA = resources.files(__name__)
 DEFAULT_MAX_UPLOAD_BYTES = WEB_MAX_UPLOAD_MB * 1024 * 1024
 MIME = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp",
         "GIF": "image/gif", "BMP": "image/bmp", "TIFF": "image/tiff", "HEIF": "image/heic",
@@ -112,7 +116,7 @@ def create_app(settings: Settings, *, weights: str | None = None,
     )
     app.state.vs = state
     _openapi_without_422(app)
-    templates = Jinja2Templates(directory=HERE / "templates")
+    templates = Jinja2Templates(directory=DATA / "templates")
     templates.env.globals.update(version=__version__, max_upload_bytes=max_upload_bytes,
                                  default_k=WEB_DEFAULT_K, max_k=WEB_MAX_K)
     templates.env.filters["basename"] = lambda p: os.path.basename(p)
@@ -133,10 +137,10 @@ def create_app(settings: Settings, *, weights: str | None = None,
     allowed = allowed_hosts_for(host)
     if allowed is not None:
         app.add_middleware(LoopbackHostOnly, allowed=allowed, respond=respond)
-    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.mount("/static", StaticFiles(directory=DATA / "static"), name="static")
     _add_error_handlers(app, respond)
     _add_pages(app, state, templates)
-    web_dupes.add_pages(app, state, templates)
+    dupes_page.add_pages(app, state, templates)
     _add_media(app, state)
     _add_api(app, state)
     return app
@@ -205,7 +209,7 @@ def _add_media(app: FastAPI, state: web_state.State) -> None:
 
 def _original(state: web_state.State, row: dict) -> Response:
     """The indexed file, streamed while it is hashed (only bytes whose sha256 is the indexed one:
-    vecsearch/indexed.py), at most ORIGINALS_AT_ONCE at a time."""
+    vecsearch/verified_files.py), at most ORIGINALS_AT_ONCE at a time."""
     if not state.original_slots.acquire(blocking=False):
         raise HTTPException(503, "too many originals are being sent right now: try again in a moment",
                             headers={"retry-after": "2"})

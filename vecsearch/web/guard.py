@@ -8,7 +8,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import InvalidInput
+from ..errors import InvalidInput
 
 LOOPBACK_NAMES = ["127.0.0.1", "localhost", "::1", "[::1]"]
 # Strict for the gallery; the OpenAPI page (Swagger UI) needs its inline script and styles.

@@ -8,10 +8,10 @@ from contextlib import contextmanager
 import typer
 from rich.console import Console
 
-from .config import Settings
-from .errors import VecsearchError
-from .output import printable
-from .progress import Progress
+from ..config import Settings
+from ..errors import VecsearchError
+from ..output import printable
+from ..progress import Progress
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -62,7 +62,7 @@ PRECISION_HELP = ("auto: a reduced precision (bf16 on a CPU with native bf16, fp
 
 
 def output_format(fmt: str) -> str:
-    from .output import Format
+    from ..output import Format
 
     try:
         return Format(fmt)
@@ -84,6 +84,6 @@ def warnings_as_lines() -> Iterator[None]:
 
 
 def print_neighbours(neighbours, fmt: str, title: str | None) -> None:
-    from . import output, query
+    from .. import output, query
 
     output.render(query.rows(neighbours), query.COLUMNS, fmt, title=title)

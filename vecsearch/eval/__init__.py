@@ -3,7 +3,7 @@
 Both experiments embed their images into a scratch schema (vecsearch/scratch.py), never into the
 user's `images` table, then ask every query image for its neighbours twice, with `vecsearch
 similar`'s own query: through the HNSW index, and exactly. Metrics and perturbations are in
-vecsearch/metrics.py, plots in vecsearch/plots.py. Library functions return a `Report`; the CLI
+vecsearch/eval/metrics.py, plots in vecsearch/eval/plots.py. Library functions return a `Report`; the CLI
 renders it as a table, JSON or a plot.
 """
 
@@ -21,10 +21,13 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg import sql
 
-from . import db
-from .config import Settings
-from .errors import InvalidInput, VecsearchError
-from .limits import DEFAULT_EF_SEARCH
+from .. import db
+from ..config import Settings
+from ..errors import InvalidInput, VecsearchError
+from ..limits import DEFAULT_EF_SEARCH
+from ..progress import Progress
+from ..query import check_ef_search
+from ..scratch import scratch_schema
 from .metrics import (
     DEFAULT_PERTURBATIONS,
     PERTURBATIONS,
@@ -33,13 +36,10 @@ from .metrics import (
     perturbed,
     recall_against_exact,
 )
-from .progress import Progress
-from .query import check_ef_search
-from .scratch import scratch_schema
 
 if TYPE_CHECKING:
 
-    from .embed import Embedder
+    from ..embed import Embedder
 
 SCRATCH_PREFIX = "vecsearch_eval_"
 # Working copies are made from the original scaled to fit this many pixels: the model sees
@@ -111,7 +111,7 @@ def _embed_into_scratch(settings: Settings, conn: psycopg.Connection, schema: st
                         embedder: Embedder, progress: Progress | None,
                         skipped: list[tuple[str, str]]) -> dict[str, int]:
     """Load `folder` into the scratch schema; return {absolute path: id}; failures go to `skipped`."""
-    from .load import load
+    from ..load import load
 
     summary = load(settings, folder, embedder, schema=schema, progress=progress)
     skipped += summary.failed
@@ -149,7 +149,7 @@ def perturb(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *
     """
     import numpy as np
 
-    from .images import find_images
+    from ..images import find_images
 
     started = time.perf_counter()
     ks = _check_ks(ks)
@@ -229,7 +229,7 @@ def _write_copies(files: Sequence[str], originals: int, perturbations: Sequence[
                   ) -> list[tuple[int, str]]:
     """The first `originals` readable files (in the order given) copied into `work` as
     NNNNN_original.EXT, with one NNNNN_<perturbation>.png each; [(NNNNN, source path)]."""
-    from .images import open_image
+    from ..images import open_image
 
     if progress:
         progress.start(min(originals, len(files)), "prepare")
@@ -325,7 +325,7 @@ def labels(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *,
     """
     import numpy as np
 
-    from .images import find_images
+    from ..images import find_images
 
     started = time.perf_counter()
     ks = _check_ks(ks)

@@ -14,8 +14,12 @@ from typing import Annotated
 
 import typer
 
-from . import __version__, db
-from .cli_common import (
+from .. import __version__, db
+from ..config import Settings
+from ..errors import InvalidInput, VecsearchError, database_failure
+from ..limits import DEFAULT_K, WEB_MAX_UPLOAD_MB, WEB_PORT
+from ..output import printable
+from .common import (
     BATCH_HELP,
     DEVICE_HELP,
     PRECISION_HELP,
@@ -26,12 +30,9 @@ from .cli_common import (
     settings,
     warnings_as_lines,
 )
-from .cli_db import db_app
-from .cli_quality import dupes_command, eval_app
-from .config import Settings
-from .errors import InvalidInput, VecsearchError, database_failure
-from .limits import DEFAULT_K, WEB_MAX_UPLOAD_MB, WEB_PORT
-from .output import printable
+from .db_commands import db_app
+from .dupes_commands import dupes_command
+from .eval_commands import eval_app
 
 app = typer.Typer(
     help="Image similarity search inside PostgreSQL (ResNet50 embeddings, pgvector HNSW).",
@@ -108,7 +109,7 @@ def serve_command(
         "--max-upload-mb", min=1, help="Largest image upload accepted, in MB.")] = WEB_MAX_UPLOAD_MB,
 ) -> None:
     """Web gallery: browse thumbnails, click for neighbours, search by upload or arithmetic; JSON API."""
-    from . import web
+    from .. import web
 
     def announce(line: str) -> None:
         out.print(line, markup=False)
@@ -154,11 +155,11 @@ def neighbours_command(
         "--precision", help=PRECISION_HELP + " Only used to embed image files.")] = "auto",
 ) -> None:
     """`vecsearch similar QUERY` and `vecsearch search FILE`: one command, two readings of QUERY."""
-    from . import catalogue, expr, query
+    from .. import catalogue, expr, query
 
     fmt = output_format(fmt)
     if (device, precision) != ("auto", "auto"):
-        from .engine import check_choice
+        from ..engine import check_choice
 
         check_choice(device, precision)
     options = {"ef_search": ef_search, "exact": exact, "under": under}
@@ -230,9 +231,9 @@ def load_command(
     """
     import warnings
 
-    from . import load as loader
-    from . import progress
-    from .embed import Embedder
+    from .. import load as loader
+    from .. import progress
+    from ..embed import Embedder
 
     def show(message, category, *args, **kwargs) -> None:
         err.print(printable(f"warning: {message}"), markup=False)
@@ -267,7 +268,7 @@ def load_command(
 def _watch(s: Settings, folder: Path, embedder, report, workers: int | None, errors: Path | None,
            refused: object) -> None:
     """`load --watch`: vecsearch/watch.py; ends with its one summary line and exit code."""
-    from . import watch
+    from .. import watch
 
     if refused:
         raise InvalidInput("--watch follows one folder: it cannot be combined with --reembed or --shard")
