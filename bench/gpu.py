@@ -54,7 +54,7 @@ def forward_table(batches: list[int], seconds: float) -> list[dict]:
     import torch
 
     embedder = _embedder()
-    device = embedder._device
+    device = torch.device(embedder.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for batch in batches:

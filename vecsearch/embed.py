@@ -204,6 +204,12 @@ class Embedder:
         return str(self._device)
 
     @property
+    def on_gpu(self) -> bool:
+        """Whether the network runs on a GPU; False until prepared (a load forks its decode
+        workers before the model is built)."""
+        return self._device is not None and self._device.type != "cpu"
+
+    @property
     def batch_size(self) -> int:
         """As given, else the device's default (the CPU's until the network is built)."""
         if self._batch_size is not None:

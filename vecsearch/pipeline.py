@@ -35,6 +35,9 @@ COLUMNS = ("path", "sha256", "bytes", "width", "height", "format", "mtime", "emb
 COPY_TYPES = ("text", "text", "int8", "int4", "int4", "text", "timestamptz", "vector")
 WRITE_QUEUE = 4  # batches waiting for the writer: bounds memory, keeps the model busy
 RETRIES = 5  # deadlocks with a concurrent load on overlapping rows are retried
+# A row whose content (sha256) may lend its embedding to a file with the same bytes: any row, or with
+# --reembed only those this run wrote (loaded_at >= its start). Takes the parameter %(since)s.
+REUSABLE = "(%(since)s::timestamptz IS NULL OR loaded_at >= %(since)s)"
 
 
 @dataclass
@@ -153,9 +156,8 @@ class Reader:
             if multiprocessing.parent_process() is not None:  # a worker: close it when it exits
                 multiprocessing.util.Finalize(self, self.close, exitpriority=10)
         return self._conn.execute(
-            "SELECT EXISTS (SELECT 1 FROM images WHERE sha256 = %s "
-            "AND (%s::timestamptz IS NULL OR loaded_at >= %s))",
-            [sha, self.reuse_since, self.reuse_since]).fetchone()[0]
+            f"SELECT EXISTS (SELECT 1 FROM images WHERE sha256 = %(sha)s AND {REUSABLE})",
+            {"sha": sha, "since": self.reuse_since}).fetchone()[0]
 
     def __call__(self, path: str, decode: bool | None = None) -> Row:
         item = Row(path)
@@ -328,9 +330,9 @@ class Writer(threading.Thread):
         in this run when re-embedding)."""
         if not shas:
             return {}
-        found = self.conn.execute("""
+        found = self.conn.execute(f"""
             SELECT DISTINCT ON (sha256) sha256, width, height, format, embedding FROM images
-            WHERE sha256 = ANY(%(shas)s) AND (%(since)s::timestamptz IS NULL OR loaded_at >= %(since)s)
+            WHERE sha256 = ANY(%(shas)s) AND {REUSABLE}
             ORDER BY sha256, path
         """, {"shas": shas, "since": self.reuse_since})
         return {sha: dict(zip(("width", "height", "format", "embedding"), rest, strict=True))
@@ -348,8 +350,7 @@ class Pipeline:
         from .embed import default_workers, map_batches
 
         if workers is None:
-            device = getattr(self.embedder, "_device", None)
-            workers = default_workers(gpu=device is not None and device.type != "cpu")
+            workers = default_workers(gpu=getattr(self.embedder, "on_gpu", False))
         if hasattr(self.embedder, "expect"):  # what the engine's set-up must repay (engine.plan)
             self.embedder.expect(len(paths))
         self.report.start(len(paths))
@@ -396,9 +397,8 @@ class Pipeline:
         # In flight first, then the database: a batch the writer commits in between is in one of them.
         known = writer.in_flight(shas)
         known |= {s for (s,) in conn.execute(
-            "SELECT DISTINCT sha256 FROM images WHERE sha256 = ANY(%s) "
-            "AND (%s::timestamptz IS NULL OR loaded_at >= %s)",
-            [list(shas - known), self.reuse_since, self.reuse_since])}
+            f"SELECT DISTINCT sha256 FROM images WHERE sha256 = ANY(%(shas)s) AND {REUSABLE}",
+            {"shas": list(shas - known), "since": self.reuse_since})}
         groups: dict[str, list[Row]] = {}
         rows = []
         for item in good:
