@@ -18,7 +18,7 @@ from .errors import DatabaseUnavailable, InvalidInput, PgvectorMissing, SchemaMi
 from .limits import DEFAULT_EF_SEARCH, DIM
 
 # The alembic head this code expects; tests/test_foundation.py keeps it equal to migrations/.
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 # Every ANN query must order by this exact expression, or the planner cannot use the index
 # (pgvector indexes at most 2000 dimensions of `vector`, so the index is on a halfvec cast).
 ANN_EXPR = f"embedding::halfvec({DIM})"
