@@ -327,7 +327,7 @@ def test_upload_search_loads_the_recorded_model_once_and_lazily(web_gallery, emb
         body = first.json()
         with db.connect(web_gallery.settings) as conn:
             # The same library path as `vecsearch search`: embed with the recorded model, similar_to.
-            from vecsearch.query import file_embedder
+            from vecsearch.models import file_embedder
 
             expected = similar_to(conn, file_embedder(conn, embedder=embedder)(query), k=3)
         assert [r["id"] for r in body["results"]] == [n.id for n in expected]
@@ -453,8 +453,10 @@ def test_empty_database_says_what_to_do(settings, tmp_path):
 def test_openapi_documents_every_api_endpoint(client):
     spec = client.get("/api/openapi.json").json()
     assert set(spec["paths"]) == {"/api/images", "/api/images/{image_id}",
-                                  "/api/images/{image_id}/similar", "/api/search", "/api/arithmetic"}
-    assert "post" in spec["paths"]["/api/search"]
+                                  "/api/images/{image_id}/similar", "/api/search", "/api/arithmetic",
+                                  "/api/duplicates", "/api/duplicates/decisions"}
+    assert "post" in spec["paths"]["/api/search"] and "post" in spec["paths"]["/api/duplicates/decisions"]
+    assert "202" in spec["paths"]["/api/duplicates"]["get"]["responses"]  # a search still running
     for operations in spec["paths"].values():  # errors documented as they are sent: 400 {error, status}
         for operation in operations.values():
             assert "422" not in operation["responses"]

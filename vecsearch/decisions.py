@@ -74,27 +74,32 @@ def decide(conn: psycopg.Connection, choices: Iterable[tuple[Group, int | None]]
     """Store decisions: per group, the id of the member to keep (the others are its duplicates),
     or None for "not duplicates". One transaction; a file decided before gets the new decision.
     Returns how many groups were stored."""
-    rows: list[tuple[Any, ...]] = []
+    rows: dict[tuple[str, str], tuple[Any, ...]] = {}  # a file named twice gets its last decision
     n = 0
     for group, keep in choices:
         ids = {m.id for m in group.members}
         if keep is not None and keep not in ids:
             raise InvalidInput(f"image {keep} is not in the group it is to be kept from")
         keeper = next((m for m in group.members if m.id == keep), None)
-        decision = uuid.uuid4()
+        decision = str(uuid.uuid4())
         for m in group.members:
             role = "distinct" if keeper is None else "keep" if m.id == keep else "dupe"
             distance = None if keeper is None else _distance(group, keeper, m)
-            rows.append((m.sha256, m.path, decision, role, distance, threshold))
+            rows[(m.sha256, m.path)] = (m.sha256, m.path, decision, role, distance)
         n += 1
     if not rows:
         return 0
-    with conn.transaction(), conn.cursor() as cur:
-        cur.executemany(
-            "INSERT INTO vecsearch_dupe_decisions (sha256, path, decision, role, distance, threshold) "
-            "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (sha256, path) DO UPDATE SET "
-            "decision = EXCLUDED.decision, role = EXCLUDED.role, distance = EXCLUDED.distance, "
-            "threshold = EXCLUDED.threshold, decided_at = now()", rows)
+    # One statement over arrays, not a statement per file: 2,400 groups (7,200 files) in one round
+    # trip (docs/benchmarks.md, the duplicate review).
+    columns = [list(c) for c in zip(*rows.values(), strict=True)]
+    conn.execute(
+        "INSERT INTO vecsearch_dupe_decisions (sha256, path, decision, role, distance, threshold) "
+        "SELECT sha256, path, decision, role, distance, %s "
+        "FROM unnest(%s::text[], %s::text[], %s::uuid[], %s::text[], %s::float8[]) "
+        "AS u(sha256, path, decision, role, distance) "
+        "ON CONFLICT (sha256, path) DO UPDATE SET "
+        "decision = EXCLUDED.decision, role = EXCLUDED.role, distance = EXCLUDED.distance, "
+        "threshold = EXCLUDED.threshold, decided_at = now()", [threshold, *columns])
     return n
 
 

@@ -113,3 +113,16 @@ def same_origin_only(request: Request) -> None:
     if origin != own or request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
         raise HTTPException(403, f"refused: this form must be sent from the gallery's own pages ({own}), "
                                  "not from another site (Origin or Referer header)")
+
+
+def not_cross_site(request: Request) -> None:
+    """Refuse (403) a JSON API write that a browser sent for a page of another site. Browsers
+    name the origin of every cross-origin POST (Origin, Sec-Fetch-Site); a client that names
+    none (curl, a script) is no page of another site, and a JSON body cannot be sent across
+    sites without a CORS preflight, which this server never grants."""
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+    origin = request.headers.get("origin")
+    if (origin is not None and origin != own) or \
+            request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        raise HTTPException(403, f"refused: a page of another site ({origin or 'cross-site'}) cannot "
+                                 "store decisions in this gallery")

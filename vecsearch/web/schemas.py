@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
+from ..dupes import DEFAULT_THRESHOLD, EF_SEARCH
+from ..limits import DEFAULT_K, MAX_EF_SEARCH, MAX_K
 from ..query import Neighbour
 
 
@@ -82,3 +84,76 @@ def neighbour_list(neighbours: Sequence[Neighbour]) -> list[NeighbourOut]:
                                 similarity=float(n.similarity), page_url=links["page_url"],
                                 thumb_url=links["thumb_url"]))
     return out
+
+
+class DupeMemberOut(BaseModel):
+    id: int
+    path: str
+    sha256: str
+    width: int
+    height: int
+    bytes: int
+    format: str
+    mtime: datetime | None
+    distance: float = Field(description="Cosine distance to the group's first image (the rule's keeper).")
+    similarity: float
+    earlier: str | None = Field(description="Its role in an earlier decision (keep, dupe, distinct), "
+                                            "for a settled file in a group that gained a new one.")
+    page_url: str
+    thumb_url: str
+
+
+class DupeGroupOut(BaseModel):
+    key: str = Field(description="The group's name in POST /api/duplicates/decisions (from its files' "
+                                 "content and paths).")
+    proposed_keeper: int = Field(description="The image id proposed to keep: an earlier decision's "
+                                             "keeper, else the rule's (keeper_rule).")
+    members: list[DupeMemberOut]
+
+
+class DupesPageOut(BaseModel):
+    status: Literal["done"] = "done"
+    threshold: float
+    under: str | None
+    k: int
+    ef_search: int
+    keeper_rule: str
+    images: int = Field(description="Images searched.")
+    seconds: float = Field(description="How long the search took (it is kept while the table is unchanged).")
+    pending: int = Field(description="Groups with no decision yet.")
+    settled: int
+    page: int
+    per_page: int
+    pages: int
+    groups: list[DupeGroupOut]
+
+
+class DupesComputingOut(BaseModel):
+    status: Literal["computing"] = "computing"
+    searched: int
+    total: int
+    elapsed_s: float
+
+
+class DupeChoice(BaseModel):
+    group: str = Field(max_length=64, description="A group's key, from GET /api/duplicates.")
+    keep: int | None = Field(None, ge=1, description="The image to keep (the others are its "
+                                                      "duplicates); omitted: the proposed keeper.")
+    distinct: bool = Field(False, description="True: not duplicates (no keeper).")
+
+
+class DecisionsIn(BaseModel):
+    threshold: float = Field(DEFAULT_THRESHOLD, ge=0, lt=2)
+    under: str | None = Field(None, max_length=1000, pattern="^[^\x00]*$")
+    k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
+    ef_search: int = Field(EF_SEARCH, ge=1, le=MAX_EF_SEARCH)
+    all: bool = Field(False, description="Accept the proposed keeper of every pending group "
+                                         "(`groups` may still choose others, or `distinct`).")
+    groups: list[DupeChoice] = Field(default_factory=list, max_length=100_000)
+
+
+class DecisionsOut(BaseModel):
+    stored: int = Field(description="Groups whose decision was stored.")
+    stale: list[str] = Field(description="Keys not in this search (the group changed since it was "
+                                         "shown): nothing stored for them, review them again.")
+    pending: int = Field(description="Groups still without a decision.")
