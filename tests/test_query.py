@@ -18,7 +18,7 @@ import pytest
 from conftest import clustered, exact_neighbours, fresh_database, insert_vectors, make_image, run_cli
 from PIL import Image, ImageFilter
 
-from vecsearch import db, expr, query
+from vecsearch import db, expr, paths, query
 from vecsearch.config import Settings
 from vecsearch.errors import InvalidInput, NotFound
 
@@ -100,7 +100,7 @@ def test_under_filter_returns_k_rows_when_k_match(loaded, lconn):
     for prefix, k in (("/photos/a", 40), ("/photos/rare", 5), ("/photos/b/", 100)):
         image_id = loaded.ids[j]
         ann = query.similar(lconn, image_id, k, under=prefix)
-        directory = query.under_prefix(prefix)
+        directory = paths.under_prefix(prefix)
         reference = exact_neighbours(loaded.vectors, loaded.ids, loaded.vectors[j], k, exclude=[image_id],
                           mask=loaded.mask(directory))
         assert len(ann) == k

@@ -22,9 +22,9 @@ from typing import Any
 
 import psycopg
 
-from . import query
 from .errors import InvalidInput
-from .limits import DEFAULT_K, MAX_K
+from .limits import DEFAULT_K, MAX_K, check_ef_search
+from .paths import under_prefix
 from .progress import Progress, as_progress
 
 # Cosine distance under which two images count as near-duplicates, for the pretrained
@@ -144,11 +144,11 @@ def find_duplicates(conn: psycopg.Connection, threshold: float = DEFAULT_THRESHO
     """
     if not 0 <= threshold < 2:
         raise InvalidInput(f"threshold {threshold} is not a cosine distance in [0, 2)")
-    query.check_ef_search(ef_search)
+    check_ef_search(ef_search)
     if k < 1 or chunk < 1 or jobs < 1:
         raise InvalidInput("k, chunk and jobs must be positive")
     started = time.perf_counter()
-    prefix = query.under_prefix(under) if under is not None else None
+    prefix = under_prefix(under) if under is not None else None
     where_q = "starts_with(q.path, %(prefix)s)" if prefix else "true"
     params: dict[str, Any] = {"prefix": prefix, "threshold": threshold}
     sets = UnionFind()

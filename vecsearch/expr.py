@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
 from .errors import InvalidInput, NotFound
+from .paths import absolute
+from .query import Neighbour, ids_of_paths, similar, similar_to
 
 if TYPE_CHECKING:
     import numpy as np
@@ -94,7 +96,6 @@ def evaluate(conn: psycopg.Connection, terms: list[Term], embed_file: Callable[[
     """
     import numpy as np
 
-    from .query import absolute, ids_of_paths
 
     ids = sorted({t.ref for t in terms if isinstance(t.ref, int)})
     vectors: dict[int | Path, np.ndarray] = {}
@@ -227,3 +228,16 @@ def _number_kind(text: str) -> str:
 def _error(text: str, position: int, message: str) -> InvalidInput:
     return InvalidInput(f"bad expression at position {position + 1}: {message}\n"
                         f"  {text}\n  {' ' * position}^")
+
+
+def neighbours_of_terms(conn: psycopg.Connection, terms: Sequence[Any], k: int,
+                        embed_file: Callable[[Path], np.ndarray], *, ef_search: int | None = None,
+                        exact: bool = False, under: str | Path | None = None
+                        ) -> tuple[list[Neighbour], list[int]]:
+    """Neighbours of a parsed expression (expr.parse) and the ids it excludes: an image id alone
+    is `similar`; anything else is the normalised weighted sum, its ids and files left out."""
+    options = {"ef_search": ef_search, "exact": exact, "under": under}
+    if is_single_id(terms):
+        return similar(conn, terms[0].ref, k, **options), [terms[0].ref]
+    vector, exclude = evaluate(conn, terms, embed_file)
+    return similar_to(conn, vector, k, exclude=exclude, **options), exclude

@@ -20,6 +20,7 @@ import psycopg
 from . import models, sessions
 from .config import Settings
 from .errors import DatabaseBusy, InvalidInput
+from .paths import directory_prefix
 from .hnsw import BulkLoadIndex
 from .images import Found, find_images, find_some
 from .pipeline import LoadSummary, Pipeline, connect, fail
@@ -146,16 +147,12 @@ def write_errors(file, failed: Iterable[tuple[str, str]]) -> None:
         writer.writerows(failed)
 
 
-def _prefix(root: str) -> str:
-    return root if root.endswith(os.sep) else root + os.sep
-
-
 _IN_SCOPE = ("(%(scope)s::text[] IS NULL OR path = ANY(%(scope)s) "
              "OR EXISTS (SELECT FROM unnest(%(dirs)s::text[]) d WHERE starts_with(path, d)))")
 
 
 def _scope(scope: list[str] | None) -> dict:
-    return {"scope": scope, "dirs": None if scope is None else [_prefix(p) for p in scope]}
+    return {"scope": scope, "dirs": None if scope is None else [directory_prefix(p) for p in scope]}
 
 
 def _existing(conn: psycopg.Connection, root: str | None,
@@ -165,7 +162,7 @@ def _existing(conn: psycopg.Connection, root: str | None,
     rows = conn.execute(
         "SELECT path, bytes, (extract(epoch FROM mtime) * 1000000)::bigint FROM images "
         "WHERE (%(prefix)s::text IS NULL OR starts_with(path, %(prefix)s)) AND " + _IN_SCOPE,
-        {"prefix": None if root is None else _prefix(root), **_scope(scope)})
+        {"prefix": None if root is None else directory_prefix(root), **_scope(scope)})
     return {path: (size, mtime) for path, size, mtime in rows}
 
 
@@ -193,10 +190,10 @@ def _prune(conn: psycopg.Connection, root: str, found: Found, report: Progress,
     a share that timed out) keeps the row: a prune must never delete the row of a living file.
     """
     discovered = {c.path for c in found.files}
-    unlisted = tuple(_prefix(d) for d in found.unlisted)
+    unlisted = tuple(directory_prefix(d) for d in found.unlisted)
     gone, kept = [], 0
     for id_, path in conn.execute("SELECT id, path FROM images WHERE starts_with(path, %(root)s) AND "
-                                  + _IN_SCOPE, {"root": _prefix(root), **_scope(scope)}):
+                                  + _IN_SCOPE, {"root": directory_prefix(root), **_scope(scope)}):
         if path in discovered or (shard is not None and not in_share(path, shard)):
             continue
         if path.startswith(unlisted) or not _known_gone(path):

@@ -7,13 +7,21 @@ asks to re-embed everything.
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from .errors import SchemaMismatch
+from .errors import NotFound, SchemaMismatch
 from .limits import DIM
+
+if TYPE_CHECKING:
+    import numpy as np
 
 NAME = "torchvision.models.resnet50"
 DEFAULT_WEIGHTS = "IMAGENET1K_V2"
@@ -95,3 +103,76 @@ def mismatch_message(current: ModelRecord, wanted: ModelRecord) -> str:
         what = f"{current.describe()} with other preprocessing (made by another vecsearch version)"
     return (f"the database's vectors were made by {what}: load with the same `--weights`, "
             "or pass `--reembed` to re-embed every image with the new model")
+
+
+def require_recorded(conn: psycopg.Connection) -> ModelRecord:
+    """The model the database records, else NotFound: nothing is loaded yet, so there is no model
+    to embed a query image with."""
+    record = recorded_model(conn)
+    if record is None:
+        raise NotFound("the database records no model to embed files with (nothing loaded by "
+                       "`vecsearch load` yet): run `vecsearch load DIR` first")
+    return record
+
+
+# -- the embedder of the recorded model, built on first use and kept --------------------------
+
+
+def file_embedder(conn: psycopg.Connection, weights: str | None = None, *, embedder: Any = None,
+                  device: str = "auto", precision: str = "auto", home: Path | None = None
+                  ) -> Callable[[Path], np.ndarray]:
+    """A function embedding image files with the recorded model (built on first use, then cached)."""
+
+    def embed_file(path: Path) -> np.ndarray:
+        if not Path(path).is_file():
+            raise NotFound(f"no such image file: {path}")
+        record = require_recorded(conn)
+        if embedder is None:
+            return embedders(weights, device, precision, home).embed_file(record, Path(path))
+        if embedder.record != record:
+            raise SchemaMismatch(mismatch_message(record, embedder.record))
+        return embedder.embed_file(Path(path))
+
+    return embed_file
+
+
+class Embedders:
+    """The embedder of the model a database records, built on first use (torch is imported then,
+    and building takes seconds) and kept. One forward pass at a time: a ResNet50 forward already
+    uses every core. A database re-embedded with another model meanwhile gets that model on the
+    next call. `weights`: where the recorded model's weights come from (None: its own source);
+    `device`, `precision`, `home`: its engine (embed.Embedder's).
+    """
+
+    def __init__(self, weights: str | None = None, device: str = "auto", precision: str = "auto",
+                 home: Path | None = None) -> None:
+        self.weights = weights
+        self.engine = {"device": device, "precision": precision, "home": home}
+        self.loads = 0
+        self._lock = threading.Lock()
+        self._record: Any = None
+        self._embedder: Any = None
+
+    def embed_images(self, record: Any, images: Sequence[Any]) -> np.ndarray:
+        """Decoded images (images.open_image) -> n x 2048 vectors of the model `record` names."""
+        with self._lock:
+            if self._embedder is None or record != self._record:
+                from .embed import Embedder
+
+                self._embedder = Embedder.from_record(record, weights=self.weights, **self.engine)
+                self._record = record
+                self.loads += 1
+            return self._embedder.embed_images(images)
+
+    def embed_file(self, record: Any, path: Path) -> np.ndarray:
+        """One image file, decoded exactly as `vecsearch load` decodes it."""
+        from .images import open_image
+
+        return self.embed_images(record, [open_image(path)])[0]
+
+
+@functools.lru_cache(maxsize=4)
+def embedders(weights: str | None = None, device: str = "auto", precision: str = "auto",
+              home: Path | None = None) -> Embedders:
+    """This process's Embedders for a weights source and engine (the CLI's; the web app keeps its own)."""
+    return Embedders(weights, device, precision, home)

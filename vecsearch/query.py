@@ -1,9 +1,10 @@
 """Neighbour queries: the k images nearest to an image id or to any vector.
 
-Both call the SQL functions of migration 0002 (`vecsearch_similar`, `vecsearch_similar_to`), so
-the CLI, the web app and an analyst in psql get the same answers: HNSW candidates on
-`embedding::halfvec(2048)`, re-ranked by the exact full-precision distance, with iterative index
-scans under filters and an exact scan when the index cannot supply k rows.
+Both call the SQL functions `vecsearch_similar` and `vecsearch_similar_to` (wrappers over
+`vecsearch_nearest`, the one neighbour query: the newest migration defining it is its reference),
+so the CLI, the web app and an analyst in psql get the same answers: graph candidates re-ranked by
+the exact full-precision distance, iterative index scans under filters, an exact scan when the
+index cannot supply k rows. Arguments are checked by limits.check_query, paths by vecsearch.paths.
 
 This is the `vecsearch similar` path: psycopg only. A query by id sends no vector at all (the
 database reads the query vector itself); numpy and torch are never imported here.
@@ -11,22 +12,20 @@ database reads the query vector itself); numpy and torch are never imported here
 
 from __future__ import annotations
 
-import functools
-import os
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from . import db
-from .errors import InvalidInput, NotFound, SchemaMismatch
-from .limits import MAX_EF_SEARCH, MAX_K
+from . import db, models
+from .errors import InvalidInput, NotFound
+from .limits import check_query
+from .paths import absolute, under_prefix
 
 if TYPE_CHECKING:
-    import numpy as np
+    pass
 
 COLUMNS = ("rank", "id", "similarity", "path")
 
@@ -88,91 +87,12 @@ def search_file(conn: psycopg.Connection, path: str | Path, k: int = 10, *, weig
     out: the query never finds itself.
     """
     file = absolute(path)
-    check_args(k, ef_search)  # fail on bad arguments before loading a model
-    embed = file_embedder(conn, weights, embedder=embedder, device=device, precision=precision, home=home)
+    check_query(k, ef_search)  # fail on bad arguments before loading a model
+    embed = models.file_embedder(conn, weights, embedder=embedder, device=device, precision=precision,
+                                 home=home)
     vector = embed(file)
     return similar_to(conn, vector, k, exclude=ids_of_paths(conn, [file]), ef_search=ef_search,
                       exact=exact, under=under)
-
-
-def file_embedder(conn: psycopg.Connection, weights: str | None = None, *, embedder: Any = None,
-                  device: str = "auto", precision: str = "auto", home: Path | None = None
-                  ) -> Callable[[Path], np.ndarray]:
-    """A function embedding image files with the recorded model (built on first use, then cached)."""
-
-    def embed_file(path: Path) -> np.ndarray:
-        if not Path(path).is_file():
-            raise NotFound(f"no such image file: {path}")
-        from . import models
-
-        record = models.recorded_model(conn)
-        if record is None:
-            raise NotFound("the database records no model to embed files with (nothing loaded yet): "
-                           "run `vecsearch load DIR` first")
-        if embedder is None:
-            return embedders(weights, device, precision, home).embed_file(record, Path(path))
-        if embedder.record != record:
-            raise SchemaMismatch(models.mismatch_message(record, embedder.record))
-        return embedder.embed_file(Path(path))
-
-    return embed_file
-
-
-class Embedders:
-    """The embedder of the model a database records, built on first use (torch is imported then,
-    and building takes seconds) and kept. One forward pass at a time: a ResNet50 forward already
-    uses every core. A database re-embedded with another model meanwhile gets that model on the
-    next call. `weights`: where the recorded model's weights come from (None: its own source);
-    `device`, `precision`, `home`: its engine (embed.Embedder's).
-    """
-
-    def __init__(self, weights: str | None = None, device: str = "auto", precision: str = "auto",
-                 home: Path | None = None) -> None:
-        self.weights = weights
-        self.engine = {"device": device, "precision": precision, "home": home}
-        self.loads = 0
-        self._lock = threading.Lock()
-        self._record: Any = None
-        self._embedder: Any = None
-
-    def embed_images(self, record: Any, images: Sequence[Any]) -> np.ndarray:
-        """Decoded images (images.open_image) -> n x 2048 vectors of the model `record` names."""
-        with self._lock:
-            if self._embedder is None or record != self._record:
-                from .embed import Embedder
-
-                self._embedder = Embedder.from_record(record, weights=self.weights, **self.engine)
-                self._record = record
-                self.loads += 1
-            return self._embedder.embed_images(images)
-
-    def embed_file(self, record: Any, path: Path) -> np.ndarray:
-        """One image file, decoded exactly as `vecsearch load` decodes it."""
-        from .images import open_image
-
-        return self.embed_images(record, [open_image(path)])[0]
-
-
-@functools.lru_cache(maxsize=4)
-def embedders(weights: str | None = None, device: str = "auto", precision: str = "auto",
-              home: Path | None = None) -> Embedders:
-    """This process's Embedders for a weights source and engine (the CLI's; the web app keeps its own)."""
-    return Embedders(weights, device, precision, home)
-
-
-def neighbours_of_terms(conn: psycopg.Connection, terms: Sequence[Any], k: int,
-                        embed_file: Callable[[Path], np.ndarray], *, ef_search: int | None = None,
-                        exact: bool = False, under: str | Path | None = None
-                        ) -> tuple[list[Neighbour], list[int]]:
-    """Neighbours of a parsed expression (expr.parse) and the ids it excludes: an image id alone
-    is `similar`; anything else is the normalised weighted sum, its ids and files left out."""
-    from . import expr
-
-    options = {"ef_search": ef_search, "exact": exact, "under": under}
-    if expr.is_single_id(terms):
-        return similar(conn, terms[0].ref, k, **options), [terms[0].ref]
-    vector, exclude = expr.evaluate(conn, terms, embed_file)
-    return similar_to(conn, vector, k, exclude=exclude, **options), exclude
 
 
 def ids_of_paths(conn: psycopg.Connection, paths: Sequence[Path | str]) -> list[int]:
@@ -184,37 +104,6 @@ def ids_of_paths(conn: psycopg.Connection, paths: Sequence[Path | str]) -> list[
     return [r[0] for r in rows]
 
 
-def absolute(path: str | Path) -> Path:
-    """Absolute and normalised, symlinks kept: the form in which paths are stored.
-
-    InvalidInput for a path that is not valid UTF-8: no stored path can be such a one.
-    """
-    from .output import check_utf8
-
-    return Path(os.path.abspath(os.path.expanduser(check_utf8(str(path)))))
-
-
-def under_prefix(directory: str | Path) -> str:
-    """The path prefix of the files under `directory` (absolute, with a trailing separator)."""
-    prefix = str(absolute(directory))
-    return prefix if prefix.endswith(os.sep) else prefix + os.sep
-
-
-def check_args(k: int, ef_search: int | None = None) -> int | None:
-    """Validate k and ef_search (before any slow work); returns the ef_search to pass (None: the
-    database's own, `vecsearch db recall --tune`, else limits.DEFAULT_EF_SEARCH)."""
-    if not 1 <= k <= MAX_K:
-        raise InvalidInput(f"k must be between 1 and {MAX_K}, not {k}")
-    return None if ef_search is None else check_ef_search(ef_search)
-
-
-def check_ef_search(ef_search: int) -> int:
-    """`ef_search` if hnsw.ef_search accepts it, else InvalidInput (before any slow work)."""
-    if not 1 <= ef_search <= MAX_EF_SEARCH:
-        raise InvalidInput(f"ef-search must be between 1 and {MAX_EF_SEARCH}, not {ef_search}")
-    return ef_search
-
-
 def rows(neighbours: Sequence[Neighbour]) -> list[dict[str, Any]]:
     """Neighbours as output rows with COLUMNS (for output.render and JSON APIs)."""
     return [{"rank": rank, "id": n.id, "similarity": n.similarity, "path": n.path}
@@ -222,7 +111,7 @@ def rows(neighbours: Sequence[Neighbour]) -> list[dict[str, Any]]:
 
 
 def _params(k: int, ef_search: int | None, under: str | Path | None) -> dict[str, Any]:
-    return {"ef_search": check_args(k, ef_search),
+    return {"ef_search": check_query(k, ef_search),
             "under": under_prefix(under) if under is not None else None}
 
 

@@ -22,8 +22,7 @@ import psycopg
 from . import compact, db
 from .errors import InvalidInput, NotFound, first_line
 from .eval.metrics import recall_against_exact
-from .limits import MAX_K
-from .query import check_ef_search
+from .limits import check_ef_search, check_k
 
 STEPS = (40, 100, 200, 400, 800, 1000)
 RERANK_SHARES = (8, 4, 2)  # a compact index's re-rank depths tried: ef_search / these, deepest last
@@ -120,8 +119,7 @@ def measure(conn: psycopg.Connection, ids: list[int], k: int, ef_searches: list[
             truth: Truth | None = None) -> list[Measured]:
     """Recall@k of vecsearch_similar_to at each ef_search against its exact answers, on
     held-out-style queries made from `ids` (`truth`: those answers, if already computed)."""
-    if not 1 <= k <= MAX_K:
-        raise InvalidInput(f"k must be between 1 and {MAX_K}, not {k}")
+    check_k(k)
     for ef in ef_searches:
         check_ef_search(ef)
     truth = truth or exact_answers(conn, ids, k)

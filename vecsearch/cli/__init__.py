@@ -155,7 +155,8 @@ def neighbours_command(
         "--precision", help=PRECISION_HELP + " Only used to embed image files.")] = "auto",
 ) -> None:
     """`vecsearch similar QUERY` and `vecsearch search FILE`: one command, two readings of QUERY."""
-    from .. import catalogue, expr, query
+    from .. import catalogue, expr, models, query
+    from ..limits import check_query
 
     fmt = output_format(fmt)
     if (device, precision) != ("auto", "auto"):
@@ -171,9 +172,9 @@ def neighbours_command(
             print_neighbours(neighbours, fmt, f"neighbours of {query_text}")
             return
         terms = expr.parse(query_text)
-        query.check_args(k, ef_search)
-        embed = query.file_embedder(conn, weights, **engine)
-        neighbours, _ = query.neighbours_of_terms(conn, terms, k, embed, **options)
+        check_query(k, ef_search)
+        embed = models.file_embedder(conn, weights, **engine)
+        neighbours, _ = expr.neighbours_of_terms(conn, terms, k, embed, **options)
         title = f"neighbours of {query_text}"
         if fmt == "table" and expr.is_single_id(terms):
             title += ": " + catalogue.get_image(conn, terms[0].ref)["path"]

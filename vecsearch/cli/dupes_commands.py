@@ -11,7 +11,7 @@ import typer
 
 from .. import db, dupes, sheet
 from ..errors import InvalidInput
-from ..limits import DEFAULT_K, MAX_K
+from ..limits import DEFAULT_K, MAX_K, check_ef_search
 from ..output import display_path, printable
 from .common import err, output_format, settings, stage_bars
 
@@ -58,7 +58,7 @@ def dupes_command(
     (union-find): no all-pairs matrix, so it scales to 100k+ images in bounded memory.
     """
     from .. import decisions as decided
-    from .. import dupes, output, query
+    from .. import dupes, output
 
     fmt = output_format(fmt)
     if move_to is not None and not decisions:
@@ -72,7 +72,7 @@ def dupes_command(
             output.render(rows, decided.COLUMNS, fmt, title="duplicate decisions")
         err.print(f"{len({r['decision'] for r in rows})} decisions ({len(rows)} files)", markup=False)
         return
-    query.check_ef_search(ef_search)
+    check_ef_search(ef_search)
     if html is not None and not html.parent.is_dir():
         raise InvalidInput(f"--html {html}: the folder {html.parent} does not exist")
     s = settings(ctx)

@@ -13,10 +13,10 @@ from contextlib import contextmanager
 
 import psycopg
 
-from .. import db, expr, query, server
+from .. import db, expr, models, query, server
 from ..catalogue import count_images, get_image, list_images
 from ..config import Settings
-from ..errors import DatabaseUnavailable, InvalidInput, NotFound, UnreadableImage, database_failure
+from ..errors import DatabaseUnavailable, InvalidInput, UnreadableImage, database_failure
 from ..verified_files import Verified
 from .guard import UploadTooLarge, too_large
 from .schemas import ImageInfo, ImagePage, SimilarOut, image_info, neighbour_list
@@ -42,7 +42,7 @@ class State:
     def __init__(self, settings: Settings, weights: str | None, max_upload_bytes: int,
                  pool_size: int):
         self.settings = settings
-        self.model = query.Embedders(weights, home=settings.home)  # its engine measurement, if any
+        self.model = models.Embedders(weights, home=settings.home)  # its engine measurement, if any
         self.max_upload_bytes = max_upload_bytes
         self.pool_size = pool_size
         self.pool = None
@@ -111,22 +111,17 @@ class State:
             raise database_failure(e) from e
 
 
-def _recorded_model(conn: psycopg.Connection):
-    from ..models import recorded_model as read
-
-    record = read(conn)
-    if record is None:
-        raise NotFound("the database has no images (and so no model) yet: load some first with "
-                       "`vecsearch load DIR`")
-    return record
-
-
 def _refuse_files(terms) -> None:
     """Arithmetic in the web app names images by id only: a file term would read server files."""
     files = [t for t in terms if not isinstance(t.ref, int)]
     if files:
         raise InvalidInput(f"file terms such as {str(files[0].ref)!r} are not allowed in the web app: "
                            "use image ids, or search by uploading the file")
+
+
+def _no_files(path) -> None:
+    """The web app's embed_file: never reached (_refuse_files ran first), refusing all the same."""
+    raise InvalidInput(f"file terms such as {str(path)!r} are not allowed in the web app")
 
 
 # -- what the pages and the API answer (the same data for both) ----------------------------------
@@ -161,7 +156,7 @@ def upload(state: State, data: bytes, filename: str | None, k: int) -> tuple[Sim
     if not data:
         raise InvalidInput("the uploaded file is empty: choose an image file")
     with state.connection() as conn:
-        record = _recorded_model(conn)
+        record = models.require_recorded(conn)
     with state.decode_slots:
         img = decode_upload(data, filename)
     vector = state.model.embed_images(record, [img])[0]
@@ -175,7 +170,7 @@ def arithmetic(state: State, text: str, k: int) -> SimilarOut:
     terms = expr.parse(text)
     _refuse_files(terms)
     with state.connection() as conn:
-        found, exclude = query.neighbours_of_terms(conn, terms, k, lambda path: _refuse_files(terms))
+        found, exclude = expr.neighbours_of_terms(conn, terms, k, _no_files)
     return SimilarOut(query={"expr": text, "exclude": sorted(exclude)}, k=k, results=neighbour_list(found))
 
 
