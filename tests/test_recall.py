@@ -8,6 +8,8 @@ import psycopg
 from conftest import clustered, exact_neighbours, insert_vectors, run_cli
 
 from vecsearch import compact, query, recall
+from vecsearch import eval as evaluation
+from vecsearch.limits import DEFAULT_EF_SEARCH
 
 
 def test_recall_is_measured_against_exact_and_tune_sets_the_database_default(settings, conn):
@@ -37,6 +39,11 @@ def test_recall_is_measured_against_exact_and_tune_sets_the_database_default(set
         explicit = [[n.id for n in query.similar(conn, q, 10, ef_search=1)] for q in sample]
         assert low == explicit
         assert low != [[n.id for n in query.similar(conn, q, 10, ef_search=1000)] for q in sample]
+        # `vecsearch eval` runs the very query `similar` runs: no ef_search of its own.
+        default = [[n.id for n in query.similar(conn, q, 10, ef_search=DEFAULT_EF_SEARCH)] for q in sample]
+        assert low != default
+        ann = evaluation.neighbours(other, "public", sample, 10, exact=False)
+        assert [[i for i, _ in ann[q]] for q in sample] == low
 
     env = {"VECSEARCH_DATABASE_URL": settings.database_url}
     status = run_cli("db", "status", env=env, check=True).stdout

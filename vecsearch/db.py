@@ -19,8 +19,9 @@ from .limits import DEFAULT_EF_SEARCH, DIM
 
 # The alembic head this code expects; tests/test_foundation.py keeps it equal to migrations/.
 SCHEMA_REVISION = "0009"
-# Every ANN query must order by this exact expression, or the planner cannot use the index
-# (pgvector indexes at most 2000 dimensions of `vector`, so the index is on a halfvec cast).
+# The full index's expression (pgvector indexes at most 2000 dimensions of `vector`, so the graph is
+# on a halfvec cast): a query must order by exactly this to use it. The SQL functions carry their
+# own copy; tests that plan queries against the index use this one.
 ANN_EXPR = f"embedding::halfvec({DIM})"
 # The repository's migrations/ in a checkout; the copy shipped as vecsearch/migrations in a wheel.
 MIGRATIONS_DIR = next((d for d in (Path(__file__).resolve().parent.parent / "migrations",

@@ -21,8 +21,7 @@ def dupes_command(
     threshold: Annotated[float, typer.Option(
         "--threshold", "-t", help="Cosine distance under which two images are near-duplicates. "
         "Default 0.05 (similarity 0.95), meant for the pretrained ResNet50: a judgement, not a "
-        "measurement (pretrained weights could not be downloaded where vecsearch was built): half "
-        "of imagededup's CNN default (similarity 0.9), favouring precision; re-encodes and "
+        "measurement: half of imagededup's CNN default (similarity 0.9), favouring precision; re-encodes and "
         "resizes should sit far below it. `vecsearch eval perturb` prints the distances copies "
         "get on your own images. Exact copies (same sha256) are always grouped.")] = dupes.DEFAULT_THRESHOLD,
     under: Annotated[Path | None, typer.Option(

@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 
     from ..embed import Embedder
 
-SCRATCH_PREFIX = "vecsearch_eval_"
 # Working copies are made from the original scaled to fit this many pixels: the model sees
 # 224 x 224 after resizing anyway, and full-size PNGs of 12-megapixel photos are slow to write.
 WORK_PX = 1024
@@ -55,7 +54,7 @@ class Report:
     images: int  # embedded into the scratch schema
     queries: int
     ks: list[int]
-    ef_search: int
+    ef_search: int | None  # what the queries ran at: the database's own when none was given
     columns: list[str]  # of `metrics`, "k" first
     metrics: list[dict[str, float]]
     detail_columns: list[str]
@@ -78,10 +77,11 @@ class Report:
 
 
 def neighbours(conn: psycopg.Connection, schema: str, ids: Sequence[int], k: int, *, exact: bool,
-               ef_search: int = DEFAULT_EF_SEARCH) -> dict[int, list[tuple[int, float]]]:
+               ef_search: int | None = None) -> dict[int, list[tuple[int, float]]]:
     """The k nearest (id, distance) of each id, itself excluded: `vecsearch similar`'s own query
     (the `vecsearch_similar` function, which query.similar calls), one statement for all ids, with
-    `schema` first on the search path, exact or through the HNSW index."""
+    `schema` first on the search path, exact or through the HNSW index. `ef_search` None: the
+    database's own (`vecsearch db recall --tune`), exactly as `vecsearch similar` leaves it."""
     out: dict[int, list[tuple[int, float]]] = {int(q): [] for q in ids}
     with conn.transaction():
         conn.execute(sql.SQL("SET LOCAL search_path TO {}, public").format(sql.Identifier(schema)))
@@ -138,7 +138,7 @@ def _model_name(embedder: Embedder) -> str:
 
 def perturb(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *, originals: int = 20,
             ks: Sequence[int] = (1, 3, 5, 10), perturbations: Sequence[str] = DEFAULT_PERTURBATIONS,
-            seed: int = 0, ef_search: int = DEFAULT_EF_SEARCH, progress: Progress | None = None) -> Report:
+            seed: int = 0, ef_search: int | None = None, progress: Progress | None = None) -> Report:
     """The perturbation-recovery experiment: can each original find its own perturbed copies?
 
     `originals` images are drawn (seeded) from `folder`; each gets one copy per perturbation.
@@ -152,7 +152,8 @@ def perturb(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *
 
     started = time.perf_counter()
     ks = _check_ks(ks)
-    check_ef_search(ef_search)
+    if ef_search is not None:
+        check_ef_search(ef_search)
     perturbations = _check_perturbations(perturbations, originals)
     found = find_images(folder)
     files = [c.path for c in found.files]
@@ -168,6 +169,7 @@ def perturb(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *
         if len(chosen) < originals:
             report.notes.append(f"only {len(chosen)} readable images in the folder: {len(chosen)} originals")
         with db.connect(settings) as conn, scratch_schema(conn) as schema:
+            report.ef_search = ef_search or db.database_ef_search(conn) or DEFAULT_EF_SEARCH
             ids = _embed_into_scratch(settings, conn, schema, work, embedder, progress, report.skipped)
             by_number: dict[int, dict[str, int]] = {}  # original number -> {kind: id}
             for path, id_ in ids.items():
@@ -209,7 +211,8 @@ def _check_perturbations(perturbations: Sequence[str], originals: int) -> list[s
     return list(dict.fromkeys(perturbations))
 
 
-def _ann_and_exact(conn: psycopg.Connection, schema: str, queries: Sequence[int], k: int, ef_search: int,
+def _ann_and_exact(conn: psycopg.Connection, schema: str, queries: Sequence[int], k: int,
+                   ef_search: int | None,
                    progress: Progress | None) -> tuple[dict, dict]:
     """Each query's k nearest through the HNSW index, then exactly."""
     found = []
@@ -315,7 +318,7 @@ def _query_record(q: int, name: Mapping[int, str], ann: Mapping[int, list[tuple[
 
 def labels(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *,
            ks: Sequence[int] = (1, 5, 10), per_label: int | None = None, seed: int = 0,
-           ef_search: int = DEFAULT_EF_SEARCH, progress: Progress | None = None) -> Report:
+           ef_search: int | None = None, progress: Progress | None = None) -> Report:
     """Precision@k of same-label neighbours, for a folder laid out as DIR/<label>/<images>.
 
     Every image (or `per_label` drawn per label, seeded) is embedded into a scratch schema and
@@ -328,7 +331,8 @@ def labels(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *,
 
     started = time.perf_counter()
     ks = _check_ks(ks)
-    check_ef_search(ef_search)
+    if ef_search is not None:
+        check_ef_search(ef_search)
     root = Path(folder).expanduser()
     found = find_images(root)
     by_label: dict[str, list[str]] = {}
@@ -348,6 +352,7 @@ def labels(settings: Settings, folder: str | os.PathLike, embedder: Embedder, *,
         source_of = _link_labelled(by_label, per_label, rng, work)
         names = {f"{n:04d}": label for n, label in enumerate(sorted(by_label))}
         with db.connect(settings) as conn, scratch_schema(conn) as schema:
+            report.ef_search = ef_search or db.database_ef_search(conn) or DEFAULT_EF_SEARCH
             ids = _embed_into_scratch(settings, conn, schema, work, embedder, progress, report.skipped)
             prefix = os.path.abspath(work)
             label_of = {id_: names[os.path.relpath(path, prefix).split(os.sep)[0]]

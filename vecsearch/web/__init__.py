@@ -310,7 +310,7 @@ def _add_error_handlers(app: FastAPI, respond) -> None:
 
 
 def _openapi_without_422(app: FastAPI) -> None:
-    """Validation errors here are 400 {error, status} (see _ERRORS), not FastAPI's 422."""
+    """Validation errors here are 400 {error, status} (see schemas.ERRORS), not FastAPI's 422."""
     default = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -327,11 +327,11 @@ def _openapi_without_422(app: FastAPI) -> None:
 
 
 def _filesize(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
+    for unit in ("B", "KB", "MB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} B"
+    return f"{n:.1f} GB"
 
 
 def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = WEB_PORT, weights: str | None = None,
