@@ -94,20 +94,27 @@ def read_raw(data: bytes, thumbnail: Callable[[], bytes | None] | None = None, *
     """The metadata of a camera RAW file from its bytes (already in memory for decoding): the TIFF
     tags most RAW formats are made of (DNG, NEF, CR2, ARW...), else the EXIF of the embedded JPEG
     preview `thumbnail()` returns, else nothing."""
-    for source in (lambda: data, thumbnail):
-        if source is None:
-            continue
+    if data[:4] in _TIFF_HEADERS:
+        exif = Image.Exif()
         try:
-            blob = source()
-            if not blob:
-                continue
-            with Image.open(io.BytesIO(blob)) as img:  # headers only: no pixels are decoded
-                found = read(img, now=now)
+            exif.load(data)  # the IFDs only, parsed from the bytes in memory
         except Exception:
-            continue
-        if found != NONE:
-            return found
+            pass
+        else:
+            found = from_exif(exif, now=now)
+            if found != NONE:
+                return found
+    try:
+        preview = thumbnail() if thumbnail is not None else None
+        if preview:
+            with Image.open(io.BytesIO(preview)) as img:  # headers only: no pixels are decoded
+                return read(img, now=now)
+    except Exception:
+        pass
     return NONE
+
+
+_TIFF_HEADERS = (b"II*\x00", b"MM\x00*")
 
 
 def from_exif(exif: Image.Exif, *, now: datetime | None = None) -> PhotoMetadata:
@@ -149,6 +156,13 @@ def _text(ifd: Any, tag: int, name: str, warnings: list[str]) -> str | None:
             return None
     if not isinstance(value, str):
         warnings.append(f"EXIF {name} is a {type(value).__name__}, not text: ignored")
+        return None
+    try:  # Pillow decodes EXIF text as latin-1; cameras and phones write UTF-8
+        value = value.encode("latin-1").decode("utf-8")
+    except UnicodeEncodeError:
+        pass  # not from latin-1 bytes: already text
+    except UnicodeDecodeError:
+        warnings.append(f"EXIF {name} is not UTF-8 text: ignored")
         return None
     value = value.strip("\x00 \t\r\n")
     if not value:

@@ -16,6 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from . import exif
 from .errors import UnreadableImage
 
 HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif", ".avif"})
@@ -74,10 +75,11 @@ def missing_decoder(head: bytes) -> str | None:
 
 
 def decode_raw(source: str | os.PathLike | BinaryIO, draft: int | None, max_pixels: int,
-               max_bytes: int) -> tuple[np.ndarray, int, int]:
-    """A camera RAW file as 8-bit RGB (camera white balance, orientation applied), and its full
-    size as displayed. At half size when that keeps the short side >= `draft` (faster, less
-    memory: the model and thumbnails need no more)."""
+               max_bytes: int) -> tuple[np.ndarray, int, int, exif.PhotoMetadata]:
+    """A camera RAW file as 8-bit RGB (camera white balance, orientation applied), its full
+    size as displayed, and its photo metadata (from the bytes already read: the TIFF tags most RAW
+    formats are made of, else the EXIF of the embedded JPEG preview). At half size when that
+    keeps the short side >= `draft` (faster, less memory: the model and thumbnails need no more)."""
     try:
         import rawpy
     except ImportError:
@@ -100,6 +102,7 @@ def decode_raw(source: str | os.PathLike | BinaryIO, draft: int | None, max_pixe
             raise UnreadableImage(f"decompression bomb? a {sizes.width}x{sizes.height} RAW file needs "
                                   f"{need / 2**20:.0f} MB to decode, over the limit of "
                                   f"{max_bytes / 2**20:.0f} MB")
+        metadata = exif.read_raw(data, lambda: _jpeg_preview(raw, rawpy))
         raw.unpack()
         half = bool(draft) and min(sizes.width, sizes.height) // 2 >= draft
         rgb = raw.postprocess(use_camera_wb=True, output_bps=8, half_size=half)
@@ -108,4 +111,35 @@ def decode_raw(source: str | os.PathLike | BinaryIO, draft: int | None, max_pixe
     finally:
         raw.close()
     width, height = (sizes.height, sizes.width) if sizes.flip in (5, 6) else (sizes.width, sizes.height)
-    return rgb, width, height
+    return rgb, width, height, metadata
+
+
+def raw_metadata(data: bytes) -> exif.PhotoMetadata:
+    """A RAW file's photo metadata without decoding it (`vecsearch load --reread-metadata`)."""
+
+    def preview() -> bytes | None:
+        try:
+            import rawpy
+        except ImportError:
+            return None
+        raw = rawpy.RawPy()
+        try:
+            raw.open_buffer(io.BytesIO(data))
+            return _jpeg_preview(raw, rawpy)
+        except rawpy.LibRawError:
+            return None
+        finally:
+            raw.close()
+
+    return exif.read_raw(data, preview)
+
+
+def _jpeg_preview(raw, rawpy) -> bytes | None:
+    """The RAW file's embedded JPEG preview, if it has one (cameras copy their EXIF into it)."""
+    try:
+        thumb = raw.extract_thumb()
+    except (rawpy.LibRawError, MemoryError):
+        return None
+    if thumb.format != rawpy.ThumbFormat.JPEG or len(thumb.data) > 64 * 2**20:
+        return None
+    return bytes(thumb.data)

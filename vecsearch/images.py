@@ -18,7 +18,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from . import formats
+from . import exif, formats
 from .errors import InvalidInput, NotFound, UnreadableImage, first_line
 from .models import CROP, RESIZE
 from .output import check_utf8, display_path
@@ -227,12 +227,14 @@ def resized_size(width: int, height: int, resize: int = RESIZE) -> tuple[int, in
 
 @dataclass(frozen=True)
 class Decoded:
-    """A decoded file: RGB pixels (maybe at JPEG draft scale) and the file's own pixel size."""
+    """A decoded file: RGB pixels (maybe at JPEG draft scale), the file's own pixel size, and
+    its photo metadata (read from the same open file: vecsearch/exif.py)."""
 
     image: Image.Image
     format: str
     width: int  # full resolution, as displayed (EXIF orientation applied)
     height: int
+    metadata: exif.PhotoMetadata = exif.NONE
 
 
 def open_image(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESIZE,
@@ -251,7 +253,7 @@ def open_image(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESI
 
 def open_decoded(source: str | os.PathLike | BinaryIO, *, draft: int | None = RESIZE,
                  name: str | None = None) -> Decoded:
-    """open_image, plus the format and full pixel size (for the images row)."""
+    """open_image, plus the format, full pixel size and photo metadata (for the images row)."""
     own = os.fspath(source) if isinstance(source, (str, os.PathLike)) else getattr(source, "name", None)
     if not isinstance(own, str):  # bytes in memory (the gallery's threads: no warnings juggling there)
         return _decode(source, draft, name)
@@ -269,12 +271,30 @@ def open_decoded(source: str | os.PathLike | BinaryIO, *, draft: int | None = RE
     return decoded
 
 
+def read_metadata(f: BinaryIO, name: str) -> exif.PhotoMetadata:
+    """The photo metadata of an open image file, its pixels left undecoded (for files whose row
+    is current but whose metadata is not: `vecsearch load --reread-metadata`). UnreadableImage
+    for a file that is not an image Pillow (or rawpy) can open."""
+    head = _head(f)
+    if formats.is_raw(name, head):
+        return formats.raw_metadata(f.read())
+    formats.register_heif()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's notes on odd EXIF: exif.read says what counts
+            with Image.open(f) as img:
+                return exif.read(img)
+    except Exception as e:
+        raise UnreadableImage(f"cannot read its metadata ({first_line(e)})") from e
+
+
 def _decode(source: str | os.PathLike | BinaryIO, draft: int | None, name: str | None) -> Decoded:
     head = _head(source)
     if formats.is_raw(name if isinstance(name, str) else None, head):
-        rgb, width, height = formats.decode_raw(source, draft, MAX_PIXELS, MAX_DECODED_BYTES)
+        rgb, width, height, metadata = formats.decode_raw(source, draft, MAX_PIXELS, MAX_DECODED_BYTES)
         ext = os.path.splitext(name or "")[1].lstrip(".").upper()
-        return Decoded(Image.fromarray(rgb, "RGB"), ext or formats.sniff(head) or "RAW", width, height)
+        return Decoded(Image.fromarray(rgb, "RGB"), ext or formats.sniff(head) or "RAW", width, height,
+                       metadata)
     formats.register_heif()
     try:
         with warnings.catch_warnings():
@@ -283,6 +303,7 @@ def _decode(source: str | os.PathLike | BinaryIO, draft: int | None, name: str |
         with img:
             fmt, (width, height) = img.format or "unknown", img.size
             full_size = img.size
+            metadata = exif.read(img)  # the headers only, before any pixel is decoded
             if draft and img.format == "JPEG":
                 img.draft(None, resized_size(*img.size, draft))
             _check_decode_memory(img, full_size, draft)  # before the orientation: a PNG's loads it
@@ -295,7 +316,7 @@ def _decode(source: str | os.PathLike | BinaryIO, draft: int | None, name: str |
             missing = _jpeg_truncated(source, img, full_size) if img.format == "JPEG" else None
             if missing:
                 raise UnreadableImage(f"truncated file ({missing})")
-            return Decoded(_to_rgb(_oriented(_reduced(img, draft))), fmt, width, height)
+            return Decoded(_to_rgb(_oriented(_reduced(img, draft))), fmt, width, height, metadata)
     except UnreadableImage:
         raise
     except FileNotFoundError as e:

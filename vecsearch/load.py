@@ -20,10 +20,11 @@ import psycopg
 from . import models, sessions
 from .config import Settings
 from .errors import DatabaseBusy, InvalidInput
-from .paths import directory_prefix
 from .hnsw import BulkLoadIndex
 from .images import Found, find_images, find_some
+from .paths import directory_prefix
 from .pipeline import LoadSummary, Pipeline, connect, fail
+from .pipeline import reread_metadata as read_metadata_of
 from .progress import Progress, as_progress
 
 __all__ = ["LoadSummary", "connect", "load", "write_errors"]
@@ -33,7 +34,8 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
          reembed: bool = False, schema: str = "public",
          progress: Progress | Callable[[int, int], None] | None = None,
          errors_csv: str | os.PathLike | None = None, workers: int | None = None,
-         shard: tuple[int, int] | None = None, paths: Iterable[str] | None = None) -> LoadSummary:
+         shard: tuple[int, int] | None = None, paths: Iterable[str] | None = None,
+         reread_metadata: bool = False) -> LoadSummary:
     """Load every image under `folder` into `schema`.images, embedded by `embedder` (embed.Embedder).
 
     reembed: re-embed every row of the table (also outside `folder`), the way to switch models;
@@ -45,6 +47,8 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
     loaders on N machines split one folder; prune then deletes only rows of that share.
     paths: only these files and folders under `folder` (what `load --watch` saw change), so a
     sync costs what changed, not a walk of the tree; `prune` then checks only rows at or under them.
+    Unchanged files whose photo metadata is not current (rows from before migration 0009; every
+    row with `reread_metadata`) have their metadata read again, without re-embedding.
     Raises SchemaMismatch when the database was built with another model (and not `reembed`).
     """
     scope = None if paths is None else sorted({os.path.abspath(os.fspath(p)) for p in paths})
@@ -78,9 +82,11 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
         root = os.path.abspath(os.fspath(folder))
         existing = _existing(conn, None if reembed else root, scope)
         to_read = _to_read(found, existing, reembed, summary, report)
+        stale = _metadata_stale(conn, root, found, set(to_read), reread_metadata)
         share = "" if shard is None else f" (share {shard[0]}/{shard[1]})"
         report.message(f"found {summary.found} image file{'' if summary.found == 1 else 's'} in "
-                       f"{root}{share}: {len(to_read)} to read, {summary.unchanged} unchanged")
+                       f"{root}{share}: {len(to_read)} to read, {summary.unchanged} unchanged"
+                       + (f" ({len(stale)} of them to read the metadata of)" if stale else ""))
         index = BulkLoadIndex(conn, report)
         additions = sum(1 for p in to_read if p not in existing)
         rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
@@ -94,6 +100,11 @@ def load(settings: Settings, folder: str | os.PathLike, embedder, *, prune: bool
                 try:
                     Pipeline(settings, schema, embedder, report, summary,
                              reuse_since=run_start if reembed else None).run(to_read, workers)
+                except KeyboardInterrupt:
+                    summary.interrupted = True
+            if stale and not summary.interrupted:
+                try:
+                    read_metadata_of(conn, stale, summary, report)
                 except KeyboardInterrupt:
                     summary.interrupted = True
             if not summary.interrupted:
@@ -130,6 +141,23 @@ def _to_read(found: Found, existing: dict[str, tuple[int, int]], reembed: bool, 
         to_read += sorted(p for p in existing if p not in discovered and os.path.isfile(p))
     summary.found = len(found.failed) + summary.unchanged + len(to_read)
     return to_read
+
+
+def _metadata_stale(conn: psycopg.Connection, root: str, found: Found, to_read: set[str],
+                    every: bool) -> list[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of the unchanged files whose row's metadata is not of this
+    vecsearch's EXIF reading (exif.VERSION; NULL: loaded before migration 0009), or all of them
+    with `every`. Only the stale rows are fetched: after the first load there are none."""
+    from . import exif
+
+    unchanged = [c for c in found.files if c.path not in to_read]
+    if not every and unchanged:
+        prefix = root if root.endswith(os.sep) else root + os.sep
+        stale = {p for (p,) in conn.execute(
+            "SELECT path FROM images WHERE starts_with(path, %s) "
+            "AND metadata_version IS DISTINCT FROM %s", [prefix, exif.VERSION])}
+        unchanged = [c for c in unchanged if c.path in stale]
+    return [(c.path, c.size, c.mtime_ns) for c in unchanged]
 
 
 def _open_errors(path: str | os.PathLike):

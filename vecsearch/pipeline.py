@@ -24,15 +24,18 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import db
+from . import db, exif
 from .config import Settings
 from .errors import UnreadableImage
-from .images import model_input, open_decoded, sha256_of
+from .images import model_input, open_decoded, read_metadata, sha256_of
 from .limits import EPOCH
 from .progress import Progress
 
 COLUMNS = ("path", "sha256", "bytes", "width", "height", "format", "mtime", "embedding")
 COPY_TYPES = ("text", "text", "int8", "int4", "int4", "text", "timestamptz", "vector")
+# The photo metadata (migration 0009) travels with the row and is written in the same transaction.
+METADATA = (*exif.COLUMNS, "metadata_version")
+METADATA_TYPES = (*exif.COPY_TYPES, "int2")
 WRITE_QUEUE = 4  # batches waiting for the writer: bounds memory, keeps the model busy
 RETRIES = 5  # deadlocks with a concurrent load on overlapping rows are retried
 # A row whose content (sha256) may lend its embedding to a file with the same bytes: any row, or with
@@ -58,6 +61,8 @@ class LoadSummary:
     decode_wait: float = 0.0  # seconds the model sat waiting for decoded files (more --workers?)
     write_wait: float = 0.0  # seconds the model sat waiting for the database writer
     model_seconds: float = 0.0  # seconds in the network
+    metadata_reread: int = 0  # unchanged files whose metadata alone was read (no re-embedding)
+    metadata_warnings: int = 0  # files whose EXIF had values dropped as bad (each warned about)
     engine: str = ""  # where and how the network ran (engine.Choice.describe)
     errors_csv_error: str | None = None  # why the --errors file could not be written
 
@@ -71,6 +76,10 @@ class LoadSummary:
         text = (f"found {self.found}, new {self.new}, updated {self.updated}, unchanged {self.unchanged}, "
                 f"duplicate content {self.duplicate}, failed {len(self.failed)}, pruned {self.pruned} "
                 f"(embedded {self.embedded} images in {self.seconds:.1f} s{rate})")
+        if self.metadata_reread:
+            text += f", metadata re-read {self.metadata_reread}"
+        if self.metadata_warnings:
+            text += f", metadata warnings {self.metadata_warnings}"
         return ("interrupted: " + text) if self.interrupted else text
 
     @property
@@ -101,6 +110,14 @@ def fail(summary: LoadSummary, report: Progress, path: str, reason: str) -> None
     report.failed(path, reason)
 
 
+def warn_metadata(summary: LoadSummary, report: Progress, path: str,
+                  metadata: exif.PhotoMetadata | None) -> None:
+    """Count and report the EXIF values a file had dropped as bad (the file itself loads)."""
+    if metadata is not None and metadata.warnings:
+        summary.metadata_warnings += 1
+        report.warned(path, "; ".join(metadata.warnings))
+
+
 @dataclass
 class Row:
     """One file on its way through the pipeline: what the decode worker found, then its vector.
@@ -116,6 +133,7 @@ class Row:
     width: int | None = None
     height: int | None = None
     format: str | None = None
+    metadata: exif.PhotoMetadata | None = None  # None for known content: the writer copies it
     pixels: Any = None  # 224 x 224 x 3 uint8, from the worker, until embedded
     embedding: Any = None  # 2048 float32
     duplicate: bool = False  # its content was embedded already (in the table or in this batch)
@@ -176,6 +194,7 @@ class Reader:
                 f.seek(0)
                 decoded = open_decoded(f)
                 item.width, item.height, item.format = decoded.width, decoded.height, decoded.format
+                item.metadata = decoded.metadata
                 item.pixels = model_input(decoded.image)
                 after = os.fstat(f.fileno())
                 if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
@@ -189,6 +208,45 @@ class Reader:
         return item
 
 
+METADATA_BATCH = 500  # rows of metadata re-read per transaction
+
+
+def reread_metadata(conn: psycopg.Connection, files: Iterable[tuple[str, int, int]], summary: LoadSummary,
+                    report: Progress) -> None:
+    """Read the photo metadata of files whose rows are current (path, size and mtime match, so
+    the vector stays) and write it, METADATA_BATCH rows a transaction: migrated rows, or every row
+    with `vecsearch load --reread-metadata`. `files`: (path, size, mtime in ns). Only the headers
+    are read (a RAW file whole); a file that cannot be read keeps its row as it is, with a warning."""
+    pending: list[list[Any]] = []
+
+    def write() -> None:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.executemany(
+                f"UPDATE images SET ({', '.join(METADATA)}) = ({', '.join(['%s'] * len(METADATA))}) "
+                "WHERE path = %s AND bytes = %s AND mtime = %s", pending)
+            summary.metadata_reread += cur.rowcount
+        pending.clear()
+
+    for path, size, mtime_ns in files:
+        try:
+            with open(path, "rb", opener=_open_nonblocking) as f:
+                if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                    raise UnreadableImage("not a regular file")
+                metadata = read_metadata(f, path)
+        except (UnreadableImage, OSError) as e:
+            summary.metadata_warnings += 1
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            report.warned(path, f"metadata not read: {reason}")
+            continue
+        warn_metadata(summary, report, path, metadata)
+        pending.append([*metadata.values(), exif.VERSION, path, size,
+                        EPOCH + timedelta(microseconds=mtime_ns // 1000)])
+        if len(pending) >= METADATA_BATCH:
+            write()
+    if pending:
+        write()
+
+
 class Writer(threading.Thread):
     """Writes embedded batches in order on its own connection, one transaction per batch."""
 
@@ -199,7 +257,9 @@ class Writer(threading.Thread):
         self.conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS vecsearch_stage (path text, sha256 text, bytes bigint, "
             "width integer, height integer, format text, mtime timestamptz, embedding vector(2048), "
-            "reduced halfvec, reduced_version integer) ON COMMIT DELETE ROWS")
+            "reduced halfvec, reduced_version integer, taken_at timestamp, taken_offset interval, "
+            "camera_make text, camera_model text, lens text, gps_latitude float8, gps_longitude float8, "
+            "orientation int2, metadata_version int2) ON COMMIT DELETE ROWS")
         self.projection = None  # compact.Projection of the compact index in use, if any
         self.reuse_since, self.summary, self.report = reuse_since, summary, report
         self.queue: queue.Queue = queue.Queue(WRITE_QUEUE)
@@ -292,50 +352,55 @@ class Writer(threading.Thread):
         cur = self.conn.cursor()
         known = self._known_content([r.sha256 for r in rows if r.embedding is None])
         projection = self._in_use()
-        with cur.copy(f"COPY vecsearch_stage ({', '.join(COLUMNS)}, reduced, reduced_version) "
-                      "FROM STDIN (FORMAT BINARY)") as copy:
-            copy.set_types([*COPY_TYPES, "halfvec", "int4"])
+        with cur.copy(f"COPY vecsearch_stage ({', '.join(COLUMNS)}, reduced, reduced_version, "
+                      f"{', '.join(METADATA)}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types([*COPY_TYPES, "halfvec", "int4", *METADATA_TYPES])
             for row in rows:
                 values = {c: getattr(row, c) for c in COLUMNS}
-                if row.embedding is None:  # known content: the existing row's vector and size
+                if row.embedding is None:  # known content: the existing row's vector, size, metadata
                     if row.sha256 not in known:
                         continue  # that row was deleted meanwhile: reported below
                     values.update(known[row.sha256])
+                if row.metadata is not None:  # read from this file (decoded here after all)
+                    values.update(zip(METADATA, [*row.metadata.values(), exif.VERSION], strict=True))
                 reduced = None
                 if projection is not None:
                     vector = values["embedding"]
                     reduced = HalfVector(projection.reduce(
                         vector.to_numpy() if hasattr(vector, "to_numpy") else vector))
                 copy.write_row([*(values[c] for c in COLUMNS), reduced,
-                                None if reduced is None else projection.version])
+                                None if reduced is None else projection.version,
+                                *(values[c] for c in METADATA)])
         # loaded_at comes from the SELECT, not now() in DO UPDATE: Citus takes only immutable
         # functions there.
         cur.execute("""
             INSERT INTO images AS i (path, sha256, bytes, width, height, format, mtime, embedding,
-                                     reduced, reduced_version, loaded_at)
+                                     reduced, reduced_version, loaded_at, {metadata})
             SELECT path, sha256, bytes, width, height, format, mtime, embedding, reduced,
-                   reduced_version, now()
+                   reduced_version, now(), {metadata}
             FROM vecsearch_stage ORDER BY path
             ON CONFLICT (path) DO UPDATE SET
                 sha256 = EXCLUDED.sha256, bytes = EXCLUDED.bytes, width = EXCLUDED.width,
                 height = EXCLUDED.height, format = EXCLUDED.format, mtime = EXCLUDED.mtime,
                 embedding = EXCLUDED.embedding, reduced = EXCLUDED.reduced,
-                reduced_version = EXCLUDED.reduced_version, loaded_at = EXCLUDED.loaded_at
+                reduced_version = EXCLUDED.reduced_version, loaded_at = EXCLUDED.loaded_at,
+                {updates}
             RETURNING i.path, (i.xmax = 0)
-        """)
+        """.format(metadata=", ".join(METADATA), updates=", ".join(f"{c} = EXCLUDED.{c}" for c in METADATA)))
         return dict(cur.fetchall())
 
     def _known_content(self, shas: list[str]) -> dict[str, dict]:
-        """sha256 -> width, height, format and embedding of a row with that content (one loaded
-        in this run when re-embedding)."""
+        """sha256 -> width, height, format, embedding and photo metadata of a row with that content
+        (one loaded in this run when re-embedding): the same bytes have the same EXIF."""
         if not shas:
             return {}
         found = self.conn.execute(f"""
-            SELECT DISTINCT ON (sha256) sha256, width, height, format, embedding FROM images
+            SELECT DISTINCT ON (sha256) sha256, width, height, format, embedding, {", ".join(METADATA)}
+            FROM images
             WHERE sha256 = ANY(%(shas)s) AND {REUSABLE}
             ORDER BY sha256, path
         """, {"shas": shas, "since": self.reuse_since})
-        return {sha: dict(zip(("width", "height", "format", "embedding"), rest, strict=True))
+        return {sha: dict(zip(("width", "height", "format", "embedding", *METADATA), rest, strict=True))
                 for sha, *rest in found}
 
 
@@ -392,6 +457,7 @@ class Pipeline:
             if item.error is not None:
                 fail(self.summary, self.report, item.path, item.error)
             else:
+                warn_metadata(self.summary, self.report, item.path, item.metadata)
                 good.append(item)
         shas = {item.sha256 for item in good}
         # In flight first, then the database: a batch the writer commits in between is in one of them.
@@ -411,6 +477,7 @@ class Pipeline:
                 if item.error is not None:
                     fail(self.summary, self.report, item.path, item.error)
                     continue
+                warn_metadata(self.summary, self.report, item.path, item.metadata)
             groups.setdefault(item.sha256, []).append(item)
         if groups:
             import numpy as np

@@ -31,6 +31,9 @@ class Progress:
     def failed(self, path: str, reason: str) -> None:
         """A file was skipped."""
 
+    def warned(self, path: str, reason: str) -> None:
+        """A file was loaded, but some of what it holds was not (bad EXIF values, say)."""
+
     def stop(self) -> None:
         """The reading is over (also after an interruption)."""
 
@@ -110,6 +113,9 @@ class Lines(_Counting):
     def failed(self, path: str, reason: str) -> None:
         self._print(f"skipped {path}: {reason}")
 
+    def warned(self, path: str, reason: str) -> None:
+        self._print(f"warning: {path}: {reason}")
+
 
 class Bar(_Counting):
     """A rich progress bar (files, images/s, ETA); messages and failures print above it."""
@@ -139,6 +145,9 @@ class Bar(_Counting):
 
     def failed(self, path: str, reason: str) -> None:
         self.console.print(printable(f"skipped {path}: {reason}"), markup=False, highlight=False)
+
+    def warned(self, path: str, reason: str) -> None:
+        self.console.print(printable(f"warning: {path}: {reason}"), markup=False, highlight=False)
 
     def stop(self) -> None:
         self.bar.stop()
