@@ -10,7 +10,16 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
-from conftest import clustered, exact_neighbours, fresh_database, insert_vectors, make_dng, make_image, nested_plans
+from conftest import (
+    clustered,
+    exact_neighbours,
+    fresh_database,
+    insert_vectors,
+    make_dng,
+    make_image,
+    nested_plans,
+    run_cli,
+)
 from PIL import Image
 
 from vecsearch import db, exif, query
@@ -76,7 +85,8 @@ def test_a_jpegs_exif_becomes_the_fields(tmp_path):
     assert found == exif.PhotoMetadata(
         taken_at=datetime(2024, 5, 1, 10, 11, 12), taken_offset=timedelta(hours=2), camera_make="Canon",
         camera_model="Canon EOS R5", lens="RF24-105mm F4 L IS USM",
-        gps_latitude=pytest.approx(48 + 51 / 60 + 30.5 / 3600), gps_longitude=pytest.approx(-(2 + 17 / 60 + 40 / 3600)),
+        gps_latitude=pytest.approx(48 + 51 / 60 + 30.5 / 3600),
+        gps_longitude=pytest.approx(-(2 + 17 / 60 + 40 / 3600)),
         orientation=6)
     # No EXIF at all: every field NULL, and nothing to warn about.
     assert open_decoded(photo(tmp_path / "b.jpg", 2, None)).metadata == exif.NONE
@@ -142,7 +152,8 @@ def test_blank_dates_and_huge_blocks(tmp_path):
     found = open_decoded(photo(tmp_path / "big.png", 7, huge, fmt="PNG")).metadata
     assert found.camera_make is None and "over the limit" in found.warnings[0]
     # Garbage where the block should be.
-    found = exif.read(Image.open(photo(tmp_path / "junk.png", 8, b"Exif\0\0" + bytes(range(256)) * 4, fmt="PNG")))
+    junk = b"Exif\0\0" + bytes(range(256)) * 4
+    found = exif.read(Image.open(photo(tmp_path / "junk.png", 8, junk, fmt="PNG")))
     assert found.camera_make is None
 
 
@@ -183,11 +194,13 @@ def test_load_writes_the_metadata_and_counts_bad_exif(settings, embedder, photos
     with db.connect(settings) as conn:
         got = metadata_rows(conn)
     lat, lon = 48 + 51 / 60 + 30.5 / 3600, -(2 + 17 / 60 + 40 / 3600)
-    assert got["canon.jpg"] == (datetime(2024, 5, 1, 10, 11, 12), timedelta(hours=2), "Canon", "Canon EOS R5",
-                                "RF24-105mm F4 L IS USM", pytest.approx(lat), pytest.approx(lon), 1, exif.VERSION)
+    assert got["canon.jpg"] == (datetime(2024, 5, 1, 10, 11, 12), timedelta(hours=2), "Canon",
+                                "Canon EOS R5", "RF24-105mm F4 L IS USM", pytest.approx(lat),
+                                pytest.approx(lon), 1, exif.VERSION)
     assert got["iphone.heic"][:4] == (datetime(2024, 5, 1, 10, 11, 12), None, "Apple", "iPhone 15 Pro")
     assert got["bare.png"] == (None,) * 8 + (exif.VERSION,)
-    assert got["year9999.jpg"][0] is None and got["year9999.jpg"][3] is None and got["year9999.jpg"][2] == "Canon"
+    bad = got["year9999.jpg"]
+    assert bad[0] is None and bad[3] is None and bad[2] == "Canon"
     assert got["lat500.jpg"][5:7] == (None, None) and got["lat500.jpg"][0] is not None
 
 
@@ -330,3 +343,30 @@ def test_joins_on_the_metadata_columns(library, lconn):
         FROM vecsearch_similar(%s, 5, taken_after => '2024-06-01') s JOIN images i USING (id)
         ORDER BY s.distance""", [library.ids[0]]).fetchall()
     assert len(rows) == 5 and all(t >= datetime(2024, 6, 1) for _, t, _ in rows)
+
+
+def test_similar_taken_after_from_the_command_line(library):
+    import json
+
+    image_id = library.ids[library.old_query]
+    result = run_cli("similar", str(image_id), "--taken-after", "2024-01-01", "-f", "json", env=library.env)
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout)
+    taken = dict(zip(library.ids, library.taken, strict=True))
+    assert len(found) == 10 and all(taken[r["id"]] >= datetime(2024, 1, 1) for r in found)
+    result = run_cli("similar", str(image_id), "-k", "3", "--camera", "leica", "--taken-before",
+                     "2030-01-01T00:00", "-f", "paths", env=library.env)
+    camera = dict(zip([f"/lib/{i}.jpg" for i in range(ROWS)], library.camera, strict=True))
+    assert result.returncode == 0 and [camera[p] for p in result.stdout.split()] == ["Leica"] * 3
+    # Bad input: one line naming the option, exit 1, before anything runs.
+    for args, says in ((["--taken-after", "2024-13-01"], "--taken-after '2024-13-01' is not a date"),
+                       (["--taken-before", "yesterday"], "--taken-before 'yesterday' is not a date"),
+                       (["--taken-after", "2024-01-01T00:00+02:00"], "has a UTC offset"),
+                       (["--taken-after", "2025-01-01", "--taken-before", "2024-01-01"], "is not before"),
+                       (["--camera", " "], "--camera must be 1 to 128 characters")):
+        result = run_cli("similar", str(image_id), *args, env=library.env)
+        assert result.returncode == 1 and result.stderr.count("\n") == 1 and says in result.stderr, \
+            result.stderr
+    # Nothing passes: said so.
+    result = run_cli("similar", str(image_id), "--taken-after", "2030-01-01", env=library.env)
+    assert result.returncode == 1 and "no other images taken after 2030-01-01 00:00:00" in result.stderr

@@ -232,11 +232,12 @@ def _error(text: str, position: int, message: str) -> InvalidInput:
 
 def neighbours_of_terms(conn: psycopg.Connection, terms: Sequence[Any], k: int,
                         embed_file: Callable[[Path], np.ndarray], *, ef_search: int | None = None,
-                        exact: bool = False, under: str | Path | None = None
+                        exact: bool = False, under: str | Path | None = None, **filters: Any
                         ) -> tuple[list[Neighbour], list[int]]:
     """Neighbours of a parsed expression (expr.parse) and the ids it excludes: an image id alone
-    is `similar`; anything else is the normalised weighted sum, its ids and files left out."""
-    options = {"ef_search": ef_search, "exact": exact, "under": under}
+    is `similar`; anything else is the normalised weighted sum, its ids and files left out.
+    `filters`: taken_after, taken_before, camera (query.Filters)."""
+    options = {"ef_search": ef_search, "exact": exact, "under": under, **filters}
     if is_single_id(terms):
         return similar(conn, terms[0].ref, k, **options), [terms[0].ref]
     vector, exclude = evaluate(conn, terms, embed_file)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,44 +42,102 @@ class Neighbour:
         return 1.0 - self.distance
 
 
+MAX_CAMERA = 128  # the longest camera text a row can hold (migration 0009)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The photo-metadata filters of a neighbour query (migration 0009), None where not given:
+    taken_at >= taken_after and < taken_before (the camera's local time), camera a
+    case-insensitive substring of make and model. Rows without those values never pass."""
+
+    taken_after: datetime | None = None
+    taken_before: datetime | None = None
+    camera: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.taken_after and self.taken_before and self.taken_after >= self.taken_before:
+            raise InvalidInput(f"--taken-after {self.taken_after.isoformat(' ')} is not before "
+                               f"--taken-before {self.taken_before.isoformat(' ')}: no photo is both")
+        if self.camera is not None and not 0 < len(self.camera.strip()) <= MAX_CAMERA:
+            raise InvalidInput(f"--camera must be 1 to {MAX_CAMERA} characters (part of a camera's make "
+                               "or model, e.g. 'canon' or 'iphone 15')")
+
+    def sql(self) -> list[Any]:
+        """The values of the SQL functions' taken_after, taken_before and camera arguments."""
+        return [self.taken_after, self.taken_before, None if self.camera is None else self.camera.strip()]
+
+    def describe(self) -> str:
+        said = [f"taken after {self.taken_after.isoformat(' ')}" if self.taken_after else "",
+                f"taken before {self.taken_before.isoformat(' ')}" if self.taken_before else "",
+                f"by a camera matching {self.camera!r}" if self.camera else ""]
+        return ", ".join(s for s in said if s)
+
+
+NO_FILTERS = Filters()
+
+
+def parse_when(text: str, option: str = "--taken-after") -> datetime:
+    """An ISO date or date-time (2024-01-01, 2024-01-01T18:30, 2024-01-01 18:30:00) as the local
+    time taken_at is compared with; InvalidInput naming `option` otherwise."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidInput(f"{option} {text!r} is not a date: give YYYY-MM-DD or "
+                           "YYYY-MM-DDTHH:MM[:SS]") from None
+    if when.tzinfo is not None:
+        raise InvalidInput(f"{option} {text!r} has a UTC offset: give the local time the camera showed "
+                           "(taken_at is compared as it was recorded), without one")
+    return when
+
+
 def similar(conn: psycopg.Connection, image_id: int, k: int = 10, *, ef_search: int | None = None,
-            exact: bool = False, under: str | Path | None = None) -> list[Neighbour]:
-    """The k images nearest to image `image_id` by cosine distance, itself excluded."""
+            exact: bool = False, under: str | Path | None = None, taken_after: datetime | None = None,
+            taken_before: datetime | None = None, camera: str | None = None) -> list[Neighbour]:
+    """The k images nearest to image `image_id` by cosine distance, itself excluded; `under`,
+    `taken_after`, `taken_before`, `camera`: only images that pass those filters (Filters)."""
     params = _params(k, ef_search, under)
+    filters = Filters(taken_after, taken_before, camera)
     rows = conn.execute(
         "SELECT id, path, distance FROM vecsearch_similar(%s::bigint, k => %s::integer, "
-        "ef_search => %s::integer, under => %s::text, exact => %s::boolean)",
-        [image_id, k, params["ef_search"], params["under"], exact],
+        "ef_search => %s::integer, under => %s::text, exact => %s::boolean, "
+        "taken_after => %s::timestamp, taken_before => %s::timestamp, camera => %s::text)",
+        [image_id, k, params["ef_search"], params["under"], exact, *filters.sql()],
     ).fetchall()
     if not rows:
-        _explain_empty(conn, image_id=image_id, under=under)
+        _explain_empty(conn, image_id=image_id, under=under, filters=filters)
     return [Neighbour(*row) for row in rows]
 
 
 def similar_to(conn: psycopg.Connection, vector: Any, k: int = 10, *, exclude: Sequence[int] = (),
-               ef_search: int | None = None, exact: bool = False, under: str | Path | None = None
-               ) -> list[Neighbour]:
-    """The k images nearest to `vector` (floats, numpy array or pgvector Vector), `exclude` left out."""
+               ef_search: int | None = None, exact: bool = False, under: str | Path | None = None,
+               taken_after: datetime | None = None, taken_before: datetime | None = None,
+               camera: str | None = None) -> list[Neighbour]:
+    """The k images nearest to `vector` (floats, numpy array or pgvector Vector), `exclude` left
+    out; filters as `similar`."""
     params = _params(k, ef_search, under)
+    filters = Filters(taken_after, taken_before, camera)
     try:
         rows = conn.execute(
             "SELECT id, path, distance FROM vecsearch_similar_to(%s::vector, k => %s::integer, "
             "ef_search => %s::integer, under => %s::text, exact => %s::boolean, "
-            "exclude => %s::bigint[])",
+            "exclude => %s::bigint[], taken_after => %s::timestamp, taken_before => %s::timestamp, "
+            "camera => %s::text)",
             [_as_vector(vector), k, params["ef_search"], params["under"], exact,
-             [int(i) for i in exclude]],
+             [int(i) for i in exclude], *filters.sql()],
         ).fetchall()
     except psycopg.errors.DataException as e:  # e.g. a vector with NaN
         raise InvalidInput(f"invalid query vector: {e.diag.message_primary or e}") from e
     if not rows:
-        _explain_empty(conn, under=under)
+        _explain_empty(conn, under=under, filters=filters)
     return [Neighbour(*row) for row in rows]
 
 
 def search_file(conn: psycopg.Connection, path: str | Path, k: int = 10, *, weights: str | None = None,
                 embedder: Any = None, ef_search: int | None = None, exact: bool = False,
                 under: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                home: Path | None = None) -> list[Neighbour]:
+                home: Path | None = None, taken_after: datetime | None = None,
+                taken_before: datetime | None = None, camera: str | None = None) -> list[Neighbour]:
     """Neighbours of an image file, embedded with the model the database records.
 
     `embedder`: an embed.Embedder to use (it must be the recorded model), else one is built
@@ -88,11 +147,13 @@ def search_file(conn: psycopg.Connection, path: str | Path, k: int = 10, *, weig
     """
     file = absolute(path)
     check_query(k, ef_search)  # fail on bad arguments before loading a model
+    Filters(taken_after, taken_before, camera)
     embed = models.file_embedder(conn, weights, embedder=embedder, device=device, precision=precision,
                                  home=home)
     vector = embed(file)
     return similar_to(conn, vector, k, exclude=ids_of_paths(conn, [file]), ef_search=ef_search,
-                      exact=exact, under=under)
+                      exact=exact, under=under, taken_after=taken_after, taken_before=taken_before,
+                      camera=camera)
 
 
 def ids_of_paths(conn: psycopg.Connection, paths: Sequence[Path | str]) -> list[int]:
@@ -128,7 +189,7 @@ def _as_vector(vector: Any) -> Any:
 
 
 def _explain_empty(conn: psycopg.Connection, *, image_id: int | None = None,
-                   under: str | Path | None = None) -> None:
+                   under: str | Path | None = None, filters: Filters = NO_FILTERS) -> None:
     """No rows came back: raise the error that says why, or return if there simply are none."""
     has_images, has_id = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM images), EXISTS (SELECT 1 FROM images WHERE id = %s::bigint)",
@@ -138,5 +199,8 @@ def _explain_empty(conn: psycopg.Connection, *, image_id: int | None = None,
     if image_id is not None and not has_id:
         raise NotFound(f"no image with id {image_id}: ids are listed by `vecsearch db psql -c "
                        "'SELECT id, path FROM images'`")
+    if filters != NO_FILTERS:
+        where = f" under {under_prefix(under)}" if under is not None else ""
+        raise NotFound(f"no other images{where} {filters.describe()}")
     if under is not None:
         raise NotFound(f"no other images under {under_prefix(under)}")

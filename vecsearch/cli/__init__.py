@@ -130,6 +130,16 @@ _EXACT = Annotated[bool, typer.Option(
     "--exact", help="Exact scan instead of the HNSW index (slow on large tables).")]
 _UNDER = Annotated[Path | None, typer.Option(
     "--under", help="Only images whose path is under DIR.", show_default=False)]
+_TAKEN_AFTER = Annotated[str | None, typer.Option(
+    "--taken-after", metavar="DATE", help="Only photos taken on or after DATE (YYYY-MM-DD or "
+    "YYYY-MM-DDTHH:MM[:SS], the camera's local time; EXIF DateTimeOriginal). Still k results.",
+    show_default=False)]
+_TAKEN_BEFORE = Annotated[str | None, typer.Option(
+    "--taken-before", metavar="DATE", help="Only photos taken before DATE (as --taken-after; the two "
+    "make a range: --taken-after 2024-01-01 --taken-before 2025-01-01 is 2024).", show_default=False)]
+_CAMERA = Annotated[str | None, typer.Option(
+    "--camera", metavar="TEXT", help="Only photos whose camera make or model contains TEXT (any case, "
+    "e.g. 'canon', 'iphone 15').", show_default=False)]
 _FORMAT = Annotated[str, typer.Option(
     "--format", "-f", help="table, json, csv, or paths (one per line, for pipes).")]
 _WEIGHTS = Annotated[str | None, typer.Option(
@@ -147,6 +157,9 @@ def neighbours_command(
     ef_search: _EF_SEARCH = None,
     exact: _EXACT = False,
     under: _UNDER = None,
+    taken_after: _TAKEN_AFTER = None,
+    taken_before: _TAKEN_BEFORE = None,
+    camera: _CAMERA = None,
     fmt: _FORMAT = "table",
     weights: _WEIGHTS = None,
     device: Annotated[str, typer.Option(
@@ -163,7 +176,11 @@ def neighbours_command(
         from ..engine import check_choice
 
         check_choice(device, precision)
-    options = {"ef_search": ef_search, "exact": exact, "under": under}
+    filters = query.Filters(
+        None if taken_after is None else query.parse_when(taken_after, "--taken-after"),
+        None if taken_before is None else query.parse_when(taken_before, "--taken-before"), camera)
+    options = {"ef_search": ef_search, "exact": exact, "under": under, "taken_after": filters.taken_after,
+               "taken_before": filters.taken_before, "camera": filters.camera}
     s = settings(ctx)
     engine = {"device": device, "precision": precision, "home": s.home}
     with db.connect(s) as conn, warnings_as_lines():
@@ -224,6 +241,10 @@ def load_command(
     watch: Annotated[bool, typer.Option(
         "--watch", help="Then keep the database equal to FOLDER as files arrive, change, move and "
         "vanish (implies --prune), until Ctrl-C.")] = False,
+    reread_metadata: Annotated[bool, typer.Option(
+        "--reread-metadata", help="Read the photo metadata (EXIF date, camera, lens, GPS) of unchanged "
+        "files again, without re-embedding them (files loaded before it was read are done by any "
+        "load).")] = False,
 ) -> None:
     """Embed the images under FOLDER into the database; unchanged files are not read again.
 
@@ -252,7 +273,8 @@ def load_command(
                        reembed or shard)
             summary = loader.load(s, folder, embedder, prune=prune, reembed=reembed,
                                   progress=progress.for_terminal(err, quiet), errors_csv=errors,
-                                  workers=workers, shard=_parse_shard(shard))
+                                  workers=workers, shard=_parse_shard(shard),
+                                  reread_metadata=reread_metadata)
         except KeyboardInterrupt:
             err.print("interrupted: rows committed so far are kept; run the same load again to finish",
                       markup=False)
