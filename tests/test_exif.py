@@ -162,6 +162,9 @@ def test_blank_dates_and_huge_blocks(tmp_path):
 
 @pytest.fixture
 def photos(tmp_path) -> Path:
+    from vecsearch import formats
+
+    assert formats.register_heif()  # pillow-heif writes the HEIC too
     folder = tmp_path / "photos"
     folder.mkdir()
     photo(folder / "canon.jpg", 11, exif_block())
@@ -182,9 +185,6 @@ def metadata_rows(conn: psycopg.Connection) -> dict[str, tuple]:
 
 
 def test_load_writes_the_metadata_and_counts_bad_exif(settings, embedder, photos):
-    from vecsearch import formats
-
-    formats.register_heif()
     report = Warnings()
     summary = load(settings, photos, embedder, workers=0, progress=report)
     assert summary.failed == [] and summary.new == 5, summary.describe()
@@ -370,3 +370,44 @@ def test_similar_taken_after_from_the_command_line(library):
     # Nothing passes: said so.
     result = run_cli("similar", str(image_id), "--taken-after", "2030-01-01", env=library.env)
     assert result.returncode == 1 and "no other images taken after 2030-01-01 00:00:00" in result.stderr
+
+
+def test_the_gallery_shows_and_filters_by_the_metadata(settings, embedder, photos):
+    from fastapi.testclient import TestClient
+
+    from vecsearch import web
+
+    load(settings, photos, embedder, workers=0)
+    # One more photo, taken later, by another camera.
+    photo(photos / "later.jpg", 16, exif_block(make="FUJIFILM", model="X-T5", taken="2025:07:14 09:30:00",
+                                               offset="-04:00", gps=None))
+    load(settings, photos, embedder, workers=0)
+    with db.connect(settings) as conn:
+        ids = {Path(p).name: i for p, i in conn.execute("SELECT path, id FROM images")}
+    with TestClient(web.create_app(settings), base_url="http://127.0.0.1:8000") as client:
+        info = client.get(f"/api/images/{ids['canon.jpg']}").json()
+        assert (info["taken_at"], info["taken_offset"], info["camera_make"], info["lens"]) == \
+            ("2024-05-01T10:11:12", "+02:00", "Canon", "RF24-105mm F4 L IS USM")
+        assert info["gps_latitude"] == pytest.approx(48.858472) and info["orientation"] == 1
+        assert client.get(f"/api/images/{ids['bare.png']}").json()["taken_at"] is None
+        html = client.get(f"/images/{ids['canon.jpg']}").text
+        assert "2024-05-01 10:11:12 +02:00" in html and "Canon Canon EOS R5" in html
+        assert "48.85847, -2.29444" in html
+        # The filters, in the API and on the page.
+        url = f"/api/images/{ids['canon.jpg']}/similar"
+        got = client.get(url, params={"taken_after": "2025-01-01"}).json()
+        assert [r["id"] for r in got["results"]] == [ids["later.jpg"]]
+        assert got["query"]["taken_after"] == "2025-01-01T00:00:00"
+        got = client.get(url, params={"camera": "canon", "k": 10}).json()
+        assert {r["id"] for r in got["results"]} == {ids["year9999.jpg"], ids["lat500.jpg"]}
+        got = client.get(url, params={"taken_before": "2025-01-01", "k": 10}).json()
+        assert ids["later.jpg"] not in {r["id"] for r in got["results"]} and len(got["results"]) == 2
+        assert client.get(url, params={"taken_after": "2030-01-01"}).json()["results"] == []
+        bad = client.get(url, params={"taken_after": "soon"})
+        assert bad.status_code == 400 and "taken_after 'soon' is not a date" in bad.json()["error"]
+        page = client.get(f"/images/{ids['canon.jpg']}", params={"taken_after": "2025-01-01", "camera": ""})
+        assert page.status_code == 200 and f'href="/images/{ids["later.jpg"]}"' in page.text
+        assert f'href="/images/{ids["lat500.jpg"]}"' not in page.text
+        assert 'value="2025-01-01"' in page.text
+        page = client.get(f"/images/{ids['canon.jpg']}", params={"taken_before": "13/01/2024"})
+        assert page.status_code == 400 and "is not a date" in page.text

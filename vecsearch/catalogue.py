@@ -14,7 +14,8 @@ from .errors import NotFound
 
 PER_PAGE = 48
 MAX_PER_PAGE = 200
-COLUMNS = "id, path, sha256, bytes, width, height, format, mtime, loaded_at"
+COLUMNS = ("id, path, sha256, bytes, width, height, format, mtime, loaded_at, taken_at, taken_offset, "
+           "camera_make, camera_model, lens, gps_latitude, gps_longitude, orientation")
 
 
 def _contains_clause(contains: str | None) -> tuple[str, list[str]]:

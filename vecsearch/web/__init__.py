@@ -78,6 +78,13 @@ PageNo = Annotated[int, Query(alias="page", ge=1, le=10**9)]
 # Out of range is "no such image" (404), not a database error.
 ImageId = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 PerPage = Annotated[int, Query(ge=1, le=MAX_PER_PAGE)]
+# The photo-metadata filters (query.Filters), as `vecsearch similar --taken-after ...`.
+TakenAfter = Annotated[str | None, Query(max_length=40, description=(
+    "Only photos taken on or after this date (YYYY-MM-DD or YYYY-MM-DDTHH:MM[:SS], the camera's local "
+    "time)."))]
+TakenBefore = Annotated[str | None, Query(max_length=40, description="Only photos taken before this date.")]
+Camera = Annotated[str | None, Query(max_length=128, pattern="^[^\x00]*$", description=(
+    "Only photos whose camera make or model contains this (any case)."))]
 
 
 class Rendition(StrEnum):
@@ -159,9 +166,17 @@ def _add_pages(app: FastAPI, state: web_state.State, templates: Jinja2Templates)
         return page(request, "browse.html", data=data, q=q or "")
 
     @app.get("/images/{image_id}", response_class=HTMLResponse, include_in_schema=False)
-    def image_page(request: Request, image_id: ImageId, k: K = WEB_DEFAULT_K):
-        info, result = web_state.neighbours(state, image_id, k)
-        return page(request, "image.html", image=info, result=result, k=k,
+    def image_page(request: Request, image_id: ImageId, k: K = WEB_DEFAULT_K, taken_after: TakenAfter = None,
+                   taken_before: TakenBefore = None, camera: Camera = None):
+        form = {"taken_after": taken_after or "", "taken_before": taken_before or "", "camera": camera or ""}
+        try:
+            where = web_state.filters(taken_after, taken_before, camera)
+        except InvalidInput as e:  # shown above the neighbours, to fix the filter
+            info, result = web_state.neighbours(state, image_id, k)
+            return page(request, "image.html", image=info, result=result, k=k, form=form, error=str(e),
+                        arith_hint=f"{image_id} + 40*0.5 - 7", status_code=400)
+        info, result = web_state.neighbours(state, image_id, k, where=where)
+        return page(request, "image.html", image=info, result=result, k=k, form=form,
                     arith_hint=f"{image_id} + 40*0.5 - 7")
 
     @app.get("/search", response_class=HTMLResponse, include_in_schema=False)
@@ -247,9 +262,13 @@ def _add_api(app: FastAPI, state: web_state.State) -> None:
     @app.get("/api/images/{image_id}/similar", response_model=SimilarOut, tags=["search"],
              summary="Neighbours of an image", responses=ERRORS)
     def api_similar(image_id: ImageId, k: K = DEFAULT_K, exact: bool = False,
-                    ef_search: Annotated[int | None, Query(ge=1, le=MAX_EF_SEARCH)] = None) -> SimilarOut:
-        """The k nearest images to image `image_id` (itself excluded), as `vecsearch similar`."""
-        return web_state.neighbours(state, image_id, k, exact=exact, ef_search=ef_search)[1]
+                    ef_search: Annotated[int | None, Query(ge=1, le=MAX_EF_SEARCH)] = None,
+                    taken_after: TakenAfter = None, taken_before: TakenBefore = None,
+                    camera: Camera = None) -> SimilarOut:
+        """The k nearest images to image `image_id` (itself excluded), as `vecsearch similar`; only
+        photos taken in [taken_after, taken_before) by a matching camera where those are given."""
+        where = web_state.filters(taken_after, taken_before, camera)
+        return web_state.neighbours(state, image_id, k, exact=exact, ef_search=ef_search, where=where)[1]
 
     @app.post("/api/search", response_model=SimilarOut, tags=["search"],
               summary="Search by an uploaded image", responses=ERRORS)

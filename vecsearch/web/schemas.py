@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -23,6 +23,16 @@ class ImageInfo(BaseModel):
     format: str
     mtime: datetime
     loaded_at: datetime
+    # Photo metadata (EXIF; migration 0009), null where the file has none: taken_at is the camera's
+    # local time, taken_offset its UTC offset ("+02:00") where recorded.
+    taken_at: datetime | None = None
+    taken_offset: str | None = None
+    camera_make: str | None = None
+    camera_model: str | None = None
+    lens: str | None = None
+    gps_latitude: float | None = None
+    gps_longitude: float | None = None
+    orientation: int | None = None
     page_url: str
     thumb_url: str
     preview_url: str
@@ -73,7 +83,15 @@ def urls(image_id: int) -> dict[str, str]:
 
 
 def image_info(row: dict[str, Any]) -> ImageInfo:
-    return ImageInfo(**row, **urls(row["id"]))
+    offset = row.get("taken_offset")
+    return ImageInfo(**{**row, "taken_offset": None if offset is None else utc_offset(offset)},
+                     **urls(row["id"]))
+
+
+def utc_offset(offset: timedelta) -> str:
+    """A UTC offset as EXIF writes it: +02:00, -05:30."""
+    minutes = round(offset.total_seconds() / 60)
+    return f"{'-' if minutes < 0 else '+'}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
 
 
 def neighbour_list(neighbours: Sequence[Neighbour]) -> list[NeighbourOut]:

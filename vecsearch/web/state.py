@@ -16,7 +16,7 @@ import psycopg
 from .. import db, expr, models, query, server
 from ..catalogue import count_images, get_image, list_images
 from ..config import Settings
-from ..errors import DatabaseUnavailable, InvalidInput, UnreadableImage, database_failure
+from ..errors import DatabaseUnavailable, InvalidInput, NotFound, UnreadableImage, database_failure
 from ..verified_files import Verified
 from .guard import UploadTooLarge, too_large
 from .schemas import ImageInfo, ImagePage, SimilarOut, image_info, neighbour_list
@@ -141,12 +141,31 @@ def image(state: State, image_id: int) -> ImageInfo:
         return image_info(get_image(conn, image_id))
 
 
+def filters(taken_after: str | None = None, taken_before: str | None = None,
+            camera: str | None = None) -> query.Filters:
+    """The photo-metadata filters of a page or API call, from its query parameters (empty ones,
+    as a form sends them, are not given); InvalidInput (400) for a bad date."""
+    after, before, camera = (v if v and v.strip() else None for v in (taken_after, taken_before, camera))
+    return query.Filters(None if after is None else query.parse_when(after, "taken_after"),
+                         None if before is None else query.parse_when(before, "taken_before"), camera)
+
+
 def neighbours(state: State, image_id: int, k: int, exact: bool = False,
-               ef_search: int | None = None) -> tuple[ImageInfo, SimilarOut]:
+               ef_search: int | None = None, where: query.Filters = query.NO_FILTERS
+               ) -> tuple[ImageInfo, SimilarOut]:
     with state.connection() as conn:
         info = image_info(get_image(conn, image_id))
-        found = query.similar(conn, image_id, k=k, ef_search=ef_search, exact=exact)
-    return info, SimilarOut(query={"id": image_id}, k=k, results=neighbour_list(found))
+        try:
+            found = query.similar(conn, image_id, k=k, ef_search=ef_search, exact=exact,
+                                  taken_after=where.taken_after, taken_before=where.taken_before,
+                                  camera=where.camera)
+        except NotFound:
+            if where == query.NO_FILTERS:
+                raise
+            found = []  # no image passes the filters: an empty list, the image itself still shown
+    said = {"id": image_id, **{name: value for name, value in zip(
+        ("taken_after", "taken_before", "camera"), where.sql(), strict=True) if value is not None}}
+    return info, SimilarOut(query=said, k=k, results=neighbour_list(found))
 
 
 def upload(state: State, data: bytes, filename: str | None, k: int) -> tuple[SimilarOut, str | None]:
