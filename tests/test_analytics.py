@@ -120,8 +120,9 @@ def _doc(key: str) -> str:
 
 
 def test_the_doc_has_the_examples_this_test_runs():
-    # Each example below is run by a test here; a new one should get its test.
-    assert len(STATEMENTS) == 5, list(STATEMENTS)
+    # Each example below is run by a test here; a new one should get its test. (Those of the
+    # "Photo metadata" section are run by test_exif.py, on a library with dates and cameras.)
+    assert len([s for s in STATEMENTS.values() if "taken_at" not in s]) == 5, list(STATEMENTS)
 
 
 def test_reader_connects_over_tcp_with_its_password(analytics):

@@ -336,13 +336,26 @@ def test_taken_before_camera_and_a_range(library, lconn):
                          [image_id]).fetchone()[0] == 5
 
 
-def test_joins_on_the_metadata_columns(library, lconn):
-    # As docs/sql.md shows: neighbours with their camera and date, one query.
-    rows = lconn.execute("""
-        SELECT s.id, i.taken_at, i.camera_make
-        FROM vecsearch_similar(%s, 5, taken_after => '2024-06-01') s JOIN images i USING (id)
-        ORDER BY s.distance""", [library.ids[0]]).fetchall()
-    assert len(rows) == 5 and all(t >= datetime(2024, 6, 1) for _, t, _ in rows)
+def metadata_examples() -> list[str]:
+    """The SQL statements of docs/sql.md's "Photo metadata" section."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "sql.md").read_text()
+    section = text.split("## Photo metadata", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```sql\n(.*?)```", section, flags=re.S)
+    return [c.strip() for block in blocks for c in block.split(";") if c.strip()]
+
+
+def test_the_docs_joins_on_the_metadata_columns(library, lconn):
+    examples = metadata_examples()
+    assert len(examples) == 3
+    neighbours = lconn.execute(examples[0].replace("(42,", f"({library.ids[0]},")).fetchall()
+    assert len(neighbours) == 10
+    assert all(datetime(2024, 1, 1) <= r[2] < datetime(2025, 1, 1) and r[3] == "Canon model"
+               for r in neighbours)
+    per_camera = lconn.execute(examples[1]).fetchall()
+    assert sum(r[3] for r in per_camera) == ROWS and {r[0] for r in per_camera} == {"Canon", "Leica", None}
+    assert lconn.execute(examples[2]).fetchall() == []  # the library has no GPS positions
 
 
 def test_similar_taken_after_from_the_command_line(library):
