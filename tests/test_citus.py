@@ -498,3 +498,46 @@ def test_the_compact_index_on_the_cluster(url, tmp_path, embedder):
         assert conn.execute("SELECT count(*) FROM images WHERE path LIKE %s AND reduced_version IS NOT NULL",
                             [f"{folder}/%"]).fetchone()[0] == 3
         assert len(ids) == 2000
+
+
+def test_photo_metadata_on_the_cluster(url, tmp_path, embedder):
+    """Migration 0009 on a table Citus distributed at 0008: the columns reach every shard, a load
+    writes the EXIF through the cluster, a re-read updates it there, and the filters keep k rows."""
+    from datetime import datetime
+
+    from test_exif import exif_block, photo
+
+    from vecsearch.load import load
+
+    db.downgrade(url, "0008")
+    with connect(url) as conn:  # plain psycopg: db.connect would migrate first
+        ids = insert_vectors(conn, clustered(300, seed=12), [f"/lib/{i}.jpg" for i in range(300)])
+        citus.distribute(conn)
+    db.upgrade(url)
+    with connect(url) as conn:
+        assert citus.is_distributed(conn)
+        shards = conn.execute("SELECT result FROM run_command_on_shards('images', $$SELECT count(*) FROM "
+                              "information_schema.columns WHERE table_name = '%s' AND column_name IN "
+                              "('taken_at', 'camera_make', 'metadata_version')$$)").fetchall()
+        assert len(shards) == 4 and all(r[0] == "3" for r in shards), shards
+        conn.execute("UPDATE images SET taken_at = CASE WHEN id % 3 = 0 THEN timestamp '2024-06-01' "
+                     "ELSE timestamp '2015-06-01' END, camera_make = 'Canon'")
+        rows = query.similar(conn, ids[1], 20, taken_after=datetime(2024, 1, 1))
+        assert len(rows) == 20 and all(i % 3 == 0 for i in (r.id for r in rows))
+        assert len(query.similar(conn, ids[1], 5, camera="canon")) == 5
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    photo(folder / "canon.jpg", 1, exif_block())
+    photo(folder / "bad.jpg", 2, exif_block(taken="9999:01:01 00:00:00"))
+    settings = Settings(database_url=url, home=tmp_path / "home")
+    summary = load(settings, folder, embedder, workers=0)
+    assert (summary.new, summary.metadata_warnings, summary.failed) == (2, 1, [])
+    with connect(url) as conn:
+        got = dict(conn.execute("SELECT path, camera_model FROM images WHERE path LIKE %s", [f"{folder}/%"]))
+        assert got == {str(folder / "canon.jpg"): "Canon EOS R5", str(folder / "bad.jpg"): "Canon EOS R5"}
+        conn.execute("UPDATE images SET camera_model = NULL, metadata_version = NULL WHERE path LIKE %s",
+                     [f"{folder}/%"])
+    assert load(settings, folder, embedder, workers=0).metadata_reread == 2
+    with connect(url) as conn:
+        count = "SELECT count(*) FROM images WHERE camera_model = 'Canon EOS R5'"
+        assert conn.execute(count).fetchone()[0] == 2

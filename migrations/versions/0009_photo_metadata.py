@@ -334,7 +334,14 @@ def _revision(name: str):
     return ScriptDirectory.from_config(op.get_context().config).get_revision(name).module
 
 
+# On a Citus coordinator, the ALTER TABLE below runs on every shard in parallel, after which Citus
+# refuses to propagate function DDL in the same transaction ("there was a parallel operation on a
+# distributed table"): one connection per node for all of it. Elsewhere a harmless placeholder.
+SEQUENTIAL = "SET LOCAL citus.multi_shard_modify_mode TO 'sequential'"
+
+
 def upgrade() -> None:
+    op.execute(SEQUENTIAL)
     for statement in SCHEMA.split(";\n"):  # one at a time: Citus prepares each command alone
         if statement.strip():
             op.execute(statement)
@@ -351,6 +358,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.execute(SEQUENTIAL)
     for signature in (*SIGNATURES, NEAREST_SIGNATURE):
         op.execute(f"DROP FUNCTION {signature}")
     before = _revision("0007")
