@@ -11,8 +11,8 @@ requests, not timed here).
 The real `vecsearch serve` runs as a subprocess on a throwaway embedded server; one keep-alive
 HTTP client on the same machine times, in this order:
 - the first view (cold): the search runs in the server's background thread while the page
-  answers "computing" (after waiting up to 3 s for it) and reloads; timed until the groups
-  page arrives, with the search's own seconds as the page states them;
+  answers "computing" (after waiting up to dupes_page.WAIT_S, 0.8 s, for it) and reloads; timed
+  until the groups page arrives, with the search's own seconds as the page states them;
 - cached views: the first page, a middle page, the last page, a first page of 100 groups;
 - POST accept-selected (one page of 20 groups), then POST accept-all (every remaining group),
   each without following the redirect, then the page with nothing pending.

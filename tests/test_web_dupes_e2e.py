@@ -129,6 +129,7 @@ def test_review_accept_all_reload_export_files_untouched(page: Page, dupes_serve
     exported = list(csv.DictReader(io.StringIO(
         run_cli("dupes", "--decisions", "--format", "csv", env=env, check=True).stdout)))
     assert sorted((r["path"], r["role"]) for r in exported) == sorted((r["path"], r["role"]) for r in rows)
+    assert len({r["decision"] for r in exported}) == 3 and [r["role"] for r in exported].count("keep") == 3
     cli = run_cli("dupes", "--threshold", THRESHOLD, "--format", "csv", env=env, check=True)
     assert cli.stdout.strip() == ",".join(dupes.COLUMNS)  # nothing proposed again
     assert "3 settled groups left out" in cli.stderr
