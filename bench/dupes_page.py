@@ -8,16 +8,17 @@ rows instead of per 40, so 2,400 groups take 12,000 rows. Rows only: GET /duplic
 HTML that names thumbnails by URL, so no file is read for it (the thumbnails are separate
 requests, not timed here).
 
-The real `vecsearch serve` runs as a subprocess on a throwaway embedded server; one keep-alive
-HTTP client on the same machine times, in this order:
+The same sequence runs twice, each with a search of its own: in-process (the app called over
+ASGI by FastAPI's TestClient: server time alone), then against the real `vecsearch serve` as a
+subprocess on the same throwaway embedded server, with one keep-alive HTTP client (wall-clock
+from request to last byte over loopback). In order:
 - the first view (cold): the search runs in the server's background thread while the page
   answers "computing" (after waiting up to dupes_page.WAIT_S, 0.8 s, for it) and reloads; timed
   until the groups page arrives, with the search's own seconds as the page states them;
 - cached views: the first page, a middle page, the last page, a first page of 100 groups;
 - POST accept-selected (one page of 20 groups), then POST accept-all (every remaining group),
   each without following the redirect, then the page with nothing pending.
-Times are wall-clock from request to last byte over loopback: server time plus well under a
-millisecond of transfer. The machine is shared: compare the rows of one run.
+The machine is shared: compare the rows of one run.
 """
 
 from __future__ import annotations
@@ -32,13 +33,14 @@ import time
 from pathlib import Path
 
 import httpx
+from fastapi.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import dupes as bench_dupes  # noqa: E402
 
-from vecsearch import db, dupes, server  # noqa: E402
+from vecsearch import db, dupes, server, web  # noqa: E402
 from vecsearch.config import Settings  # noqa: E402
 
 THRESHOLD = 0.05  # the default: copies sit at <= 0.05, unrelated neighbours above 0.19
@@ -93,7 +95,6 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7, help="views per cached measurement")
     parser.add_argument("--keep", action="store_true", help="keep the throwaway server home")
     args = parser.parse_args()
-    rows: list[tuple[str, list[float], str]] = []
     with common.throwaway_home("dupes-page", keep=args.keep) as home:
         print(f"server home {home}; {common.load_average()} at start", flush=True)
         running = server.ensure_running(home)
@@ -106,69 +107,82 @@ def main() -> None:
             images = conn.execute("SELECT count(*) FROM images").fetchone()[0]
         print(f"{images:,} rows, {planted:,} planted groups, COPY + HNSW build "
               f"{time.perf_counter() - t:.1f} s", flush=True)
+        # In-process first (the app over ASGI, no socket: server time alone), then over HTTP; each
+        # app searches on its own (a cold view each), the decisions emptied in between.
+        settings = Settings(database_url=url, home=home)
+        with TestClient(web.create_app(settings), base_url="http://127.0.0.1") as client:
+            asgi = measure(client, "http://127.0.0.1", args.repeat)
+        with db.connect(settings) as conn:
+            conn.execute("DELETE FROM vecsearch_dupe_decisions")
         proc, base = serve(url, home)
         try:
             with httpx.Client(base_url=base, timeout=600) as client:
-                page = f"/duplicates?threshold={THRESHOLD}"
-                t = time.perf_counter()
-                first, response = timed(client, "GET", page)
-                views = 1
-                while 'id="computing"' in response.text:
-                    time.sleep(0.2)
-                    response = client.get(page)
-                    views += 1
-                cold = time.perf_counter() - t
-                html = response.text
-                searched = float(re.search(r"searched in ([\d.]+) s", html).group(1))
-                groups = pending(html)
-                pages = int(re.search(r"page 1 of (\d+)", html).group(1))
-                rows.append(("first view, cold: until the groups page", [cold],
-                             f"{views} views; the search itself {searched:.1f} s; first answer "
-                             f"{first * 1000:.0f} ms"))
-
-                def repeat(label: str, target: str, note: str = "") -> str:
-                    times, body = [], ""
-                    for _ in range(args.repeat):
-                        seconds, r = timed(client, "GET", target)
-                        times.append(seconds)
-                        body = r.text
-                    rows.append((label, times, note or f"{len(body) / 1024:.0f} KiB"))
-                    return body
-
-                repeat("page 1 (20 groups), cached", page)
-                repeat(f"page {pages // 2} of {pages}, cached", f"{page}&page={pages // 2}")
-                repeat(f"page {pages} of {pages} (last), cached", f"{page}&page={pages}")
-                html = repeat("page 1 of 100 groups, cached", f"{page}&per_page=100")
-
-                form = {"threshold": str(THRESHOLD), "k": str(dupes.DEFAULT_K),
-                        "ef_search": str(dupes.EF_SEARCH), "per_page": "20"}
-                origin = {"origin": base}
-                keys = re.findall(r'data-key="([0-9a-f]+)"', client.get(page).text)
-                seconds, r = timed(client, "POST", "/duplicates", headers=origin,
-                                   data={**form, "action": "selected", "group": keys})
-                stored = int(re.search(r"stored=(\d+)", r.headers["location"]).group(1))
-                rows.append(("POST accept the selected (one page)", [seconds], f"{stored} groups stored"))
-                seconds, r = timed(client, "POST", "/duplicates", headers=origin,
-                                   data={**form, "action": "all"})
-                stored_all = int(re.search(r"stored=(\d+)", r.headers["location"]).group(1))
-                rows.append(("POST accept all", [seconds], f"{stored_all:,} groups stored"))
-                html = repeat("page 1 after accept-all (none pending)", page + "&stored=1")
-                assert 'id="none-pending"' in html and stored + stored_all == groups, (stored, stored_all)
+                http = measure(client, base, args.repeat)
         finally:
             proc.terminate()
             proc.wait(30)
-        with db.connect(Settings(database_url=url, home=home)) as conn:
+        with db.connect(settings) as conn:
             decided = conn.execute("SELECT count(DISTINCT decision), count(*) "
                                    "FROM vecsearch_dupe_decisions").fetchone()
+    groups = http.pop("groups")
     print(f"\n{images:,} images, {groups:,} groups found ({planted:,} planted), threshold {THRESHOLD}; "
           f"{decided[0]:,} decisions over {decided[1]:,} files stored; load average now "
           f"{os.getloadavg()[0]:.2f}")
-    print("| request | median ms | max ms | runs | note |")
+    print("| request | over HTTP: median ms (max) | in-process: median ms (max) | runs | note (HTTP run) |")
     print("|---|---|---|---|---|")
-    for label, times, note in rows:
-        print(f"| {label} | {statistics.median(times) * 1000:.0f} | {max(times) * 1000:.0f} "
-              f"| {len(times)} | {note} |")
+    for label, (times, note) in http.items():
+        other = asgi[label][0]
+        print(f"| {label} | {statistics.median(times) * 1000:.0f} ({max(times) * 1000:.0f}) "
+              f"| {statistics.median(other) * 1000:.0f} ({max(other) * 1000:.0f}) | {len(times)} | {note} |")
 
+
+def measure(client: httpx.Client, origin: str, repeat: int) -> dict:
+    """{label: (seconds of each run, note)} for the sequence in the module docstring, and
+    "groups": how many the search found."""
+    out: dict = {}
+    page = f"/duplicates?threshold={THRESHOLD}"
+    t = time.perf_counter()
+    first, response = timed(client, "GET", page)
+    views = 1
+    while 'id="computing"' in response.text:
+        time.sleep(0.2)
+        response = client.get(page)
+        views += 1
+    cold = time.perf_counter() - t
+    html = response.text
+    searched = float(re.search(r"searched in ([\d.]+) s", html).group(1))
+    out["groups"] = groups = pending(html)
+    pages = int(re.search(r"page 1 of (\d+)", html).group(1))
+    out["first view, cold: until the groups page"] = (
+        [cold], f"{views} views; the search itself {searched:.1f} s; first answer {first * 1000:.0f} ms")
+
+    def again(label: str, target: str) -> str:
+        times, body = [], ""
+        for _ in range(repeat):
+            seconds, r = timed(client, "GET", target)
+            times.append(seconds)
+            body = r.text
+        out[label] = (times, f"{len(body) / 1024:.0f} KiB")
+        return body
+
+    again("page 1 (20 groups), cached", page)
+    again("a middle page, cached", f"{page}&page={pages // 2}")
+    again("the last page, cached", f"{page}&page={pages}")
+    again("page 1 of 100 groups, cached", f"{page}&per_page=100")
+    form = {"threshold": str(THRESHOLD), "k": str(dupes.DEFAULT_K), "ef_search": str(dupes.EF_SEARCH),
+            "per_page": "20"}
+    keys = re.findall(r'data-key="([0-9a-f]+)"', client.get(page).text)
+    seconds, r = timed(client, "POST", "/duplicates", headers={"origin": origin},
+                       data={**form, "action": "selected", "group": keys}, follow_redirects=False)
+    stored = int(re.search(r"stored=(\d+)", r.headers["location"]).group(1))
+    out["POST accept the selected (one page)"] = ([seconds], f"{stored} groups stored")
+    seconds, r = timed(client, "POST", "/duplicates", headers={"origin": origin},
+                       data={**form, "action": "all"}, follow_redirects=False)
+    stored_all = int(re.search(r"stored=(\d+)", r.headers["location"]).group(1))
+    out["POST accept all"] = ([seconds], f"{stored_all:,} groups stored")
+    html = again("page 1 after accept-all (none pending)", page + "&stored=1")
+    assert 'id="none-pending"' in html and stored + stored_all == groups, (stored, stored_all)
+    return out
 
 if __name__ == "__main__":
     main()
