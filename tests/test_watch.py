@@ -2,7 +2,7 @@
 
 In-process: creates, edits, renames (of a file and of a folder), deletes and a slowly written
 file, the table checked against the folder after each. As the CLI: Ctrl-C stops with one summary
-line; a SIGKILLed watcher loses nothing the next run does not finish.
+line; a SIGKILLed watcher loses nothing the next run does not finish (rows and the HNSW index).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from conftest import cli_command, make_image
 
+from vecsearch.hnsw import dropped_definition, hnsw_index
 from vecsearch.images import find_images
 from vecsearch.progress import Progress
 from vecsearch.watch import watch
@@ -193,6 +194,14 @@ def test_ctrl_c_stops_with_one_line_and_a_killed_watcher_loses_nothing(settings,
     try:
         rows = wait_until_equal(url, folder, 180, watcher.proc)
         assert len(rows) == 42 and len(set(i for i, _ in rows.values())) == 42
+        # Its first sync also rebuilds the HNSW index the kill left dropped: Ctrl-C only after it
+        # (a Ctrl-C during the build stops with 130 and leaves the build to the next load).
+        deadline = time.monotonic() + 180
+        while not watcher.watching():
+            assert time.monotonic() < deadline and watcher.proc.poll() is None, watcher.err.read_text()
+            time.sleep(0.1)
+        with psycopg.connect(url) as conn:
+            assert hnsw_index(conn) is not None and dropped_definition(conn) is None
         watcher.signal(signal.SIGINT)
         code, out, err = watcher.wait()
     finally:
