@@ -366,8 +366,12 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = WEB_PORT, 
         info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
         raise InvalidInput(f"--host {host}: {e.strerror}") from e
-    sock = socket.socket(info[0], socket.SOCK_STREAM)
+    # proto TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and without
+    # it every response after the first on a kept-alive connection waited ~40 ms (Nagle against
+    # the client's delayed ACK: docs/benchmarks.md, the duplicate review). Accepted sockets inherit both.
+    sock = socket.socket(info[0], socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind(info[4])
     except OSError as e:
