@@ -519,7 +519,7 @@ def test_photo_metadata_on_the_cluster(url, tmp_path, embedder):
         shards = conn.execute("SELECT result FROM run_command_on_shards('images', $$SELECT count(*) FROM "
                               "information_schema.columns WHERE table_name = '%s' AND column_name IN "
                               "('taken_at', 'camera_make', 'metadata_version')$$)").fetchall()
-        assert len(shards) == 4 and all(r[0] == "3" for r in shards), shards
+        assert len(shards) == citus.shard_count(conn) and all(r[0] == "3" for r in shards), shards
         conn.execute("UPDATE images SET taken_at = CASE WHEN id % 3 = 0 THEN timestamp '2024-06-01' "
                      "ELSE timestamp '2015-06-01' END, camera_make = 'Canon'")
         rows = query.similar(conn, ids[1], 20, taken_after=datetime(2024, 1, 1))
