@@ -48,12 +48,13 @@ def _database_privileges() -> str:
 
 
 @contextmanager
-def fresh_database(pg_home: Path) -> Iterator[str]:
-    """The URL of a new database cloned from the migrated template, dropped afterwards."""
+def fresh_database(pg_home: Path, template: str = TEMPLATE) -> Iterator[str]:
+    """The URL of a new database cloned from the migrated template (or `template`, a database
+    made from it, e.g. hnsw_rows'), dropped afterwards."""
     running = server.ensure_running(pg_home)
     name = f"t_{os.getpid()}_{next(_counter)}"
     with server.psql_connection(running) as conn:
-        conn.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {template}")
     with psycopg.connect(running.url(name), autocommit=True) as conn:
         conn.execute(_database_privileges())  # database ACLs are not copied from a template
     try:
@@ -78,6 +79,67 @@ def conn(settings) -> psycopg.Connection:
         yield connection
 
 
+HNSW_TEMPLATE = "vs_template_hnsw"
+
+
+@dataclass(frozen=True)
+class Rows:
+    """What hnsw_rows' template holds: 2,500 rows (enough for the planner to use the HNSW index;
+    below ~2,000 it rightly prefers an exact scan), clustered(2500, seed=1), with their ids in order.
+    Paths: 10% under /photos/a/, 13 rows under /photos/rare/, the rest under /photos/b/;
+    /photos/ab/ shares the prefix "/photos/a" but is not under /photos/a."""
+
+    vectors: np.ndarray
+    ids: list[int]
+    paths: list[str]
+
+    @staticmethod
+    def folder(i: int) -> str:
+        return "rare" if i % 200 == 7 else "a" if i % 10 == 3 else "ab" if i % 50 == 1 else "b"
+
+    def mask(self, prefix: str) -> np.ndarray:
+        return np.array([p.startswith(prefix) for p in self.paths])
+
+
+@pytest.fixture(scope="session")
+def hnsw_rows(pg_home) -> Rows:
+    """A second template database, the migrated one plus Rows' rows and their HNSW index, built once
+    per session (the build is most of the cost); clone it with fresh_database(pg_home, HNSW_TEMPLATE)
+    or use `indexed`."""
+    vectors = clustered(2500, seed=1)
+    paths = [f"/photos/{Rows.folder(i)}/{i}.jpg" for i in range(len(vectors))]
+    running = server.ensure_running(pg_home)
+    with server.psql_connection(running) as conn:
+        conn.execute(f"CREATE DATABASE {HNSW_TEMPLATE} TEMPLATE {TEMPLATE}")
+    with db.connect(Settings(database_url=running.url(HNSW_TEMPLATE), home=pg_home)) as conn:
+        ids = insert_vectors(conn, vectors, paths)
+    return Rows(vectors, ids, paths)
+
+
+@dataclass(frozen=True)
+class Indexed:
+    """A fresh database cloned from hnsw_rows' template: its settings and what it holds."""
+
+    settings: Settings
+    rows: Rows
+
+
+@pytest.fixture
+def indexed(pg_home, hnsw_rows, monkeypatch) -> Iterator[Indexed]:
+    """Like `settings` (the environment points at it), but the database holds hnsw_rows' rows
+    and their HNSW index: a clone, so a test may change it."""
+    with fresh_database(pg_home, HNSW_TEMPLATE) as url:
+        monkeypatch.setenv("VECSEARCH_DATABASE_URL", url)
+        monkeypatch.setenv("VECSEARCH_HOME", str(pg_home))
+        yield Indexed(Settings(database_url=url, home=pg_home), hnsw_rows)
+
+
+@pytest.fixture
+def indexed_conn(indexed) -> psycopg.Connection:
+    with db.connect(indexed.settings) as connection:
+        yield connection
+
+
 def cli_command(*args: str) -> list[str]:
     """The argv of the real `vecsearch` console entry point (for subprocess.run or Popen)."""
     return [sys.executable, "-c", "from vecsearch.cli import main; main()", *args]
@@ -91,6 +153,101 @@ def run_cli(*args: str, env: dict | None = None, check: bool = False,
         capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout,
     )
     if check and result.returncode != 0:
+        raise AssertionError(f"vecsearch {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+# The warning filters of a fresh interpreter (no -W, not a debug build), which pytest replaces.
+_PYTHON_WARNING_FILTERS = [("default", DeprecationWarning, "__main__"), ("ignore", DeprecationWarning, ""),
+                           ("ignore", PendingDeprecationWarning, ""), ("ignore", ImportWarning, ""),
+                           ("ignore", ResourceWarning, "")]
+_seeded_networks: dict[int, object] = {}
+
+
+@contextmanager
+def one_seeded_network() -> Iterator[None]:
+    """vecsearch.resnet.seeded built once per seed per session, then copied (same parameters,
+    same fresh-module state): the ResNet50 build costs seconds, a copy a fraction of one."""
+    import copy
+
+    from vecsearch import resnet
+
+    build = resnet.seeded
+
+    def seeded(seed: int):
+        if seed not in _seeded_networks:
+            _seeded_networks[seed] = build(seed)
+        return copy.deepcopy(_seeded_networks[seed])
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(resnet, "seeded", seeded)
+        yield
+
+
+def invoke_cli(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """`vecsearch ARGS` in this process, through the console entry point `vecsearch.cli.main` (its
+    parsing, one-line errors and exit codes), with what a new process would start from: the
+    environment plus `env`, its own stdout/stderr (not terminals), its consoles made again, Python's
+    default warning filters, no cached embedder. What it saves over run_cli is the interpreter
+    start, the imports (torch's) and the random-weights ResNet50 build (once per session here).
+
+    For commands whose process is not what is tested; kills, signals, what a process imports,
+    servers it starts and races between processes stay with run_cli / cli_command."""
+    import functools
+    import io
+    import traceback
+    import warnings
+
+    import click
+    from rich.console import Console
+
+    from vecsearch import cli, models, query
+    from vecsearch.cli import common
+
+    saved_env, saved_streams, saved_argv = dict(os.environ), (sys.stdout, sys.stderr), sys.argv
+    consoles = [(c, dict(vars(c))) for c in (common.out, common.err)]
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="surrogateescape", write_through=True)
+    stderr = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
+    os.environ.update(env or {})
+    sys.stdout, sys.stderr = stdout, stderr
+    sys.argv = ["vecsearch", *args]
+    try:
+        for c, _ in consoles:  # as vecsearch/cli/common.py makes them at import
+            vars(c).update(vars(Console(stderr=c.stderr, highlight=False, soft_wrap=True)))
+        for module in (query, models):  # the CLI's embedder cache (query.py's, later models.py's)
+            getattr(module, "embedders", functools.lru_cache(lambda: None)).cache_clear()
+        with warnings.catch_warnings(), one_seeded_network(), pytest.MonkeyPatch.context() as patch:
+            # click names the program after sys.modules["__main__"], here pytest's
+            patch.setattr(click.core, "_detect_program_name", lambda *a, **k: "vecsearch")
+            warnings.resetwarnings()
+            for action, category, module in reversed(_PYTHON_WARNING_FILTERS):
+                warnings.filterwarnings(action, category=category, module=module)
+            try:
+                cli.main()
+                code = 0
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = (e.code or 0) & 0xFF
+                else:
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except Exception:  # uncaught: the interpreter prints the traceback and exits 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.stdout, sys.stderr = saved_streams
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        for c, state in consoles:
+            vars(c).clear()
+            vars(c).update(state)
+
+    def text(stream) -> str:  # decoded as subprocess.run(text=True) does, newlines translated
+        return io.TextIOWrapper(io.BytesIO(stream.buffer.getvalue()), encoding="utf-8").read()
+
+    result = subprocess.CompletedProcess(["vecsearch", *args], code, text(stdout), text(stderr))
+    if check and code != 0:
         raise AssertionError(f"vecsearch {' '.join(args)} failed:\n{result.stderr}")
     return result
 
@@ -166,7 +323,7 @@ def embedder():
 
     from vecsearch.embed import Embedder, RandomWeightsWarning
 
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), one_seeded_network():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         return Embedder(weights="random", precision="fp32").prepare()
 

@@ -240,18 +240,18 @@ def test_reader_logins_can_query_a_compact_index(settings, conn, rows):
 
 
 def test_cli_reindex_dims_then_status_and_recall_say_what_is_in_use(settings, conn, rows):
-    from conftest import run_cli
+    from conftest import invoke_cli
 
-    result = run_cli("db", "reindex", "--dims", "16")
+    result = invoke_cli("db", "reindex", "--dims", "16")
     assert result.returncode == 0, result.stderr
     assert "compact: PCA to 16 dims" in result.stdout
-    status = run_cli("db", "status", check=True).stdout
+    status = invoke_cli("db", "status", check=True).stdout
     assert "compact: PCA to 16 dims" in status and "bytes per row" in status
     per_row = int(status.split(" bytes per row")[0].rsplit(" ", 1)[1])
     assert per_row < 2048  # a full-width graph costs 8 KB a row
-    measured = run_cli("db", "recall", "--sample", "20", check=True).stdout
+    measured = invoke_cli("db", "recall", "--sample", "20", check=True).stdout
     assert "recall@10" in measured and "compact: PCA to 16 dims" in measured
-    bad = run_cli("db", "reindex", "--dims", "lots")
+    bad = invoke_cli("db", "reindex", "--dims", "lots")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--dims" in bad.stderr
 
 
@@ -280,7 +280,7 @@ def test_a_query_by_id_starts_from_the_rows_own_reduced_vector_and_reranks_the_t
 
 
 def test_tune_on_a_compact_index_keeps_the_fewest_candidates_that_hold_the_recall(settings, conn, rows):
-    from conftest import run_cli
+    from conftest import invoke_cli
 
     hnsw.reindex(conn, dims=32)
     ids = recall.sample(conn, 30, seed=2)
@@ -289,7 +289,7 @@ def test_tune_on_a_compact_index_keeps_the_fewest_candidates_that_hold_the_recal
     assert best.recall >= recall.TARGET and best.ef_search == chosen
     assert best.rerank is not None and best.rerank < chosen and compact.rerank(conn) == best.rerank
     assert f"the nearest {best.rerank} candidates" in compact.describe(conn)
-    printed = run_cli("db", "recall", "--sample", "20", check=True).stdout
+    printed = invoke_cli("db", "recall", "--sample", "20", check=True).stdout
     assert f"re-rank {best.rerank}:" in printed
     hnsw.reindex(conn, dims=32)  # a new projection starts again from every candidate
     assert compact.rerank(conn) is None

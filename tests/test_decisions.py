@@ -11,7 +11,7 @@ import subprocess
 from datetime import UTC, datetime
 
 import numpy as np
-from conftest import run_cli
+from conftest import invoke_cli
 from test_dupes import cnn_like, insert, near
 
 from vecsearch import decisions, dupes
@@ -93,15 +93,15 @@ def test_cli_leaves_settled_groups_out_and_exports_them(settings, conn, tmp_path
     three_groups(conn)
     groups = dupes.find_duplicates(conn).groups
     decisions.decide(conn, [(g, g.keeper.id) for g in groups[:2]], 0.05)
-    out = run_cli("dupes", "--format", "csv", check=True)
+    out = invoke_cli("dupes", "--format", "csv", check=True)
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert len({r["group"] for r in rows}) == 1
     assert "2 settled groups left out" in out.stderr
-    everything = run_cli("dupes", "--format", "csv", "--include-settled", check=True)
+    everything = invoke_cli("dupes", "--format", "csv", "--include-settled", check=True)
     assert len({r["group"] for r in csv.DictReader(io.StringIO(everything.stdout))}) == 3
-    exported = json.loads(run_cli("dupes", "--decisions", "--format", "json", check=True).stdout)
+    exported = json.loads(invoke_cli("dupes", "--decisions", "--format", "json", check=True).stdout)
     assert sorted(r["role"] for r in exported) == ["dupe", "dupe", "keep", "keep"]
-    table = list(csv.DictReader(io.StringIO(run_cli("dupes", "--decisions", "--format", "csv",
+    table = list(csv.DictReader(io.StringIO(invoke_cli("dupes", "--decisions", "--format", "csv",
                                                     check=True).stdout)))
     assert [r["path"] for r in table] == [r["path"] for r in exported]
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pytest
-from conftest import insert_vectors, make_image, nested_plans, run_cli
+from conftest import invoke_cli, make_image, nested_plans
 from PIL import Image
 
 from vecsearch import db, dupes, sheet
@@ -125,13 +125,12 @@ def test_a_group_larger_than_k_is_found_whole(conn):
     assert result.truncated == []
 
 
-def test_neighbour_query_uses_the_hnsw_index(conn):
+def test_neighbour_query_uses_the_hnsw_index(indexed_conn, hnsw_rows):
     # The planner prefers exact scans below ~2000 rows; at 2500 rows the plan must use the index.
-    rng = np.random.default_rng(0)
-    insert_vectors(conn, cnn_like(rng, 2500))
     # The plans of the statements the SQL function runs for the batch (auto_explain).
-    plan = nested_plans(conn, dupes.NEIGHBOURS_SQL, {"ids": list(range(1, 257)), "k": 10, "threshold": 0.05,
-                                                     "prefix": None, "ef_search": 100, "exact": False})
+    plan = nested_plans(indexed_conn, dupes.NEIGHBOURS_SQL, {
+        "ids": hnsw_rows.ids[:256], "k": 10, "threshold": 0.05, "prefix": None, "ef_search": 100,
+        "exact": False})
     assert "Index Scan using images_embedding_hnsw" in plan, plan
     assert "Seq Scan on images i" not in plan
 
@@ -149,21 +148,21 @@ def test_cli_formats_and_contact_sheet(settings, conn, tmp_path):
         {"path": str(tmp_path / "gone.png"), "vector": near(rng, base[0], 0.1), "width": 50, "height": 50},
         *({"path": f"/else/{i}.png", "vector": base[i]} for i in range(1, 6)),
     ])
-    table = run_cli("dupes", check=True, env={"COLUMNS": "250"})
+    table = invoke_cli("dupes", check=True, env={"COLUMNS": "250"})
     assert "keep" in table.stdout and "copy.png" in table.stdout
     assert "1 group (3 images, 2 removable) among 8 images" in table.stderr
-    rows = json.loads(run_cli("dupes", "--format", "json", check=True).stdout)
+    rows = json.loads(invoke_cli("dupes", "--format", "json", check=True).stdout)
     assert [(r["group"], r["role"], r["path"]) for r in rows][0] == (1, "keep", str(paths[0]))
     assert {r["path"] for r in rows} == {str(paths[0]), str(paths[1]), str(tmp_path / "gone.png")}
-    parsed = list(csv.DictReader(io.StringIO(run_cli("dupes", "-f", "csv", check=True).stdout)))
+    parsed = list(csv.DictReader(io.StringIO(invoke_cli("dupes", "-f", "csv", check=True).stdout)))
     assert list(parsed[0]) == dupes.COLUMNS and parsed[0]["resolution"] == "200x150"
     page = tmp_path / "sheet.html"
-    run_cli("dupes", "--html", str(page), "-f", "paths", check=True)
+    invoke_cli("dupes", "--html", str(page), "-f", "paths", check=True)
     html = page.read_text()
     assert html.count("data:image/jpeg;base64,") == 2
     assert "cannot read" in html  # the vanished file gets a placeholder, not a crash
     assert "we&lt;b&gt;ird &amp; &quot;quoted&quot;" in html and "we<b>ird" not in html
-    bad = run_cli("dupes", "--threshold", "3")
+    bad = invoke_cli("dupes", "--threshold", "3")
     assert bad.returncode == 1 and bad.stderr.startswith("error: threshold 3")
 
 

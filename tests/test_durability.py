@@ -6,7 +6,7 @@ import stat
 
 import psycopg
 import pytest
-from conftest import clustered, insert_vectors, run_cli
+from conftest import clustered, insert_vectors, invoke_cli, run_cli
 
 from vecsearch import db, server
 
@@ -23,12 +23,12 @@ def test_backup_restore_round_trip_gives_identical_neighbours(settings, conn, tm
                  "VALUES ('resnet50', 'random(seed=0)', '{}', 2048)")
     before = {i: _neighbours(conn, i) for i in (1, 17, 42)}
     dump = tmp_path / "vecsearch.dump"
-    run_cli("db", "backup", str(dump), check=True)
+    invoke_cli("db", "backup", str(dump), check=True)
     assert dump.stat().st_size > 50 * 2048 * 4 / 2  # the vectors are in it
 
     conn.execute("DELETE FROM images WHERE id > 10")
     conn.execute("UPDATE embedding_model SET weights = 'other'")
-    run_cli("db", "restore", str(dump), check=True)
+    invoke_cli("db", "restore", str(dump), check=True)
 
     assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 50
     assert conn.execute("SELECT weights FROM embedding_model").fetchone()[0] == "random(seed=0)"
@@ -39,7 +39,7 @@ def test_backup_restore_round_trip_gives_identical_neighbours(settings, conn, tm
 
 
 def test_restore_of_missing_file_is_one_clear_line(settings, tmp_path):
-    result = run_cli("db", "restore", str(tmp_path / "nope.dump"))
+    result = invoke_cli("db", "restore", str(tmp_path / "nope.dump"))
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: backup file {tmp_path / 'nope.dump'} does not exist: " \
         "give the path of a `vecsearch db backup` file"

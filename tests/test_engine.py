@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import make_image, run_cli
+from conftest import invoke_cli, make_image
 
 from vecsearch import engine
 from vecsearch.embed import Embedder, RandomWeightsWarning
@@ -44,7 +44,7 @@ def test_asking_for_a_missing_device_or_an_unknown_choice_is_one_line(monkeypatc
     for device, precision in (("tpu", "auto"), ("cpu", "fp8")):
         with pytest.raises(InvalidInput):
             engine.check_choice(device, precision)
-    result = run_cli("load", "/nonexistent", "--device", "tpu")
+    result = invoke_cli("load", "/nonexistent", "--device", "tpu")
     assert result.returncode == 1 and result.stderr.startswith("error: --device must be one of")
 
 
@@ -303,14 +303,14 @@ def test_load_names_the_engine_and_the_limiting_stage(settings, tmp_path):
     folder = tmp_path / "pics"
     for i in range(6):
         make_image(folder / f"{i}.png", 60 + i, (64, 64))
-    result = run_cli("load", str(folder), "--weights", "random", "--workers", "0", "--recheck-engine")
+    result = invoke_cli("load", str(folder), "--weights", "random", "--workers", "0", "--recheck-engine")
     assert result.returncode == 0, result.stderr
     assert "engine: torch " in result.stderr and "on cpu" in result.stderr
     assert "rate limited by " in result.stderr
     # `search` takes load's engine options; a bad one fails in one line before any model work.
-    result = run_cli("search", str(folder / "0.png"), "-k", "2", "--precision", "fp32", "--device", "cpu",
+    result = invoke_cli("search", str(folder / "0.png"), "-k", "2", "--precision", "fp32", "--device", "cpu",
                      "--format", "paths")
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) == 2 and str(folder / "0.png") not in result.stdout
-    result = run_cli("search", str(folder / "0.png"), "--precision", "fp8")
+    result = invoke_cli("search", str(folder / "0.png"), "--precision", "fp8")
     assert result.returncode == 1 and result.stderr.startswith("error: --precision must be one of")

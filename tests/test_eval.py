@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import make_image, run_cli
+from conftest import invoke_cli, make_image
 from PIL import Image, ImageFilter
 from psycopg import sql
 
@@ -207,7 +207,7 @@ def test_labels_end_to_end_via_cli(settings, conn, embedder, tmp_path):
         img.filter(ImageFilter.GaussianBlur(1)).save(folder / label / "c.jpg", quality=85)
     make_image(folder / "unlabelled.png", seed=99)
     plot = tmp_path / "labels.png"
-    result = run_cli("eval", "labels", str(folder), "-k", "1,2,4", "--weights", "random", "--json",
+    result = invoke_cli("eval", "labels", str(folder), "-k", "1,2,4", "--weights", "random", "--json",
                      "--plot", str(plot), check=True)
     report = json.loads(result.stdout)
     assert "--weights random" in result.stderr
@@ -225,7 +225,7 @@ def test_labels_end_to_end_via_cli(settings, conn, embedder, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 0
     assert _schemas(conn) == []
-    table = run_cli("eval", "labels", str(folder / "cats"), "--weights", "random")
+    table = invoke_cli("eval", "labels", str(folder / "cats"), "--weights", "random")
     assert table.returncode == 1 and "needs at least 2 sub-folders" in table.stderr
 
 
@@ -235,15 +235,15 @@ def test_plot_without_matplotlib_says_how_to_install(monkeypatch):
         plots.plot_available()
 
 
-def test_eval_ann_neighbours_are_row_for_row_what_vecsearch_similar_returns(conn, settings):
+def test_eval_ann_neighbours_are_row_for_row_what_vecsearch_similar_returns(indexed, indexed_conn):
     """eval measures the search that ships: the same query, candidates and settings as `similar`."""
     import json
 
-    from conftest import clustered, insert_vectors, run_cli
+    from conftest import invoke_cli
 
     from vecsearch import query
 
-    ids = insert_vectors(conn, clustered(2500, seed=13))
+    conn, ids = indexed_conn, indexed.rows.ids
     probes = ids[::50]
     for ef_search in (10, 200):
         ann = evaluation.neighbours(conn, "public", probes, 10, exact=False, ef_search=ef_search)
@@ -253,6 +253,6 @@ def test_eval_ann_neighbours_are_row_for_row_what_vecsearch_similar_returns(conn
             assert ann[q] == [(n.id, n.distance) for n in shipped]
         for q in probes[:3]:
             args = ("similar", str(q), "-k", "10", "--ef-search", str(ef_search), "-f", "json")
-            cli = json.loads(run_cli(*args, check=True).stdout)
+            cli = json.loads(invoke_cli(*args, check=True).stdout)
             assert [r["id"] for r in cli] == [i for i, _ in ann[q]]
         assert all(len(exact[q]) == 10 for q in probes)

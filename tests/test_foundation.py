@@ -12,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from conftest import clustered, insert_vectors, run_cli
+from conftest import clustered, invoke_cli
 
 from vecsearch import db, server
 from vecsearch.config import Settings
@@ -81,14 +81,12 @@ def test_psql_describes_vector_column_and_hnsw_index(settings):
     assert "hnsw ((embedding::halfvec(2048)) halfvec_cosine_ops)" in result.stdout
 
 
-def test_ann_query_uses_the_hnsw_index(conn):
+def test_ann_query_uses_the_hnsw_index(indexed_conn, hnsw_rows):
     # Below ~2000 rows the planner rightly prefers an exact scan (the vectors sit in TOAST,
-    # so the heap looks tiny).
-    vectors = clustered(2500, seed=0)
-    insert_vectors(conn, vectors)
-    plan = "\n".join(r[0] for r in conn.execute(
+    # so the heap looks tiny): hnsw_rows has 2500.
+    plan = "\n".join(r[0] for r in indexed_conn.execute(
         f"EXPLAIN SELECT id FROM images ORDER BY {db.ANN_EXPR} <=> %s::halfvec(2048) LIMIT 10",
-        [vectors[0]]).fetchall())
+        [hnsw_rows.vectors[0]]).fetchall())
     assert "Index Scan using images_embedding_hnsw" in plan, plan[:300]
 
 
@@ -146,14 +144,14 @@ def test_recovers_after_sigkill_of_client_and_server(tmp_path):
 
 def test_database_url_points_vecsearch_at_another_server(settings, tmp_path):
     unused_home = tmp_path / "unused"
-    result = run_cli("db", "status", env={"VECSEARCH_DATABASE_URL": settings.database_url,
+    result = invoke_cli("db", "status", env={"VECSEARCH_DATABASE_URL": settings.database_url,
                                           "VECSEARCH_HOME": str(unused_home)}, check=True)
     assert "pgvector:  0.8" in result.stdout
     assert not (unused_home / "pg").exists()  # no embedded cluster was made
 
 
 def test_unreachable_database_url_is_one_clear_line(tmp_path):
-    result = run_cli("--database-url", "postgresql://postgres@127.0.0.1:1/x", "db", "status",
+    result = invoke_cli("--database-url", "postgresql://postgres@127.0.0.1:1/x", "db", "status",
                      env={"VECSEARCH_HOME": str(tmp_path)})
     assert result.returncode == 3
     assert result.stderr.startswith("error: cannot connect to postgresql://postgres@127.0.0.1:1/x")
@@ -191,7 +189,7 @@ def server_without_pgvector(tmp_path):
 
 
 def test_server_without_pgvector_is_one_clear_line(server_without_pgvector, tmp_path):
-    result = run_cli("db", "status", env={"VECSEARCH_DATABASE_URL": server_without_pgvector,
+    result = invoke_cli("db", "status", env={"VECSEARCH_DATABASE_URL": server_without_pgvector,
                                           "VECSEARCH_HOME": str(tmp_path)})
     assert result.returncode == 4, result.stderr
     assert "has no pgvector extension" in result.stderr
@@ -199,9 +197,9 @@ def test_server_without_pgvector_is_one_clear_line(server_without_pgvector, tmp_
 
 
 def test_cli_help_lists_commands_and_version():
-    result = run_cli("--help", check=True)
+    result = invoke_cli("--help", check=True)
     assert "db" in result.stdout
-    assert run_cli("--version", check=True).stdout.startswith("vecsearch ")
+    assert invoke_cli("--version", check=True).stdout.startswith("vecsearch ")
 
 
 def test_status_while_the_index_is_dropped_for_a_bulk_load(conn):

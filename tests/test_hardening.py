@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import cli_command, clustered, fresh_database, insert_vectors, make_image, run_cli
+from conftest import cli_command, clustered, fresh_database, insert_vectors, invoke_cli, make_image, run_cli
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -109,7 +109,7 @@ def test_restore_of_a_crafted_dump_runs_none_of_its_sql(settings, conn, pg_home,
         evil.execute("ALTER TABLE images ADD CONSTRAINT sneaky CHECK (evil())")
         crafted = tmp_path / "crafted.dump"
         server.run_binary("pg_dump", ["--format=custom", f"--file={crafted}", url], check=True)
-    result = run_cli("db", "restore", str(crafted))
+    result = invoke_cli("db", "restore", str(crafted))
     assert result.returncode == 0, result.stderr
     assert not marker.exists()
     assert conn.execute("SELECT array_agg(path ORDER BY path) FROM images").fetchone()[0] == \
@@ -126,7 +126,7 @@ def test_restore_of_bad_data_is_refused_whole(settings, conn, pg_home, tmp_path)
         other.execute("ALTER TABLE images ADD COLUMN extra text")  # not a column vecsearch has
         dump = tmp_path / "extra.dump"
         server.run_binary("pg_dump", ["--format=custom", f"--file={dump}", url], check=True)
-    result = run_cli("db", "restore", str(dump))
+    result = invoke_cli("db", "restore", str(dump))
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "the images data has columns extra" in result.stderr
     assert conn.execute("SELECT count(*) FROM images").fetchone() == (3,)
@@ -135,18 +135,18 @@ def test_restore_of_bad_data_is_refused_whole(settings, conn, pg_home, tmp_path)
 def test_restore_waits_for_a_readers_open_transaction_with_a_message_and_a_limit(settings, conn, tmp_path):
     insert_vectors(conn, clustered(3, seed=7))
     dump = tmp_path / "vs.dump"
-    run_cli("db", "backup", str(dump), check=True)
+    invoke_cli("db", "backup", str(dump), check=True)
     with psycopg.connect(settings.database_url) as reader:  # not autocommit: the transaction stays open
         reader.execute("SELECT count(*) FROM images").fetchone()
         started = time.monotonic()
-        result = run_cli("db", "restore", str(dump), "--wait", "3")
+        result = invoke_cli("db", "restore", str(dump), "--wait", "3")
         assert 2.5 < time.monotonic() - started < 30
         assert result.returncode == 1
         lines = result.stderr.strip().splitlines()
         assert lines[0].startswith("waiting for sessions using the tables to finish: pid ")
         assert lines[-1].startswith("error: restore gave up after waiting 3 s for sessions using the tables")
         reader.rollback()
-    assert run_cli("db", "restore", str(dump), "--wait", "3").returncode == 0
+    assert invoke_cli("db", "restore", str(dump), "--wait", "3").returncode == 0
 
 
 def test_reader_logins_get_no_temporary_objects_no_other_database_and_timeouts(settings, conn):
@@ -337,7 +337,7 @@ def test_non_utf8_paths_in_arguments_are_one_line(settings, conn, tmp_path):
     os.makedirs(bad)
     for args in (("similar", "1", "--under", bad), ("search", bad + "/x.jpg"),
                  ("load", bad, "--weights", "random")):
-        assert "is not valid UTF-8" in _one_error_line(run_cli(*args)), args
+        assert "is not valid UTF-8" in _one_error_line(invoke_cli(*args)), args
 
 
 def test_errors_file_is_checked_before_the_load_and_a_full_disk_keeps_the_summary(settings, tmp_path):
@@ -345,11 +345,12 @@ def test_errors_file_is_checked_before_the_load_and_a_full_disk_keeps_the_summar
     make_image(folder / "a.png", 1, (32, 32))
     (folder / "bad.jpg").write_text("not an image")
     for target in (tmp_path / "missing" / "e.csv", tmp_path):
-        line = _one_error_line(run_cli("load", str(folder), "--weights", "random", "--errors", str(target)))
+        line = _one_error_line(invoke_cli("load", str(folder), "--weights", "random", "--errors",
+                                          str(target)))
         assert line.startswith(f"error: cannot write --errors file {target}")
     with psycopg.connect(settings.database_url) as c:
         assert c.execute("SELECT count(*) FROM images").fetchone() == (0,)  # nothing was loaded
-    full = run_cli("load", str(folder), "--weights", "random", "--errors", "/dev/full")
+    full = invoke_cli("load", str(folder), "--weights", "random", "--errors", "/dev/full")
     assert full.returncode == 1 and "found 2, new 1" in full.stdout, full.stdout + full.stderr
     assert full.stderr.strip().splitlines()[-1] == \
         "error: cannot write --errors file /dev/full: No space left on device"
@@ -360,19 +361,19 @@ def test_bad_settings_and_options_are_one_line_before_any_work(settings, conn, t
     folder = tmp_path / "pics"
     make_image(folder / "a.png", 1, (32, 32))
     assert "VECSEARCH_HNSW_M must be an integer" in _one_error_line(
-        run_cli("db", "status", env={"VECSEARCH_HNSW_M": "abc"}))
+        invoke_cli("db", "status", env={"VECSEARCH_HNSW_M": "abc"}))
     for args in (("dupes", "--ef-search", "5000"),
                  ("eval", "perturb", str(folder), "--weights", "random", "--ef-search", "5000"),
                  ("eval", "labels", str(folder), "--weights", "random", "--ef-search", "0")):
-        assert "ef-search must be between 1 and 1000" in _one_error_line(run_cli(*args)), args
-    assert "does not exist" in _one_error_line(run_cli("dupes", "--html", str(tmp_path / "no" / "x.html")))
-    assert "--revision 9999: " in _one_error_line(run_cli("db", "migrate", "--revision", "9999"))
-    line = _one_error_line(run_cli("db", "migrate", "--revision", "0001"))
+        assert "ef-search must be between 1 and 1000" in _one_error_line(invoke_cli(*args)), args
+    assert "does not exist" in _one_error_line(invoke_cli("dupes", "--html", str(tmp_path / "no" / "x.html")))
+    assert "--revision 9999: " in _one_error_line(invoke_cli("db", "migrate", "--revision", "9999"))
+    line = _one_error_line(invoke_cli("db", "migrate", "--revision", "0001"))
     assert f"the schema is at {db.SCHEMA_REVISION}, newer than 0001" in line
     assert db.schema_revision(conn) == db.SCHEMA_REVISION
     for args in (("similar",), ("similar", "1", "-k", "x"), ("load",), ("nosuchcommand",),
                  ("similar", "1", "--nosuchoption")):
-        line = _one_error_line(run_cli(*args))  # not click's Usage/Try/Error block
+        line = _one_error_line(invoke_cli(*args))  # not click's Usage/Try/Error block
         assert "--help" in line, args
 
 
@@ -382,14 +383,14 @@ def test_bad_settings_and_options_are_one_line_before_any_work(settings, conn, t
 def test_control_characters_in_names_are_escaped_and_paths0_keeps_them(settings, conn, tmp_path):
     evil = "/pics/\x1b]0;owned\x07\x1b[2Jname\nsecond line.jpg"
     insert_vectors(conn, clustered(3, seed=3), [evil, "/pics/b.jpg", "/pics/c.jpg"])
-    table = run_cli("similar", "2", env={"COLUMNS": "200"}, check=True).stdout
+    table = invoke_cli("similar", "2", env={"COLUMNS": "200"}, check=True).stdout
     assert "\x1b" not in table and "\x07" not in table and "\\x1b]0;owned\\x07" in table
-    found = run_cli("similar", "2", "-f", "paths0", check=True).stdout
+    found = invoke_cli("similar", "2", "-f", "paths0", check=True).stdout
     assert found.endswith("\0") and evil in found.split("\0")
     folder = tmp_path / "load"
     (folder).mkdir()
     (folder / "\x1b[2Jbad.jpg").write_text("not an image")
-    result = run_cli("load", str(folder), "--weights", "random")
+    result = invoke_cli("load", str(folder), "--weights", "random")
     assert result.returncode == 2 and "\x1b" not in result.stderr and "\\x1b[2Jbad.jpg" in result.stderr
 
 
@@ -398,11 +399,11 @@ def test_control_characters_in_names_are_escaped_and_paths0_keeps_them(settings,
 
 def test_arithmetic_scale_and_non_finite_weights(settings, conn):
     ids = insert_vectors(conn, clustered(5, seed=4))
-    tiny = run_cli("similar", f"{ids[0]}*1e-7", "-f", "json", check=True)
+    tiny = invoke_cli("similar", f"{ids[0]}*1e-7", "-f", "json", check=True)
     assert len(json.loads(tiny.stdout)) == 4
-    caret = run_cli("similar", f"{ids[0]}*1e400")  # a caret under the weight, as for any bad expression
+    caret = invoke_cli("similar", f"{ids[0]}*1e400")  # a caret under the weight, as for any bad expression
     assert caret.returncode == 1 and "weight 1e400 is not a finite number" in caret.stderr.splitlines()[0]
-    assert "cancels out" in _one_error_line(run_cli("similar", f"{ids[0]} - {ids[0]}"))
+    assert "cancels out" in _one_error_line(invoke_cli("similar", f"{ids[0]} - {ids[0]}"))
 
 
 def test_similar_to_ignores_null_excluded_ids_and_refuses_a_zero_vector(settings, conn):

@@ -12,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from conftest import cli_command, clustered, fresh_database, insert_vectors, make_image, run_cli
+from conftest import cli_command, clustered, fresh_database, insert_vectors, invoke_cli, make_image
 from test_web_api import live_server
 
 from vecsearch import db, hnsw, logins, server, sessions
@@ -80,7 +80,7 @@ def test_a_session_left_holding_the_index_lock_by_a_dead_command_is_ended_by_the
         orphan.execute("SELECT set_config('application_name', %s, false)",
                        [f"vecsearch {command} {socket.gethostname()[:30]}:{dead_pid()}"])
         orphan.execute(f"SELECT pg_advisory_lock({hnsw.LOCK_KEY})")
-        result = run_cli("db", "reindex", "--m", "20", "--ef-construction", "60")
+        result = invoke_cli("db", "reindex", "--m", "20", "--ef-construction", "60")
         assert result.returncode == 0, result.stderr
         assert hnsw.index_options(conn) == {"m": 20, "ef_construction": 60}
         with pytest.raises(psycopg.OperationalError):
@@ -90,7 +90,7 @@ def test_a_session_left_holding_the_index_lock_by_a_dead_command_is_ended_by_the
 def test_restore_names_its_session_and_a_busy_index_lock_names_its_holder(settings, conn, tmp_path):
     insert_vectors(conn, clustered(3, seed=33))
     dump = tmp_path / "vs.dump"
-    run_cli("db", "backup", str(dump), check=True)
+    invoke_cli("db", "backup", str(dump), check=True)
     with psycopg.connect(settings.database_url) as blocker:  # an open transaction on the table
         blocker.execute("SELECT count(*) FROM images").fetchone()
         proc = subprocess.Popen(cli_command("db", "restore", str(dump), "--wait", "30"),
@@ -107,7 +107,7 @@ def test_restore_names_its_session_and_a_busy_index_lock_names_its_holder(settin
     # A live session that is no vecsearch command holding the index lock is named, not guessed at.
     with psycopg.connect(settings.database_url, autocommit=True) as squatter:
         squatter.execute(f"SELECT pg_advisory_lock({hnsw.LOCK_KEY})")
-        line = one_error_line(run_cli("db", "reindex"))
+        line = one_error_line(invoke_cli("db", "reindex"))
         assert f"pid {squatter.info.backend_pid}, role " in line
 
 
@@ -176,7 +176,7 @@ def test_reader_logins_cannot_store_large_objects_or_take_the_index_lock(setting
 def test_a_load_says_who_holds_the_lock_instead_of_silently_skipping_the_repair(settings, conn, tmp_path):
     folder = tmp_path / "few"
     make_image(folder / "a.png", 40, (48, 48))
-    assert run_cli("load", str(folder), "--weights", "random", "--workers", "0").returncode == 0
+    assert invoke_cli("load", str(folder), "--weights", "random", "--workers", "0").returncode == 0
     definition = conn.execute("SELECT pg_get_indexdef('images_embedding_hnsw'::regclass)").fetchone()[0]
     with psycopg.connect(settings.database_url, autocommit=True) as squatter:
         squatter.execute(f"SELECT pg_advisory_lock({hnsw.LOCK_KEY})")
@@ -184,7 +184,7 @@ def test_a_load_says_who_holds_the_lock_instead_of_silently_skipping_the_repair(
         mark = hnsw.DROPPED_MARK + json.dumps({"index": definition, "previous_comment": None})
         squatter.execute(psycopg.sql.SQL("COMMENT ON TABLE images IS {}").format(psycopg.sql.Literal(mark)))
         squatter.execute("DROP INDEX images_embedding_hnsw")
-        result = run_cli("load", str(folder), "--weights", "random", "--workers", "0")
+        result = invoke_cli("load", str(folder), "--weights", "random", "--workers", "0")
         assert result.returncode == 0, result.stderr
         assert f"its lock is held by session pid {squatter.info.backend_pid}, role " in result.stderr
 
@@ -233,7 +233,7 @@ def test_restore_refuses_values_the_schema_refuses_with_one_line(settings, conn,
             other.execute(statement)
         dump = tmp_path / "crafted.dump"
         server.run_binary("pg_dump", ["--format=custom", f"--file={dump}", url], check=True)
-    line = one_error_line(run_cli("db", "restore", str(dump)))
+    line = one_error_line(invoke_cli("db", "restore", str(dump)))
     assert "holds rows this vecsearch's schema refuses" in line and "nothing was restored" in line
     assert conn.execute("SELECT count(*) FROM images").fetchone() == (3,)
 
@@ -243,18 +243,18 @@ def test_restore_refuses_values_the_schema_refuses_with_one_line(settings, conn,
 def test_a_restore_is_refused_while_a_load_runs_and_a_load_while_a_restore_runs(settings, conn, tmp_path):
     insert_vectors(conn, clustered(3, seed=39))
     dump = tmp_path / "vs.dump"
-    run_cli("db", "backup", str(dump), check=True)
+    invoke_cli("db", "backup", str(dump), check=True)
     with psycopg.connect(settings.database_url, autocommit=True) as loading:  # as a running load holds it
         sessions.watch(loading, "load")
         assert loading.execute(f"SELECT pg_try_advisory_lock_shared({sessions.LOAD_LOCK})").fetchone()[0]
-        line = one_error_line(run_cli("db", "restore", str(dump)))
+        line = one_error_line(invoke_cli("db", "restore", str(dump)))
         assert "a `vecsearch load` is running (session pid " in line
     with psycopg.connect(settings.database_url, autocommit=True) as restoring:  # as a restore holds it
         restoring.execute("BEGIN")
         restoring.execute(f"SELECT pg_advisory_xact_lock({sessions.LOAD_LOCK})")
         folder = tmp_path / "one"
         make_image(folder / "a.png", 41, (48, 48))
-        line = one_error_line(run_cli("load", str(folder), "--weights", "random", "--workers", "0"))
+        line = one_error_line(invoke_cli("load", str(folder), "--weights", "random", "--workers", "0"))
         assert "a `vecsearch db restore` is running" in line
         restoring.execute("ROLLBACK")
     assert conn.execute("SELECT count(*) FROM images").fetchone() == (3,)
@@ -263,7 +263,7 @@ def test_a_restore_is_refused_while_a_load_runs_and_a_load_while_a_restore_runs(
         orphan.execute("SELECT set_config('application_name', %s, false)",
                        [f"vecsearch load {socket.gethostname()[:30]}:{dead_pid()}"])
         orphan.execute(f"SELECT pg_advisory_lock_shared({sessions.LOAD_LOCK})")
-        assert run_cli("db", "restore", str(dump)).returncode == 0
+        assert invoke_cli("db", "restore", str(dump)).returncode == 0
 
 
 # --- 5: decode memory bounded by a budget computed before decoding --------------------------------
@@ -482,7 +482,7 @@ def test_shard_digits_and_negative_workers_are_one_line_before_any_work(settings
     make_image(folder / "a.png", 42, (48, 48))
     for args, message in ((["--shard", "²/3"], "--shard '²/3': give K/N"),
                           (["--shard", "1/٣"], "give K/N"), (["--workers", "-5"], "-5")):
-        line = one_error_line(run_cli("load", str(folder), "--weights", "random", *args))
+        line = one_error_line(invoke_cli("load", str(folder), "--weights", "random", *args))
         assert message in line, line
 
 
@@ -503,7 +503,7 @@ def test_arithmetic_extremes_are_queries_not_nan_or_a_wrong_reason(settings, con
         assert float(vector @ (expected / np.linalg.norm(expected))) > 0.9999, text
     with pytest.raises(InvalidInput, match="cancels out"):
         expr.evaluate(conn, expr.parse(f"{ids[0]}*1e-300 - {ids[0]}*1e-300"), embed_file=None)
-    result = run_cli("similar", f"{ids[0]}*5e-324", "-k", "2")
+    result = invoke_cli("similar", f"{ids[0]}*5e-324", "-k", "2")
     assert result.returncode == 0, result.stderr
 
 
@@ -520,7 +520,7 @@ def test_decode_warnings_name_the_file_they_are_about(settings, tmp_path):
     Image.new("RGB", (32, 32), (1, 2, 3)).save(buf, "JPEG", exif=b"Exif\x00\x00" + tiff)
     folder.mkdir()
     (folder / "bad_exif.jpg").write_bytes(buf.getvalue())
-    result = run_cli("load", str(folder), "--weights", "random", "--workers", "0")
+    result = invoke_cli("load", str(folder), "--weights", "random", "--workers", "0")
     assert result.returncode == 0, result.stderr
     warned = [x for x in result.stderr.splitlines()
               if x.startswith("warning: ") and "--weights random" not in x]

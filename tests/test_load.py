@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
-from conftest import make_image, run_cli
+from conftest import invoke_cli, make_image, run_cli
 from PIL import Image
 
 from vecsearch import hnsw
@@ -345,7 +345,7 @@ def test_cli_load_exit_codes_summary_errors_csv_and_no_torch_on_rerun(settings, 
     make_image(folder / "b.jpg", 2)
     (folder / "broken.jpg").write_text("nope")
     errors = tmp_path / "errors.csv"
-    result = run_cli("load", str(folder), "--weights", "random", "--errors", str(errors), "--workers", "1")
+    result = invoke_cli("load", str(folder), "--weights", "random", "--errors", str(errors), "--workers", "1")
     assert result.returncode == 2, result.stderr
     assert "found 3, new 2, updated 0, unchanged 0, duplicate content 0, failed 1" in result.stdout
     assert f"skipped {folder / 'broken.jpg'}: not an image" in result.stderr
@@ -391,7 +391,7 @@ def test_split_loads_equal_one_load_and_prune_stays_in_its_share(settings, conn,
     ("3/2", "K must be from 1 to N"), ("0/4", "K must be from 1 to N"), ("2", "give K/N"),
     ("a/b", "give K/N"), ("1/0", "give K/N")])
 def test_bad_shard_is_one_line(settings, tmp_path, value, message):
-    result = run_cli("load", str(tmp_path), "--shard", value,
+    result = invoke_cli("load", str(tmp_path), "--shard", value,
                      env={"VECSEARCH_DATABASE_URL": settings.database_url})
     assert result.returncode == 1 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

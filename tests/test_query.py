@@ -15,7 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import clustered, exact_neighbours, fresh_database, insert_vectors, make_image, run_cli
+from conftest import (
+    HNSW_TEMPLATE,
+    Rows,
+    clustered,
+    exact_neighbours,
+    fresh_database,
+    insert_vectors,
+    invoke_cli,
+    make_image,
+)
 from PIL import Image, ImageFilter
 
 from vecsearch import db, expr, paths, query
@@ -29,30 +38,21 @@ def assert_same(neighbours: list[query.Neighbour], reference) -> None:
 
 
 class Loaded:
-    """A database of 2500 synthetic rows (enough for the planner to use the HNSW index)."""
+    """A database of 2500 synthetic rows (enough for the planner to use the HNSW index): a clone
+    of conftest's hnsw_rows template (10% under /photos/a/, 13 rows under /photos/rare/, the rest
+    under /photos/b/; /photos/ab/ shares the prefix "/photos/a" but is not under /photos/a)."""
 
-    def __init__(self, url: str, home: Path) -> None:
+    def __init__(self, url: str, home: Path, rows: Rows) -> None:
         self.settings = Settings(database_url=url, home=home)
         self.env = {"VECSEARCH_DATABASE_URL": url, "VECSEARCH_HOME": str(home)}
-        self.vectors = clustered(2500, seed=1)
-        # 10% under /photos/a/, 13 rows under /photos/rare/, the rest under /photos/b/;
-        # /photos/ab/ shares the prefix "/photos/a" but is not under /photos/a.
-        self.paths = [f"/photos/{self.folder(i)}/{i}.jpg" for i in range(len(self.vectors))]
-        with db.connect(self.settings) as conn:
-            self.ids = insert_vectors(conn, self.vectors, self.paths)
-
-    @staticmethod
-    def folder(i: int) -> str:
-        return "rare" if i % 200 == 7 else "a" if i % 10 == 3 else "ab" if i % 50 == 1 else "b"
-
-    def mask(self, prefix: str) -> np.ndarray:
-        return np.array([p.startswith(prefix) for p in self.paths])
+        self.vectors, self.ids, self.paths = rows.vectors, rows.ids, rows.paths
+        self.mask = rows.mask
 
 
 @pytest.fixture(scope="module")
-def loaded(pg_home):
-    with fresh_database(pg_home) as url:
-        yield Loaded(url, pg_home)
+def loaded(pg_home, hnsw_rows):
+    with fresh_database(pg_home, HNSW_TEMPLATE) as url:
+        yield Loaded(url, pg_home, hnsw_rows)
 
 
 @pytest.fixture
@@ -215,7 +215,7 @@ def test_arithmetic_matches_numpy_reference(loaded, lconn):
     result = query.similar_to(lconn, vector, 10, exclude=exclude, exact=True)
     assert_same(result, exact_neighbours(loaded.vectors, loaded.ids, reference, 10, exclude=[a, b, c]))
     # The same through the CLI.
-    out = run_cli("similar", f"{a} + {b}*0.5 - {c}", "-k", "10", "--exact", "-f", "json",
+    out = invoke_cli("similar", f"{a} + {b}*0.5 - {c}", "-k", "10", "--exact", "-f", "json",
                   env=loaded.env, check=True)
     assert [r["id"] for r in json.loads(out.stdout)] == [n.id for n in result]
 
@@ -234,17 +234,17 @@ def test_arithmetic_errors(loaded, lconn):
 def test_cli_similar_formats(loaded, lconn):
     image_id = loaded.ids[100]
     result = query.similar(lconn, image_id, 5)
-    rows = json.loads(run_cli("similar", str(image_id), "-k", "5", "-f", "json", env=loaded.env,
+    rows = json.loads(invoke_cli("similar", str(image_id), "-k", "5", "-f", "json", env=loaded.env,
                               check=True).stdout)
     assert [r["rank"] for r in rows] == [1, 2, 3, 4, 5]
     assert [(r["id"], r["path"]) for r in rows] == [(n.id, n.path) for n in result]
     np.testing.assert_allclose([r["similarity"] for r in rows], [n.similarity for n in result])
-    csv_lines = run_cli("similar", str(image_id), "-k", "5", "--format", "csv", env=loaded.env,
+    csv_lines = invoke_cli("similar", str(image_id), "-k", "5", "--format", "csv", env=loaded.env,
                         check=True).stdout.splitlines()
     assert csv_lines[0] == "rank,id,similarity,path" and len(csv_lines) == 6
-    paths = run_cli("similar", str(image_id), "-k", "5", "-f", "paths", env=loaded.env, check=True).stdout
+    paths = invoke_cli("similar", str(image_id), "-k", "5", "-f", "paths", env=loaded.env, check=True).stdout
     assert paths.splitlines() == [n.path for n in result]
-    table = run_cli("similar", str(image_id), "-k", "5", env=loaded.env, check=True).stdout
+    table = invoke_cli("similar", str(image_id), "-k", "5", env=loaded.env, check=True).stdout
     assert loaded.paths[100] in table  # the title names the query image
     for word in ("rank", "id", "similarity", "path", result[0].path):
         assert word in table
@@ -260,7 +260,7 @@ def test_cli_similar_formats(loaded, lconn):
     (["search", "/nonexistent.jpg"], "error: no such image file: /nonexistent.jpg"),
 ])
 def test_cli_errors_are_one_clear_line(loaded, args, message):
-    result = run_cli(*args, env=loaded.env)
+    result = invoke_cli(*args, env=loaded.env)
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith(message), result.stderr
     assert "Traceback" not in result.stderr
@@ -270,13 +270,13 @@ def test_cli_errors_are_one_clear_line(loaded, args, message):
 
 def test_cli_search_needs_a_recorded_model(loaded, tmp_path):
     # Synthetic rows, no `vecsearch load`: nothing says which model to embed the file with.
-    result = run_cli("search", str(make_image(tmp_path / "x.png", seed=1)), env=loaded.env)
+    result = invoke_cli("search", str(make_image(tmp_path / "x.png", seed=1)), env=loaded.env)
     assert result.returncode == 1
     assert result.stderr.startswith("error: the database records no model to embed files with")
 
 
 def test_cli_on_an_empty_database(settings):
-    result = run_cli("similar", "1")
+    result = invoke_cli("similar", "1")
     assert result.returncode == 1
     assert result.stderr.strip() == "error: the database has no images: run `vecsearch load DIR` first"
 
@@ -350,7 +350,7 @@ def test_search_file_refuses_another_model(photos, embedder):
 
 
 def test_cli_search_file(photos):
-    result = run_cli("search", str(photos["outside"]), "-k", "2", "-f", "paths", env=photos["env"],
+    result = invoke_cli("search", str(photos["outside"]), "-k", "2", "-f", "paths", env=photos["env"],
                      check=True)
     assert set(result.stdout.split()) == {str(photos["files"][0]), str(photos["copy"])}
     assert result.stderr.startswith("warning: --weights random") and "Traceback" not in result.stderr

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import psycopg
-from conftest import clustered, exact_neighbours, insert_vectors, run_cli
+from conftest import clustered, exact_neighbours, insert_vectors, invoke_cli
 
 from vecsearch import compact, query, recall
 from vecsearch import eval as evaluation
@@ -46,15 +46,15 @@ def test_recall_is_measured_against_exact_and_tune_sets_the_database_default(set
         assert [[i for i, _ in ann[q]] for q in sample] == low
 
     env = {"VECSEARCH_DATABASE_URL": settings.database_url}
-    status = run_cli("db", "status", env=env, check=True).stdout
+    status = invoke_cli("db", "status", env=env, check=True).stdout
     assert f"ef_search: {chosen} (this database's" in status
-    out = run_cli("db", "recall", "--sample", "10", env=env, check=True).stdout
+    out = invoke_cli("db", "recall", "--sample", "10", env=env, check=True).stdout
     assert out.startswith("index: full: ") and f"\nef_search {chosen}: recall@10 " in out
     assert "over 10 held-out-style queries" in out
 
 
 def test_recall_of_an_empty_table_is_one_line(settings):
-    result = run_cli("db", "recall", env={"VECSEARCH_DATABASE_URL": settings.database_url})
+    result = invoke_cli("db", "recall", env={"VECSEARCH_DATABASE_URL": settings.database_url})
     assert result.returncode != 0 and "the images table is empty" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 

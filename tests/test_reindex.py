@@ -7,7 +7,7 @@ import subprocess
 import time
 
 import psycopg
-from conftest import cli_command, clustered, insert_vectors, run_cli
+from conftest import cli_command, clustered, insert_vectors, invoke_cli
 
 from vecsearch import db, hnsw
 
@@ -28,12 +28,12 @@ def _wait(condition, timeout: float, what: str):
 def test_reindex_changes_the_parameters_and_the_new_index_serves_every_row(settings, conn):
     ids = insert_vectors(conn, clustered(400, seed=21))
     assert _options(conn) == "m=32, ef_construction=128"  # a new database's defaults
-    result = run_cli("db", "reindex", "--m", "24", "--ef-construction", "80")
+    result = invoke_cli("db", "reindex", "--m", "24", "--ef-construction", "80")
     assert result.returncode == 0, result.stderr
     assert "reindexed in " in result.stdout and "m=24, ef_construction=80" in result.stdout
     assert _options(conn) == "m=24, ef_construction=80"
     assert hnsw.index_options(conn) == {"m": 24, "ef_construction": 80}
-    assert "hnsw opts: " in run_cli("db", "status", check=True).stdout
+    assert "hnsw opts: " in invoke_cli("db", "status", check=True).stdout
     # One HNSW index, the one the plan uses, holding every row.
     assert conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename = 'images' "
                         "AND indexdef LIKE '%hnsw%'").fetchone() == (1,)
@@ -46,7 +46,7 @@ def test_reindex_changes_the_parameters_and_the_new_index_serves_every_row(setti
         assert "Index Scan using images_embedding_hnsw" in plan
         assert sorted(r[0] for r in conn.execute(sql, [ids[0]])) == sorted(ids)
     # Without options: rebuilt with its own.
-    assert run_cli("db", "reindex").returncode == 0
+    assert invoke_cli("db", "reindex").returncode == 0
     assert hnsw.index_options(conn) == {"m": 24, "ef_construction": 80}
 
 
@@ -76,7 +76,7 @@ def test_a_killed_reindex_leaves_the_old_index_and_a_rerun_finishes(settings, co
                         ).fetchone() == (1,)
     assert conn.execute("SELECT indisvalid FROM pg_index WHERE indexrelid = "
                         "'images_embedding_hnsw'::regclass").fetchone() == (True,)
-    assert run_cli("db", "reindex", "--m", "20", "--ef-construction", "60").returncode == 0
+    assert invoke_cli("db", "reindex", "--m", "20", "--ef-construction", "60").returncode == 0
     assert hnsw.index_options(conn) == {"m": 20, "ef_construction": 60}
 
 
@@ -84,6 +84,6 @@ def test_reindex_refuses_parameters_pgvector_would_refuse(settings, conn):
     insert_vectors(conn, clustered(20, seed=23))
     for args, message in ((["--m", "1"], "--m must be from 2 to 100"),
                           (["--m", "16", "--ef-construction", "20"], "at least 2 x m (32)")):
-        result = run_cli("db", "reindex", *args)
+        result = invoke_cli("db", "reindex", *args)
         assert result.returncode == 1 and result.stderr.startswith("error: ") and message in result.stderr
     assert hnsw.index_options(conn) == {"m": 32, "ef_construction": 128}

@@ -20,7 +20,7 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-from conftest import cli_command, clustered, fresh_database, insert_vectors, make_image, run_cli
+from conftest import cli_command, clustered, fresh_database, insert_vectors, invoke_cli, make_image, run_cli
 
 from vecsearch import db, hnsw, query, server
 from vecsearch.limits import EPOCH
@@ -52,10 +52,10 @@ def test_bad_queries_are_one_line_with_exit_code_1(few, tmp_path):
         (["similar", f"{few[0]} + {missing}*0.5"], f"error: no image with id {missing}"),
         (["search", str(tmp_path / "nothing.jpg")], "error: no such image file"),
     ]:
-        assert_one_line(run_cli(*args), 1, start)
+        assert_one_line(invoke_cli(*args), 1, start)
     # Malformed arithmetic: the message, then the expression with a caret under the bad token.
     for text in (f"{few[0]} + * 3", f"{few[0]} {few[1]}", huge, f"{few[0]} - {few[0]}", "'unterminated"):
-        result = run_cli("similar", text)
+        result = invoke_cli("similar", text)
         assert result.returncode == 1 and result.stderr.startswith("error: "), result.stderr
         assert "Traceback" not in result.stderr
 
@@ -64,7 +64,7 @@ def test_usage_errors_exit_1_not_2(few):
     """Exit code 2 means "load finished, some files skipped": a bad option is bad input (1)."""
     for args in (["similar", str(few[0]), "-k", "many"], ["similar", str(few[0]), "-f", "xml"],
                  ["similar", "--no-such-option", "1"], ["load"]):
-        result = run_cli(*args)
+        result = invoke_cli(*args)
         assert result.returncode == 1, (args, result.stderr)
         assert_one_line(result, 1, "error: ")  # one line, not click's Usage/Try/Error block
         assert "Traceback" not in result.stderr and "(see `vecsearch " in result.stderr
@@ -75,7 +75,7 @@ def test_database_from_a_newer_vecsearch_is_refused_before_anything_runs(conn, f
     make_image(tmp_path / "photos" / "a.png", 1, (64, 64))
     for args in (["similar", str(few[0])], ["db", "status"],
                  ["load", str(tmp_path / "photos"), "--weights", "random"]):
-        assert_one_line(run_cli(*args), 5, "error: the database schema is at revision 0099, newer than")
+        assert_one_line(invoke_cli(*args), 5, "error: the database schema is at revision 0099, newer than")
     assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 5  # nothing loaded
 
 
@@ -89,7 +89,7 @@ def test_database_of_another_application_is_refused_not_migrated(pg_home, tmp_pa
             admin.execute(f"CREATE DATABASE {name}")
         with server.psql_connection(running, name) as conn:
             conn.execute(setup)
-        result = run_cli("similar", "1", env={"VECSEARCH_DATABASE_URL": running.url(name)})
+        result = invoke_cli("similar", "1", env={"VECSEARCH_DATABASE_URL": running.url(name)})
         assert_one_line(result, 5, "error: the database")
         assert "point vecsearch at its own database" in result.stderr
         with server.psql_connection(running, name) as conn:  # left as it was
@@ -102,11 +102,11 @@ def test_database_embedded_by_another_model(conn, few, tmp_path):
     conn.execute("UPDATE embedding_model SET name = 'open_clip.ViT-B-32', weights = 'laion2b_s34b_b79k'")
     photo = make_image(tmp_path / "photos" / "a.png", 1, (64, 64))
     # Neighbours of a stored image need no model: they still work.
-    assert run_cli("similar", str(few[0]), "-f", "paths").returncode == 0
+    assert invoke_cli("similar", str(few[0]), "-f", "paths").returncode == 0
     # Embedding a file, or loading more, would mix two vector spaces: refused.
-    assert_one_line(run_cli("search", str(photo)), 5, "error: the database's vectors were made by "
+    assert_one_line(invoke_cli("search", str(photo)), 5, "error: the database's vectors were made by "
                     "open_clip.ViT-B-32")
-    result = run_cli("load", str(photo.parent), "--weights", "random")
+    result = invoke_cli("load", str(photo.parent), "--weights", "random")
     assert result.returncode == 5 and "--reembed" in result.stderr and "Traceback" not in result.stderr
     assert conn.execute("SELECT count(*) FROM images").fetchone()[0] == 5
 
@@ -118,7 +118,7 @@ def test_database_embedded_by_another_model(conn, few, tmp_path):
      "postgresql://postgres:***@127.0.0.1:1/vecsearch"),
 ])
 def test_wrong_database_url_is_exit_3_and_never_shows_the_password(url, start, tmp_path):
-    result = run_cli("similar", "1", env={"VECSEARCH_DATABASE_URL": url, "VECSEARCH_HOME": str(tmp_path)})
+    result = invoke_cli("similar", "1", env={"VECSEARCH_DATABASE_URL": url, "VECSEARCH_HOME": str(tmp_path)})
     assert_one_line(result, 3, start)
     assert "secret" not in result.stderr
 
@@ -126,17 +126,17 @@ def test_wrong_database_url_is_exit_3_and_never_shows_the_password(url, start, t
 def test_wrong_database_name_or_user_is_exit_3(pg_home, tmp_path):
     running = server.ensure_running(pg_home)
     for url in (running.url("no_such_database"), running.url().replace("postgres@", "nobody@")):
-        result = run_cli("db", "status", env={"VECSEARCH_DATABASE_URL": url})
+        result = invoke_cli("db", "status", env={"VECSEARCH_DATABASE_URL": url})
         assert_one_line(result, 3, "error: cannot connect to ")
         assert "does not exist" in result.stderr
 
 
 def test_debug_shows_the_traceback(few):
     missing = str(max(few) + 1000)
-    result = run_cli("--debug", "similar", missing)
+    result = invoke_cli("--debug", "similar", missing)
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "NotFound: no image with id" in result.stderr
-    result = run_cli("similar", missing, env={"VECSEARCH_DEBUG": "1"})
+    result = invoke_cli("similar", missing, env={"VECSEARCH_DEBUG": "1"})
     assert "Traceback" in result.stderr
 
 
@@ -192,7 +192,7 @@ def test_overlapping_loads_at_once_store_each_file_once_while_queries_keep_answe
             assert served.get_json("/api/images?per_page=1")["total"] >= len(ids)
             answered["http"] += 1
             if time.monotonic() - last_cli > 8:
-                result = run_cli("similar", str(probe), "-k", "5", "-f", "paths")
+                result = invoke_cli("similar", str(probe), "-k", "5", "-f", "paths")
                 assert result.returncode == 0 and len(result.stdout.splitlines()) == 5, result.stderr
                 answered["cli"] += 1
                 last_cli = time.monotonic()
@@ -251,27 +251,28 @@ def test_restore_into_a_new_home_recreates_the_reader_role_and_its_grants(settin
 
 
 def test_backup_and_restore_refuse_bad_paths_non_backups_and_newer_backups(settings, conn, few, tmp_path):
-    assert_one_line(run_cli("db", "backup", str(tmp_path / "no" / "such" / "dir.dump")), 1,
+    assert_one_line(invoke_cli("db", "backup", str(tmp_path / "no" / "such" / "dir.dump")), 1,
                     f"error: cannot write the backup to {tmp_path / 'no' / 'such' / 'dir.dump'}")
     junk = tmp_path / "photo.jpg"
     make_image(junk, 1, (32, 32))
-    assert_one_line(run_cli("db", "restore", str(junk)), 1,
+    assert_one_line(invoke_cli("db", "restore", str(junk)), 1,
                     f"error: {junk} is not a `vecsearch db backup` file")
     conn.execute("UPDATE alembic_version SET version_num = '0099'")
     newer = tmp_path / "newer.dump"
     server.run_binary("pg_dump", ["--format=custom", f"--file={newer}", settings.database_url], check=True)
     conn.execute("UPDATE alembic_version SET version_num = %s", [db.SCHEMA_REVISION])
-    assert_one_line(run_cli("db", "restore", str(newer)), 5, f"error: {newer} was made by a newer vecsearch")
+    assert_one_line(invoke_cli("db", "restore", str(newer)), 5,
+                    f"error: {newer} was made by a newer vecsearch")
     assert conn.execute("SELECT count(*) FROM images").fetchone() == (5,)
 
 
 def test_restore_never_drops_another_applications_tables(settings, conn, few, pg_home, tmp_path):
     dump = tmp_path / "vs.dump"
-    run_cli("db", "backup", str(dump), check=True)
+    invoke_cli("db", "backup", str(dump), check=True)
     with fresh_database(pg_home) as url, psycopg.connect(url, autocommit=True) as other:
         other.execute("DROP TABLE images CASCADE; DROP TABLE alembic_version")
         other.execute("CREATE TABLE images (id int, title text); INSERT INTO images VALUES (1, 'theirs')")
-        result = run_cli("db", "restore", str(dump), env={"VECSEARCH_DATABASE_URL": url})
+        result = invoke_cli("db", "restore", str(dump), env={"VECSEARCH_DATABASE_URL": url})
         assert_one_line(result, 5, "error: the database has an `images` or `embedding_model` table")
         assert other.execute("SELECT * FROM images").fetchall() == [(1, "theirs")]
 
@@ -288,7 +289,7 @@ def test_backup_of_an_older_schema_restores_over_a_current_database_and_into_an_
             db.register_vector(target)
             insert_vectors(target, clustered(3, seed=9), ["/kept/1.jpg", "/kept/2.jpg", "/kept/3.jpg"])
         # Only the data comes from the file: the schema stays this vecsearch's, at its revision.
-        result = run_cli("db", "restore", str(old), env={"VECSEARCH_DATABASE_URL": url})
+        result = invoke_cli("db", "restore", str(old), env={"VECSEARCH_DATABASE_URL": url})
         assert result.returncode == 0, result.stderr
         with psycopg.connect(url) as target:
             assert target.execute("SELECT count(*) FROM images").fetchone() == (5,)
@@ -300,7 +301,7 @@ def test_backup_of_an_older_schema_restores_over_a_current_database_and_into_an_
         admin.execute("DROP DATABASE IF EXISTS restore_empty")
         admin.execute("CREATE DATABASE restore_empty")
     url = running.url("restore_empty")
-    run_cli("db", "restore", str(old), env={"VECSEARCH_DATABASE_URL": url}, check=True)
+    invoke_cli("db", "restore", str(old), env={"VECSEARCH_DATABASE_URL": url}, check=True)
     with psycopg.connect(url) as restored:
         assert db.schema_revision(restored) == db.SCHEMA_REVISION  # migrated after the restore
         assert restored.execute("SELECT count(*) FROM vecsearch_similar(%s, 4)", [few[0]]).fetchone() == (4,)

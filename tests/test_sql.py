@@ -8,9 +8,17 @@ import os
 import numpy as np
 import psycopg
 import pytest
-from conftest import clustered, exact_neighbours, fresh_database, insert_vectors, nested_plans, run_cli
+from conftest import (
+    clustered,
+    exact_neighbours,
+    fresh_database,
+    insert_vectors,
+    invoke_cli,
+    nested_plans,
+    run_cli,
+)
 
-from vecsearch import db, logins, query, server
+from vecsearch import db, logins, models, query, server
 from vecsearch.config import Settings
 
 
@@ -24,6 +32,7 @@ class Data:
         self.vectors = clustered(2200, seed=5)
         with db.connect(self.settings) as conn:
             self.ids = insert_vectors(conn, self.vectors, [f"/lib/{i % 3}/{i}.jpg" for i in range(2200)])
+            models.ensure_model(conn, models.record_for(models.RANDOM_WEIGHTS))  # a row readers must see
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +140,7 @@ def test_sql_argument_errors(data, sconn):
 def _assert_read_only(url: str, image_id: int) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM images").fetchone()[0] > 0
-        assert conn.execute("SELECT count(*) FROM embedding_model").fetchone() is not None
+        assert conn.execute("SELECT count(*) FROM embedding_model").fetchone() == (1,)
         assert len(conn.execute("SELECT * FROM vecsearch_similar(%s, 3)", [image_id]).fetchall()) == 3
         rows = conn.execute("SELECT * FROM vecsearch_similar_to("
                             "(SELECT embedding FROM images WHERE id = %s), 3)", [image_id]).fetchall()
@@ -190,17 +199,17 @@ def test_reader_refuses_roles_that_are_not_readers(data):
 def test_cli_db_reader_prints_a_working_url(data):
     name = f"grafana_{os.getpid()}"
     try:
-        first = run_cli("db", "reader", name, env=data.env, check=True)
+        first = invoke_cli("db", "reader", name, env=data.env, check=True)
         url = first.stdout.strip()
         assert url.startswith(f"postgresql://{name}:") and "vecsearch db start --tcp" in first.stderr
         _assert_read_only(url, data.ids[0])
         # Again: a new password (the old one is gone), same role.
-        second = run_cli("db", "reader", name, env=data.env, check=True).stdout.strip()
+        second = invoke_cli("db", "reader", name, env=data.env, check=True).stdout.strip()
         assert second != url
-        bad = run_cli("db", "reader", "postgres", env=data.env)
+        bad = invoke_cli("db", "reader", "postgres", env=data.env)
         assert bad.returncode == 1 and bad.stderr.startswith("error: role postgres exists and is not")
     finally:
-        dropped = run_cli("db", "reader", name, "--drop", env=data.env)
+        dropped = invoke_cli("db", "reader", name, "--drop", env=data.env)
     assert dropped.returncode == 0 and dropped.stdout.strip() == f"dropped {name}"
 
 
