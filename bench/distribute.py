@@ -27,9 +27,27 @@ import common  # noqa: E402
 import datasets  # noqa: E402
 
 from vecsearch import citus, cluster, db, hnsw  # noqa: E402
+from vecsearch.progress import Progress  # noqa: E402
 
+
+class Said(Progress):
+    """Prints what distribute and the builds say (each worker's build settings and why)."""
+
+    def message(self, text: str) -> None:
+        print(f"  {text}", flush=True)
+
+
+SAID = Said()
+
+# Every table and vecsearch function of the public schema (each migration may add its own).
 DROP = """
-DROP TABLE IF EXISTS images, embedding_model, alembic_version, vecsearch_projection CASCADE;
+DO $$
+DECLARE t text;
+BEGIN
+    FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
+        EXECUTE format('DROP TABLE IF EXISTS public.%I CASCADE', t);
+    END LOOP;
+END $$;
 DO $$
 DECLARE f regprocedure;
 BEGIN
@@ -56,17 +74,17 @@ def populated(url: str, rows, shards: int) -> dict:
         common.copy_vectors(conn, rows)
         hnsw.rebuild_index(conn, definition)  # a single-node database as a bulk load leaves it
         started = time.perf_counter()
-        citus.distribute(conn, shards)
+        citus.distribute(conn, shards, SAID)
         return {"total s": time.perf_counter() - started}
 
 
 def then_load(url: str, rows, shards: int) -> dict:
     with fresh(url) as conn:
         started = time.perf_counter()
-        citus.distribute(conn, shards)
+        citus.distribute(conn, shards, SAID)
         definition = hnsw.drop(conn)
         copy_s = common.copy_vectors(conn, rows)
-        build_s = hnsw.rebuild_index(conn, definition)
+        build_s = hnsw.rebuild_index(conn, definition, SAID)
         return {"total s": time.perf_counter() - started, "copy s": copy_s, "build s": build_s}
 
 
