@@ -118,15 +118,16 @@ class Lines(_Counting):
 
 
 class Bar(_Counting):
-    """A rich progress bar (files, images/s, ETA); messages and failures print above it."""
+    """A rich progress bar per stage (files, images/s while embedding, ETA), transient; messages,
+    skipped files and warnings print above it. Loads, dupes and eval show this one."""
 
     def __init__(self, console) -> None:
         super().__init__()
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.console = console
-        self.bar = Progress(TextColumn("loading"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("files  {task.fields[rate]}"), TimeRemainingColumn(),
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
                             console=console, transient=True)
         self.task = None
 
@@ -135,13 +136,13 @@ class Bar(_Counting):
 
     def start(self, total: int, stage: str = "load") -> None:
         super().start(total)
-        self.task = self.bar.add_task("load", total=total, rate="")
+        self.task = self.bar.add_task("loading" if stage == "load" else stage, total=total, rate="")
         self.bar.start()
 
     def advance(self, files: int, images: int = 0) -> None:
         super().advance(files, images)
         rate, _ = self.rates()
-        self.bar.update(self.task, advance=files, rate=f"{rate:.1f} images/s")
+        self.bar.update(self.task, advance=files, rate=f"files  {rate:.1f} images/s" if self.images else "")
 
     def failed(self, path: str, reason: str) -> None:
         self.console.print(printable(f"skipped {path}: {reason}"), markup=False, highlight=False)

@@ -83,14 +83,6 @@ def _root(
     ctx.obj = Settings.from_env(database_url=database_url, home=home)
 
 
-# -- db -------------------------------------------------------------------------------------
-
-
-# -- dupes ----------------------------------------------------------------------------------
-
-
-# -- eval -----------------------------------------------------------------------------------
-
 # -- serve ----------------------------------------------------------------------------------
 
 
@@ -251,19 +243,11 @@ def load_command(
     Exit code 0: everything loaded; 2: some files were skipped as unreadable (each listed with its
     reason); 1: a fatal error; 130: interrupted (what was committed stays; a re-run completes it).
     """
-    import warnings
-
     from .. import load as loader
     from .. import progress
     from ..embed import Embedder
 
-    def show(message, category, *args, **kwargs) -> None:
-        err.print(printable(f"warning: {message}"), markup=False)
-
-    with warnings.catch_warnings():
-        if quiet:
-            warnings.simplefilter("ignore")
-        warnings.showwarning = show
+    with warnings_as_lines(quiet):
         try:
             s = settings(ctx)
             embedder = Embedder(weights, device=device, batch_size=batch_size, precision=precision,

@@ -31,26 +31,18 @@ def embedded_only(s: Settings, what: str) -> None:
 
 @contextmanager
 def stage_bars() -> Iterator[Progress]:
-    """A progress.Progress showing one transient bar per stage on stderr (nothing when stderr is
-    not a terminal), for dupes and eval; loads have their own (progress.for_terminal)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
-    from rich.progress import Progress as Bars
+    """For dupes and eval: progress.Bar (a load's bar, one line per stage) on a terminal, else
+    nothing at all (their output is the table that follows)."""
+    from ..progress import Bar
 
-    bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                console=err, transient=True, disable=not err.is_terminal)
-
-    class Stages(Progress):
-        task = None
-
-        def start(self, total: int, stage: str = "load") -> None:
-            self.task = bars.add_task(stage, total=total)
-
-        def advance(self, files: int, images: int = 0) -> None:
-            if self.task is not None:
-                bars.advance(self.task, files)
-
-    with bars:
-        yield Stages()
+    if not err.is_terminal:
+        yield Progress()
+        return
+    bar = Bar(err)
+    try:
+        yield bar
+    finally:
+        bar.stop()
 
 
 DEVICE_HELP = "auto (CUDA, then Apple's MPS, then the CPU), cpu, cuda[:N] or mps."
@@ -72,12 +64,13 @@ def output_format(fmt: str) -> str:
 
 
 @contextmanager
-def warnings_as_lines() -> Iterator[None]:
-    """Python warnings (e.g. the random-weights test model) as one `warning: ...` line each."""
+def warnings_as_lines(quiet: bool = False) -> Iterator[None]:
+    """Python warnings (e.g. the random-weights test model) as one `warning: ...` line each on
+    stderr, or none with `quiet`: how every command shows them."""
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        warnings.simplefilter("ignore" if quiet else "always")
         warnings.showwarning = lambda message, *args, **kwargs: err.print(
             printable(f"warning: {message}"), markup=False)
         yield

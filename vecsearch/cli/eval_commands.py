@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..output import printable
-from .common import BATCH_HELP, DEVICE_HELP, err, out, settings, stage_bars
+from .common import BATCH_HELP, DEVICE_HELP, err, out, settings, stage_bars, warnings_as_lines
 
 eval_app = typer.Typer(help="Measure retrieval quality on your own images (embedded into a scratch "
                        "schema that is dropped afterwards: your images table is never touched).",
@@ -44,7 +44,6 @@ def _eval_ks(text: str) -> list[int]:
 def _eval_run(ctx: typer.Context, experiment, folder: Path, weights: str, device: str, batch_size: int,
               json_out: bool, plot: Path | None, **options) -> None:
     import json
-    import warnings
 
     from .. import output
     from ..embed import Embedder
@@ -53,11 +52,8 @@ def _eval_run(ctx: typer.Context, experiment, folder: Path, weights: str, device
     options = {key: value for key, value in options.items() if value is not None}
     if plot is not None:
         plots.plot_available()  # fail before the long part
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings_as_lines():
         embedder = Embedder(weights, device=device, batch_size=batch_size, home=settings(ctx).home)
-    for w in caught:
-        err.print(printable(f"warning: {w.message}"), markup=False)
     with stage_bars() as bars:
         report = experiment(settings(ctx), folder, embedder, progress=bars, **options)
     if json_out:

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from .. import query
 from ..dupes import DEFAULT_THRESHOLD, EF_SEARCH
 from ..limits import DEFAULT_K, MAX_EF_SEARCH, MAX_K
 from ..query import Neighbour
@@ -95,13 +96,10 @@ def utc_offset(offset: timedelta) -> str:
 
 
 def neighbour_list(neighbours: Sequence[Neighbour]) -> list[NeighbourOut]:
-    out = []
-    for rank, n in enumerate(neighbours, 1):
-        links = urls(n.id)
-        out.append(NeighbourOut(rank=rank, id=n.id, path=n.path, distance=float(n.distance),
-                                similarity=float(n.similarity), page_url=links["page_url"],
-                                thumb_url=links["thumb_url"]))
-    return out
+    """query.rows (the CLI's rows: rank, id, similarity, path), with the distance and links."""
+    return [NeighbourOut(**row, distance=float(n.distance), page_url=urls(n.id)["page_url"],
+                         thumb_url=urls(n.id)["thumb_url"])
+            for n, row in zip(neighbours, query.rows(neighbours), strict=True)]
 
 
 class DupeMemberOut(BaseModel):
