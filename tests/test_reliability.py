@@ -240,7 +240,7 @@ def test_restore_into_a_new_home_recreates_the_reader_role_and_its_grants(settin
                 "SELECT has_table_privilege('vecsearch_reader', 'images', 'SELECT'), "
                 "has_table_privilege('vecsearch_reader', 'images', 'INSERT'), "
                 "has_function_privilege('vecsearch_reader', "
-                "'vecsearch_similar(bigint, integer, integer, text, boolean)', 'EXECUTE')").fetchone() \
+                "(SELECT oid FROM pg_proc WHERE proname = 'vecsearch_similar'), 'EXECUTE')").fetchone() \
                 == (True, False, True)
         login = run_cli("db", "reader", "restored_reader", env=env, check=True).stdout.strip()
         with psycopg.connect(login) as analyst:
@@ -279,8 +279,9 @@ def test_restore_never_drops_another_applications_tables(settings, conn, few, pg
 
 def test_backup_of_an_older_schema_restores_over_a_current_database_and_into_an_empty_one(
         settings, conn, few, pg_home, tmp_path):
-    conn.execute("DROP FUNCTION vecsearch_similar(bigint, integer, integer, text, boolean)")
-    conn.execute("DROP FUNCTION vecsearch_similar_to(vector, integer, integer, text, boolean, bigint[])")
+    for (signature,) in conn.execute("SELECT oid::regprocedure::text FROM pg_proc WHERE proname IN "
+                                     "('vecsearch_similar', 'vecsearch_similar_to')").fetchall():
+        conn.execute(f"DROP FUNCTION {signature}")
     conn.execute("UPDATE alembic_version SET version_num = '0001'")  # as vecsearch 0001 left it
     old = tmp_path / "old.dump"
     server.run_binary("pg_dump", ["--format=custom", f"--file={old}", settings.database_url], check=True)
