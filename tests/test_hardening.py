@@ -433,3 +433,19 @@ def test_web_nul_in_query_file_terms_and_bad_host_are_clean_errors(settings, con
         page = client.get("/", headers={"host": "evil.example"})
         assert page.status_code == 400 and "text/html" in page.headers["content-type"]
         assert "invalid Host header" in page.text
+
+
+def test_usage_errors_are_one_line_and_exit_1():
+    """An unknown option, a bad option value or a missing argument is bad input: one `error:` line
+    naming it and the command's --help, exit 1 (load's 2 means "finished, some files skipped").
+    No command at all shows the help."""
+    for args, said in ((["similar", "--bogus"], "No such option: --bogus (see `vecsearch similar --help`)"),
+                       (["similar", "1", "--ef-search", "x"], "'--ef-search': 'x' is not a valid"),
+                       (["load"], "Missing argument 'folder'. (see `vecsearch load --help`)"),
+                       (["db", "recall", "--bogus"], "(see `vecsearch db recall --help`)")):
+        result = invoke_cli(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and len(lines) == 1, (args, result.stderr)
+        assert lines[0].startswith("error: ") and said in lines[0], (args, lines)
+    result = invoke_cli()
+    assert result.returncode == 1 and "Usage: vecsearch [OPTIONS] COMMAND" in result.stderr

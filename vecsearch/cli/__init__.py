@@ -41,25 +41,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+# Typer vendors click (typer._click); its exceptions, reached through a public one.
+_click = sys.modules[typer.BadParameter.__module__]
 app.add_typer(db_app, name="db")
 app.command("dupes")(dupes_command)
 app.add_typer(eval_app, name="eval")
-
-# A usage error (bad option value, unknown option) is bad input: exit 1 like InvalidInput, not
-# click's 2, which `vecsearch load` means as "finished, some files skipped".
-_UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-_UsageError.exit_code = 1
-
-
-def _show_usage_error(self, file=None) -> None:
-    """One `error:` line instead of click's Usage/Try/Error block."""
-    words = self.ctx.command_path.split(" ")[1:] if self.ctx is not None else []
-    hint = f" (see `{' '.join(['vecsearch', *words])} --help`)"
-    err.print(printable(f"error: {self.format_message()}{hint}"), markup=False)
-
-
-_UsageError.show = _show_usage_error
-
 
 def _version(value: bool) -> None:
     if value:
@@ -293,11 +279,27 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
     return int(found.group(1)), int(found.group(2))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Console entry point: one-line errors with distinct exit codes (tracebacks with --debug)."""
-    debug = "--debug" in sys.argv[1:] or bool(os.environ.get("VECSEARCH_DEBUG"))
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or bool(os.environ.get("VECSEARCH_DEBUG"))
     try:
-        app()
+        code = app(args=args, prog_name="vecsearch", standalone_mode=False)
+    except _click.NoArgsIsHelpError as e:
+        e.show()
+        sys.exit(1)
+    except _click.ClickException as e:
+        # A bad option value or an unknown option is bad input: exit 1 like InvalidInput, not
+        # click's 2, which `vecsearch load` means as "finished, some files skipped".
+        ctx = getattr(e, "ctx", None)
+        words = ctx.command_path.split(" ")[1:] if ctx is not None else []
+        usage = isinstance(e, _click.UsageError)
+        hint = f" (see `{' '.join(['vecsearch', *words])} --help`)" if usage else ""
+        err.print(printable(f"error: {e.format_message()}{hint}"), markup=False)
+        sys.exit(1)
+    except typer.Abort:
+        err.print("Aborted!", markup=False)
+        sys.exit(1)
     except VecsearchError as e:
         if debug:
             raise
@@ -312,3 +314,4 @@ def main() -> None:
         failure = database_failure(cause)
         err.print(printable(f"error: {failure}"), markup=False)
         sys.exit(failure.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
