@@ -5,6 +5,7 @@ not built into the embedded PostgreSQL (`./dev citus SOURCE`)."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +23,8 @@ from test_crash import Run, assert_same_rows, count, table, wait_for
 from vecsearch import citus, db, hnsw, query, server, web
 from vecsearch import cluster as cluster_mod
 from vecsearch.config import Settings
+from vecsearch.errors import InvalidInput
+from vecsearch.progress import Progress
 
 pytestmark = pytest.mark.citus
 
@@ -498,6 +501,91 @@ def test_the_compact_index_on_the_cluster(url, tmp_path, embedder):
         assert conn.execute("SELECT count(*) FROM images WHERE path LIKE %s AND reduced_version IS NOT NULL",
                             [f"{folder}/%"]).fetchone()[0] == 3
         assert len(ids) == 2000
+
+
+class _Said(Progress):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def message(self, text: str) -> None:
+        self.lines.append(text)
+
+
+def _set_on(node: server.Running, values: dict[str, str | None]) -> None:
+    with server.psql_connection(node) as conn:
+        for name, value in values.items():
+            if value is None:
+                conn.execute(f'ALTER SYSTEM RESET "{name}"')
+            else:
+                conn.execute(f"ALTER SYSTEM SET \"{name}\" = '{value}'")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def _setting(command: str, name: str) -> str | None:
+    """The value a logged remote command sets `name` to with set_config (as Citus deparses it)."""
+    found = re.search(rf"set_config\('{name}'(?:::text)?, '([^']*)'(?:::text)?, true\)", command)
+    return found and found.group(1)
+
+
+def test_each_worker_sizes_the_build_of_its_own_shards(cluster, url):
+    """The build memory and parallel workers set on a worker's connection follow what that worker
+    says about itself: worker 1 is given vecsearch.build_memory 256kB and vecsearch.build_workers 0
+    (its graphs then outgrow the memory: pgvector says so, from that worker only), worker 2 keeps
+    its own (half its available RAM, its CPUs - 1). Each worker's shards are built on the
+    connection that got its settings; a bad setting is one line naming the worker."""
+    one, two = cluster.workers[0], cluster.workers[1]
+    _set_on(one, {"vecsearch.build_memory": "256kB", "vecsearch.build_workers": "0"})
+    try:
+        with connect(url) as conn:
+            citus.distribute(conn, shards=4)
+            insert_vectors(conn, clustered(800, seed=17))
+            said = _Said()
+            notices: list[str] = []
+            conn.add_notice_handler(lambda d: notices.append(
+                " ".join(filter(None, (d.message_primary, d.message_detail, d.message_hint)))))
+            conn.execute("SET citus.log_remote_commands = on")
+            conn.execute("SET client_min_messages = debug1")  # Citus passes a DDL's notices on at DEBUG1
+            hnsw.reindex(conn, report=said)
+            conn.execute("RESET client_min_messages")
+            conn.execute("RESET citus.log_remote_commands")
+            node = {w: f"{w.socket_dir}:{w.port}" for w in (one, two)}
+            sets = {w: [n for n in notices if "set_config('maintenance_work_mem'" in n and node[w] in n]
+                    for w in (one, two)}
+            assert len(sets[one]) == len(sets[two]) == 1, notices
+            assert _setting(sets[one][0], "maintenance_work_mem") == "256kB"
+            assert _setting(sets[one][0], "max_parallel_maintenance_workers") == "0"
+            # Worker 2's own: the graph of its largest shard (about 200 rows of ~7 KB elements,
+            # x 1.2, + 64 MB), far under half its RAM; CPUs - 1 parallel workers.
+            memory = _setting(sets[two][0], "maintenance_work_mem")
+            assert memory.endswith("kB") and 64 * 1024 < int(memory[:-2]) < 70 * 1024, sets[two][0]
+            workers = min((os.cpu_count() or 1) - 1, 8)
+            assert _setting(sets[two][0], "max_parallel_maintenance_workers") == str(workers)
+            # Every shard's CREATE INDEX went over the connection its worker's settings were set on
+            # (an earlier test may have added a third worker: count each worker's own shards).
+            placed = dict(conn.execute(
+                "SELECT nodeport::text || ':' || nodename, count(*) FROM pg_dist_shard_placement "
+                "JOIN pg_dist_shard USING (shardid) WHERE logicalrelid = 'images'::regclass "
+                "GROUP BY 1").fetchall())
+            for w in (one, two):
+                on = sets[w][0].rsplit("connectionId: ", 1)[1]
+                builds = [n for n in notices if re.search(r"CREATE\s+INDEX\s+\S+_rebuilt_\d+\s+ON", n)
+                          and node[w] in n]  # the shards' (a metadata worker's shell table has one too)
+                assert len(builds) == placed[f"{w.port}:{w.socket_dir}"] >= 1, (builds, placed)
+                assert all(b.rsplit("connectionId: ", 1)[1] == on for b in builds), builds
+            overflow = [n for n in notices if "no longer fits into maintenance_work_mem" in n]
+            assert overflow and all(node[one] in n for n in overflow), overflow
+            reasons = [line for line in said.lines if node[one] in line or node[two] in line]
+            assert any("vecsearch.build_memory 256kB" in r and "finished on disk" in r for r in reasons)
+            assert any(node[two] in r and "half the" in r and "RAM" in r for r in reasons), said.lines
+            # The answers are those of a complete index on every shard.
+            assert len(query.similar_to(conn, clustered(1, seed=3)[0], 10)) == 10
+            _set_on(two, {"vecsearch.build_memory": "lots"})
+            bad = f"vecsearch.build_memory on {re.escape(node[two])} is 'lots'"
+            with pytest.raises(InvalidInput, match=bad):
+                hnsw.reindex(conn)
+    finally:
+        _set_on(one, {"vecsearch.build_memory": None, "vecsearch.build_workers": None})
+        _set_on(two, {"vecsearch.build_memory": None})
 
 
 def test_photo_metadata_on_the_cluster(url, tmp_path, embedder):

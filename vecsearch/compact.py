@@ -289,8 +289,10 @@ def definition(dims: int | None, m: int, ef_construction: int, version: int | No
 
 
 def element_bytes(dims: int | None, m: int) -> int:
-    """Graph memory per row while building: the element (2 bytes a dim) and its neighbour lists."""
-    return 2 * (dims or DIM) + 2 * m * 40 + 512
+    """Graph memory per row while building: the element (2 bytes a dim), its layer-0 neighbour
+    list (2 m candidates) and pgvector's element header; bench/buildcurve.py measures it (the row
+    count at which a build outgrows a given maintenance_work_mem)."""
+    return 2 * (dims or DIM) + 2 * m * 24 + 256
 
 
 def describe(conn: psycopg.Connection) -> str:

@@ -10,7 +10,6 @@ holds a session advisory lock, released by the server when that session ends.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -158,7 +157,8 @@ def drop(conn: psycopg.Connection) -> str | None:
 def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress | None = None,
                   workers: int | None = None) -> float:
     """CREATE INDEX `definition` (unless the table has its HNSW index again), restoring the table
-    comment a bulk load replaced; seconds. `workers`: parallel build workers (default: all cores)."""
+    comment a bulk load replaced; seconds. `workers`: parallel build workers (default: what each
+    building node decides for itself, vecsearch/buildsize.py)."""
     stored = dropped_definition(conn)
 
     def build() -> None:
@@ -167,7 +167,11 @@ def rebuild_index(conn: psycopg.Connection, definition: str, report: Progress | 
         previous = stored[1] if stored else None
         conn.execute(sql.SQL("COMMENT ON TABLE images IS {}").format(sql.Literal(previous)))
 
-    return _build(conn, build, report or Progress(), _m_of(definition), workers)
+    from . import compact
+
+    m = _m_of(definition)
+    return _build(conn, build, report or Progress(), m, workers,
+                  element_bytes=compact.element_bytes(_dims_of(definition), m))
 
 
 @dataclass
@@ -380,53 +384,58 @@ def _m_of(definition: str) -> int:
     return int(found.group(1)) if found else 16
 
 
+def _dims_of(definition: str) -> int | None:
+    """The compact index's dims (its `reduced::halfvec(N)`), None for the full graph."""
+    found = re.search(r"\(\(?reduced::halfvec\((\d+)\)", definition)
+    return int(found.group(1)) if found else None
+
+
 def _build(conn: psycopg.Connection, build, report: Progress, m: int = 16,
            workers: int | None = None, element_bytes: int | None = None) -> float:
-    """Run `build` (the CREATE INDEX and what goes with it) in one transaction, with memory for the
-    whole graph and parallel workers; again without workers if those fail. Seconds taken."""
-    from . import citus
+    """Run `build` (the CREATE INDEX and what goes with it) in one transaction, with the memory and
+    parallel workers each building node decided for itself (vecsearch/buildsize.py); again without
+    workers if those fail. Seconds taken."""
+    from . import buildsize, citus, compact
 
-    rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
-    # On Citus every shard builds its own graph, in parallel on the workers, which get these
-    # settings by SET LOCAL propagation.
+    per_row = element_bytes or compact.element_bytes(None, m)
     distributed = citus.is_distributed(conn)
-    shards = citus.shard_count(conn) if distributed else 1
-    # pgvector keeps the graph in maintenance_work_mem while it fits (far faster, and a graph
-    # that outgrows it is finished on disk one insert at a time): a 2048-d halfvec element is
-    # 4 KB, plus 2 m neighbours of ~40 bytes on layer 0 and the upper layers' few.
-    per_row = element_bytes or 4096 + 2 * m * 40 + 512
-    mem_mb = int(min(max(64, rows / shards * per_row / 2**20 * 1.2 + 64), _memory_cap_mb()))
-    if workers is None:
-        workers = min(8, max(0, (os.cpu_count() or 1) - 1))
-    where = f" in {shards} shards" if distributed else ""
-    report.message(f"building the HNSW index on {rows} rows{where} (maintenance_work_mem {mem_mb}MB, "
-                   f"{workers} parallel worker{'' if workers == 1 else 's'})...")
+    if distributed:
+        nodes = buildsize.cluster_plans(conn, per_row, workers)
+        plans = [n.plan for n in nodes]
+        rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+        report.message(f"building the HNSW index on {rows} rows in {citus.shard_count(conn)} shards, "
+                       "each worker's shards one after another, the workers at once; each worker's "
+                       "settings from what it reports about itself:")
+    else:
+        rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
+        plans = [buildsize.local_plan(conn, rows, per_row, workers)]
+        report.message(f"building the HNSW index on {rows} rows...")
+    for p in plans:
+        report.message(f"  {p.reason}")
     started = time.monotonic()
-    for attempt_workers in (workers, 0):
+    for attempt in (None, 0):
         try:
             with conn.transaction():
                 if distributed:
+                    # SET LOCALs in `build` (the swap's lock_timeout) reach the shards too.
                     conn.execute("SET LOCAL citus.propagate_set_commands = 'local'")
-                conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(
-                    sql.Literal(f"{mem_mb}MB")))
-                conn.execute(sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(
-                    sql.Literal(attempt_workers)))
+                    buildsize.apply_on_shards(conn, [n if attempt is None else
+                                                     buildsize.NodePlan(n.plan.with_workers(0), n.key)
+                                                     for n in nodes])
+                else:
+                    p = plans[0] if attempt is None else plans[0].with_workers(0)
+                    conn.execute(sql.SQL("SET LOCAL maintenance_work_mem = {}").format(
+                        sql.Literal(p.memory_setting)))
+                    conn.execute(sql.SQL("SET LOCAL max_parallel_maintenance_workers = {}").format(
+                        sql.Literal(p.workers)))
                 build()
             break
         except (psycopg.errors.DiskFull, psycopg.errors.OutOfMemory) as e:
             # Parallel builds share maintenance_work_mem through /dev/shm, which containers keep small.
-            if attempt_workers == 0:
+            if attempt == 0 or all(p.workers == 0 for p in plans):
                 raise
             report.message(f"parallel index build failed ({first_line(e)}): "
                            "building without parallel workers")
     seconds = time.monotonic() - started
     report.message(f"HNSW index built in {seconds:.1f} s")
     return seconds
-
-
-def _memory_cap_mb() -> float:
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
-    except (ValueError, OSError, AttributeError):
-        total = 8192
-    return min(total / 4, 16384)
