@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -423,3 +424,23 @@ def make_dng(path: Path, rgb: np.ndarray, orientation: int = 1, claim: tuple[int
     ifd += b"".join(struct.pack("<HHI", t, k, c) + v for t, k, c, v in entries)
     path.write_bytes(b"II*\0" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + extra + data)
     return path
+
+
+@dataclass
+class Counted:
+    calls: int = 0
+    items: int = 0  # the lengths of the calls' first arguments (images, arrays)
+
+
+def counting(monkeypatch, owner: Any, name: str) -> Counted:
+    """Count the calls of `owner.name` (an instance's method or a class's) for the rest of the test,
+    and the items they were given: how tests see model work without counters in the product."""
+    counted, original = Counted(), getattr(owner, name)
+
+    def counted_call(*args, **kwargs):
+        counted.calls += 1
+        counted.items += len(args[0]) if args and hasattr(args[0], "__len__") else 0
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted_call)
+    return counted

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
-from conftest import invoke_cli, make_image, run_cli
+from conftest import counting, invoke_cli, make_image, run_cli
 from PIL import Image
 
 from vecsearch import hnsw
@@ -74,14 +74,14 @@ def mixed_folder(root: Path) -> list[Path]:
     return images
 
 
-def test_mixed_folder_loads_and_rerun_does_no_model_work(settings, conn, embedder, tmp_path):
+def test_mixed_folder_loads_and_rerun_does_no_model_work(settings, conn, embedder, tmp_path, monkeypatch):
     folder = tmp_path / "photos"
     images = mixed_folder(folder)
-    before = embedder.images_embedded
+    forwards = counting(monkeypatch, embedder, "embed_arrays")
     summary = load(settings, folder, embedder, workers=1)
     assert (summary.found, summary.new, summary.updated, summary.unchanged) == (7, 7, 0, 0)
     assert summary.failed == [] and summary.embedded == 7 and summary.exit_code == 0
-    assert embedder.images_embedded - before == 7
+    assert forwards.items == 7
     loaded = rows(conn)
     assert sorted(loaded) == sorted(str(p.absolute()) for p in images)  # absolute paths
     formats = {Path(p).name: r[4] for p, r in loaded.items()}
@@ -92,10 +92,10 @@ def test_mixed_folder_loads_and_rerun_does_no_model_work(settings, conn, embedde
     assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
     assert conn.execute("SELECT weights FROM embedding_model").fetchone()[0] == "random(seed=0)"
 
-    before = embedder.images_embedded
+    before = forwards.items
     again = load(settings, folder, embedder, workers=1)
     assert (again.found, again.new, again.updated, again.unchanged, again.embedded) == (7, 0, 0, 7, 0)
-    assert embedder.images_embedded == before  # no model forward at all
+    assert forwards.items == before  # no model forward at all
     now = rows(conn)
     assert {p: r[:5] for p, r in now.items()} == {p: r[:5] for p, r in loaded.items()}
     assert all(np.array_equal(now[p][5], loaded[p][5]) for p in loaded)
@@ -120,7 +120,7 @@ def test_modified_file_keeps_its_id_and_gets_a_new_embedding(settings, conn, emb
 
 
 def test_moved_duplicate_is_not_reembedded_and_prune_removes_the_old_path(settings, conn, embedder,
-                                                                         tmp_path):
+                                                                         tmp_path, monkeypatch):
     folder = tmp_path / "photos"
     a = make_image(folder / "a.png", 1)
     make_image(folder / "b.png", 2)
@@ -129,9 +129,9 @@ def test_moved_duplicate_is_not_reembedded_and_prune_removes_the_old_path(settin
     moved = folder / "moved" / "a-renamed.png"
     moved.parent.mkdir()
     a.rename(moved)
-    before = embedder.images_embedded
+    forwards = counting(monkeypatch, embedder, "embed_arrays")
     summary = load(settings, folder, embedder, prune=True, workers=1)
-    assert embedder.images_embedded == before  # the content was embedded already
+    assert forwards.items == 0  # the content was embedded already
     assert (summary.new, summary.duplicate, summary.pruned, summary.embedded) == (1, 1, 1, 0)
     after = rows(conn)
     assert str(a) not in after
@@ -239,7 +239,8 @@ def test_bad_file_set_gives_exact_successes_and_failures_with_reasons(settings, 
     assert loaded["png_named.jpg"][4] == "PNG"
 
 
-def test_model_mismatch_is_refused_and_reembed_switches_everything(settings, conn, embedder, tmp_path):
+def test_model_mismatch_is_refused_and_reembed_switches_everything(settings, conn, embedder, tmp_path,
+                                                                   monkeypatch):
     from vecsearch.embed import Embedder
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -256,10 +257,11 @@ def test_model_mismatch_is_refused_and_reembed_switches_everything(settings, con
 
     torch.save(embedder.state_dict(), weights)
     other = Embedder(weights=str(weights), batch_size=4)
+    other_forwards = counting(monkeypatch, other, "embed_arrays")
     assert other.record.weights.startswith("file:sha256=")
     with pytest.raises(SchemaMismatch, match="--reembed"):
         load(settings, one, other, workers=0)
-    assert other.images_embedded == 0
+    assert other_forwards.items == 0
 
     summary = load(settings, one, other, reembed=True, workers=0)
     # Every row is re-embedded, also outside the folder; the row whose file is gone is removed.

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from conftest import make_image
+from conftest import counting, make_image
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from vecsearch import db, thumbs, web
+from vecsearch.embed import Embedder
 from vecsearch.expr import evaluate, parse
 from vecsearch.query import similar, similar_to
 
@@ -315,12 +316,12 @@ def test_traversal_attempts_are_404_through_the_app(client, target):
 # -- search by upload ------------------------------------------------------------------------------
 
 
-def test_upload_search_loads_the_recorded_model_once_and_lazily(web_gallery, embedder):
+def test_upload_search_loads_the_recorded_model_once_and_lazily(web_gallery, embedder, monkeypatch):
     app = web.create_app(web_gallery.settings, weights="random")
-    model = app.state.vs.model
+    builds = counting(monkeypatch, Embedder, "from_record")
     query = web_gallery.folder / "a_copy.jpg"
     with TestClient(app, base_url=BASE) as c:
-        assert c.get("/").status_code == 200 and model.loads == 0  # not loaded for browsing
+        assert c.get("/").status_code == 200 and builds.calls == 0  # not loaded for browsing
         first = c.post("/api/search", files={"file": ("query.jpg", query.read_bytes(), "image/jpeg")},
                        data={"k": "3"})
         assert first.status_code == 200, first.text
@@ -338,7 +339,7 @@ def test_upload_search_loads_the_recorded_model_once_and_lazily(web_gallery, emb
         assert page.status_code == 200
         assert f'href="/images/{web_gallery.ids["b.png"]}"' in page.text
         assert 'src="data:image/jpeg;base64,' in page.text  # the uploaded image, shown back
-        assert model.loads == 1
+        assert builds.calls == 1
 
 
 def _truncated_png() -> bytes:
@@ -381,8 +382,9 @@ def test_upload_decompression_bomb_is_refused_before_decoding(client, tmp_path):
     assert "decompression bomb" in response.json()["error"]
 
 
-def test_upload_size_limit(web_gallery):
+def test_upload_size_limit(web_gallery, monkeypatch):
     app = web.create_app(web_gallery.settings, max_upload_bytes=64 * 1024)
+    builds = counting(monkeypatch, Embedder, "from_record")
     big = b"\xff\xd8\xff" + os.urandom(100 * 1024)
     with TestClient(app, base_url=BASE) as c:
         api = c.post("/api/search", files={"file": ("big.jpg", big)})
@@ -398,7 +400,7 @@ def test_upload_size_limit(web_gallery):
         chunked = c.post("/api/search", content=chunks(),
                          headers={"content-type": "multipart/form-data; boundary=x"})
         assert chunked.status_code == 413
-        assert app.state.vs.model.loads == 0
+        assert builds.calls == 0  # refused before any model was built
 
 
 # -- arithmetic --------------------------------------------------------------------------------

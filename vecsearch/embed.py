@@ -79,7 +79,6 @@ class Embedder:
         self.precision = precision
         self.home, self.recheck = home, recheck
         self.expected: int | None = None  # images this process will embed, when known (expect)
-        self.images_embedded = 0  # images that went through the network (tests count model work)
         self.choice: engine.Choice | None = None  # set by the first batch
         self._frozen_models: dict = {}
         self._model = None
@@ -248,7 +247,6 @@ class Embedder:
                 else:
                     features = self._forward(x, self.choice.precision, self.choice.traced)
             out[start:start + len(chunk)] = features.cpu().numpy()
-            self.images_embedded += len(chunk)
         return out
 
     def _forward(self, x, precision: str, traced: bool = False):

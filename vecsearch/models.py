@@ -148,7 +148,6 @@ class Embedders:
                  home: Path | None = None) -> None:
         self.weights = weights
         self.engine = {"device": device, "precision": precision, "home": home}
-        self.loads = 0
         self._lock = threading.Lock()
         self._record: Any = None
         self._embedder: Any = None
@@ -161,7 +160,6 @@ class Embedders:
 
                 self._embedder = Embedder.from_record(record, weights=self.weights, **self.engine)
                 self._record = record
-                self.loads += 1
             return self._embedder.embed_images(images)
 
     def embed_file(self, record: Any, path: Path) -> np.ndarray:
