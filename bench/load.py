@@ -11,7 +11,7 @@ run: its measurement reused); then `vecsearch search FILE -k 3`, default and fp3
 three times each (medians). Ratios are within one run; the load average is printed with them.
 
 Throughput (`--mode throughput`):
-Generated photos (tests/conftest.make_image: 4 in 5 JPEG 1024x768 q90, 1 in 5 PNG 640x480) go
+Generated photos (vecsearch.synthetic.make_image: 4 in 5 JPEG 1024x768 q90, 1 in 5 PNG 640x480) go
 into folders of the sizes given. For each size a fresh child process (its own peak RSS)
 measures, at the same batch size:
   - bare forward: the network alone on pre-made channels_last tensors (inference_mode), before
@@ -45,7 +45,7 @@ import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 
 from vecsearch import server  # noqa: E402
 from vecsearch.config import Settings  # noqa: E402
@@ -53,7 +53,7 @@ from vecsearch.config import Settings  # noqa: E402
 
 def make_folder(folder: Path, n: int, source: Path | None = None) -> None:
     """n generated photos; the first ones hard-linked from `source` when it has them."""
-    from conftest import make_image
+    from vecsearch.synthetic import make_image
 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):

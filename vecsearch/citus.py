@@ -119,11 +119,9 @@ def _index_owed(conn: psycopg.Connection, report: Progress) -> str | None:
 
 
 # Bytes of each shard's HNSW index: (shardid, result) rows, measured on the workers.
-_SHARD_HNSW_BYTES = """
+_SHARD_HNSW_BYTES = f"""
     SELECT shardid, result::bigint AS b FROM run_command_on_shards('images', $$
-        SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0) FROM pg_index i
-        JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
-        WHERE i.indrelid = '%s'::regclass AND a.amname = 'hnsw'$$)"""
+        {hnsw.bytes_sql("ARRAY['%s'::regclass]")}$$)"""
 
 
 def hnsw_bytes(conn: psycopg.Connection) -> int:
@@ -185,9 +183,7 @@ def _measure_nodes(conn: psycopg.Connection, nodes: list[tuple[str, int, list[st
         rows = " + ".join(f"(SELECT count(*) FROM {s})" for s in shards) or "0"
         commands.append(f"""SELECT concat_ws(' ', {rows},
             (SELECT coalesce(sum(pg_total_relation_size(r)), 0) FROM unnest(ARRAY[{names}]::regclass[]) r),
-            (SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0) FROM pg_index i
-             JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam
-             WHERE a.amname = 'hnsw' AND i.indrelid = ANY(ARRAY[{names}]::regclass[])))""")
+            ({hnsw.bytes_sql(f"ARRAY[{names}]::regclass[]")}))""")
     if not nodes:
         return {}
     result = {}

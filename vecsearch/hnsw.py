@@ -110,14 +110,26 @@ def drop_marked(conn: psycopg.Connection, name: tuple[str, str], definition: str
     return definition
 
 
+# The HNSW indexes (i: pg_index, c: their pg_class rows), found by access method: a copy made
+# with LIKE ... INCLUDING ALL, or a shard's index on a Citus worker, counts under any name. Add
+# `AND i.indrelid = ...` for a table's.
+HNSW_INDEXES = ("pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "JOIN pg_am a ON a.oid = c.relam WHERE a.amname = 'hnsw'")
+
+
+def bytes_sql(tables: str) -> str:
+    """A query for the bytes of the HNSW indexes on `tables` (an SQL regclass[] expression); it
+    is also sent to Citus workers as text, so it takes no parameters."""
+    return (f"SELECT coalesce(sum(pg_relation_size(i.indexrelid)), 0) FROM {HNSW_INDEXES} "
+            f"AND i.indrelid = ANY({tables})")
+
+
 def hnsw_index(conn: psycopg.Connection) -> tuple[tuple[str, str], str] | None:
-    """((schema, name), definition) of the HNSW index on `images` (found by access method, so a
-    copy made with LIKE ... INCLUDING ALL under another name counts too), or None."""
-    row = conn.execute("""
-        SELECT n.nspname, c.relname, pg_get_indexdef(c.oid)
-        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-        JOIN pg_namespace n ON n.oid = c.relnamespace JOIN pg_am a ON a.oid = c.relam
-        WHERE i.indrelid = 'images'::regclass AND a.amname = 'hnsw'
+    """((schema, name), definition) of the HNSW index on `images`, or None."""
+    row = conn.execute(f"""
+        SELECT (SELECT nspname FROM pg_namespace WHERE oid = c.relnamespace), c.relname,
+               pg_get_indexdef(c.oid)
+        FROM {HNSW_INDEXES} AND i.indrelid = 'images'::regclass
         ORDER BY c.relname LIMIT 1
     """).fetchone()
     return ((row[0], row[1]), row[2]) if row else None

@@ -118,20 +118,36 @@ def require_recorded(conn: psycopg.Connection) -> ModelRecord:
 # -- the embedder of the recorded model, built on first use and kept --------------------------
 
 
+EmbedImages = Callable[[ModelRecord, Sequence[Any]], "np.ndarray"]
+
+
+def embed_images_with(embedder: Any) -> EmbedImages:
+    """An EmbedImages (record, decoded images -> vectors) of one built embed.Embedder, refusing
+    a database whose vectors another model made (Embedders.embed_images is the other kind)."""
+
+    def embed_images(record: ModelRecord, images: Sequence[Any]) -> np.ndarray:
+        if embedder.record != record:
+            raise SchemaMismatch(mismatch_message(record, embedder.record))
+        return embedder.embed_images(images)
+
+    return embed_images
+
+
 def file_embedder(conn: psycopg.Connection, weights: str | None = None, *, embedder: Any = None,
                   device: str = "auto", precision: str = "auto", home: Path | None = None
                   ) -> Callable[[Path], np.ndarray]:
-    """A function embedding image files with the recorded model (built on first use, then cached)."""
+    """A function embedding image files with the recorded model: `embedder`'s, else this
+    process's Embedders for `weights` and the engine (built on first use, then cached)."""
+    embed_images = (embed_images_with(embedder) if embedder is not None
+                    else embedders(weights, device, precision, home).embed_images)
 
     def embed_file(path: Path) -> np.ndarray:
+        from .images import open_image
+
         if not Path(path).is_file():
             raise NotFound(f"no such image file: {path}")
         record = require_recorded(conn)
-        if embedder is None:
-            return embedders(weights, device, precision, home).embed_file(record, Path(path))
-        if embedder.record != record:
-            raise SchemaMismatch(mismatch_message(record, embedder.record))
-        return embedder.embed_file(Path(path))
+        return embed_images(record, [open_image(Path(path))])[0]
 
     return embed_file
 
@@ -161,12 +177,6 @@ class Embedders:
                 self._embedder = Embedder.from_record(record, weights=self.weights, **self.engine)
                 self._record = record
             return self._embedder.embed_images(images)
-
-    def embed_file(self, record: Any, path: Path) -> np.ndarray:
-        """One image file, decoded exactly as `vecsearch load` decodes it."""
-        from .images import open_image
-
-        return self.embed_images(record, [open_image(path)])[0]
 
 
 @functools.lru_cache(maxsize=4)

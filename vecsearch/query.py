@@ -12,11 +12,12 @@ database reads the query vector itself); numpy and torch are never imported here
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 
@@ -24,9 +25,6 @@ from . import db, models
 from .errors import InvalidInput, NotFound
 from .limits import check_query
 from .paths import absolute, under_prefix
-
-if TYPE_CHECKING:
-    pass
 
 COLUMNS = ("rank", "id", "similarity", "path")
 
@@ -133,27 +131,51 @@ def similar_to(conn: psycopg.Connection, vector: Any, k: int = 10, *, exclude: S
     return [Neighbour(*row) for row in rows]
 
 
-def search_file(conn: psycopg.Connection, path: str | Path, k: int = 10, *, weights: str | None = None,
-                embedder: Any = None, ef_search: int | None = None, exact: bool = False,
-                under: str | Path | None = None, device: str = "auto", precision: str = "auto",
-                home: Path | None = None, taken_after: datetime | None = None,
-                taken_before: datetime | None = None, camera: str | None = None) -> list[Neighbour]:
-    """Neighbours of an image file, embedded with the model the database records.
+def search_image(connect: Callable[[], AbstractContextManager[psycopg.Connection]],
+                 decode: Callable[[], Any], k: int = 10, *, embed_images: models.EmbedImages,
+                 exclude_paths: Sequence[Path] = (), ef_search: int | None = None,
+                 exact: bool = False, under: str | Path | None = None,
+                 taken_after: datetime | None = None, taken_before: datetime | None = None,
+                 camera: str | None = None) -> list[Neighbour]:
+    """Neighbours of an image, embedded with the model the database records: the one search by
+    image, behind `vecsearch search FILE` and the gallery's upload.
 
-    `embedder`: an embed.Embedder to use (it must be the recorded model), else one is built
-    (`weights`: the weights file, for a database loaded with one; `device`, `precision`, `home`:
-    its engine, embed.Embedder's). A row for the very same file (same absolute path) is left
-    out: the query never finds itself.
+    Arguments are checked, then the model record read, before `decode()` (images.open_image's
+    image) and the network run; no connection from `connect` is held while they run, so a web
+    app's pool serves other pages meanwhile. Rows stored under `exclude_paths` are left out.
     """
-    file = absolute(path)
     check_query(k, ef_search)  # fail on bad arguments before loading a model
     Filters(taken_after, taken_before, camera)
-    embed = models.file_embedder(conn, weights, embedder=embedder, device=device, precision=precision,
-                                 home=home)
-    vector = embed(file)
-    return similar_to(conn, vector, k, exclude=ids_of_paths(conn, [file]), ef_search=ef_search,
-                      exact=exact, under=under, taken_after=taken_after, taken_before=taken_before,
-                      camera=camera)
+    with connect() as conn:
+        record = models.require_recorded(conn)
+    vector = embed_images(record, [decode()])[0]
+    with connect() as conn:
+        return similar_to(conn, vector, k, exclude=ids_of_paths(conn, exclude_paths),
+                          ef_search=ef_search, exact=exact, under=under, taken_after=taken_after,
+                          taken_before=taken_before, camera=camera)
+
+
+def search_file(conn: psycopg.Connection, path: str | Path, k: int = 10, *, weights: str | None = None,
+                embedder: Any = None, device: str = "auto", precision: str = "auto",
+                home: Path | None = None, **options: Any) -> list[Neighbour]:
+    """Neighbours of an image file (search_image; `options` are its query options).
+
+    `embedder`: an embed.Embedder to use (it must be the recorded model), else this process's
+    cached one is built (`weights`: the weights file, for a database loaded with one; `device`,
+    `precision`, `home`: its engine, embed.Embedder's). A row for the very same file (same
+    absolute path) is left out: the query never finds itself.
+    """
+    from .images import open_image
+
+    file = absolute(path)
+    embed_images = (models.embed_images_with(embedder) if embedder is not None
+                    else models.embedders(weights, device, precision, home).embed_images)
+
+    check_query(k, options.get("ef_search"))
+    if not file.is_file():
+        raise NotFound(f"no such image file: {file}")
+    return search_image(lambda: nullcontext(conn), lambda: open_image(file), k, embed_images=embed_images,
+                        exclude_paths=[file], **options)
 
 
 def ids_of_paths(conn: psycopg.Connection, paths: Sequence[Path | str]) -> list[int]:

@@ -1,7 +1,7 @@
 """`vecsearch serve`: a web gallery over the images table, and a JSON API under /api.
 
 The pages are server-rendered (Jinja2) and call the same library functions as the CLI:
-`query.similar` for an image's neighbours, `embed.Embedder` + `query.similar_to` for an uploaded
+`query.similar` for an image's neighbours, `query.search_image` (as `vecsearch search FILE`) for an uploaded
 file, `expr.parse`/`expr.evaluate` for vector arithmetic.
 
 Security model:

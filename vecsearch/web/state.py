@@ -174,13 +174,15 @@ def upload(state: State, data: bytes, filename: str | None, k: int) -> tuple[Sim
         raise UploadTooLarge(too_large(state.max_upload_bytes))
     if not data:
         raise InvalidInput("the uploaded file is empty: choose an image file")
-    with state.connection() as conn:
-        record = models.require_recorded(conn)
-    with state.decode_slots:
-        img = decode_upload(data, filename)
-    vector = state.model.embed_images(record, [img])[0]
-    with state.connection() as conn:
-        found = query.similar_to(conn, vector, k=k)
+    decoded = []
+
+    def decode():
+        with state.decode_slots:
+            decoded.append(decode_upload(data, filename))
+        return decoded[0]
+
+    found = query.search_image(state.connection, decode, k, embed_images=state.model.embed_images)
+    img = decoded[0]
     result = SimilarOut(query={"filename": filename, "bytes": len(data)}, k=k, results=neighbour_list(found))
     return result, _data_uri_thumbnail(img)
 
