@@ -12,9 +12,10 @@ import time
 import numpy as np
 import psycopg
 import pytest
-from conftest import exact_neighbours, insert_vectors
+from conftest import TEMPLATE, exact_neighbours, fresh_database, insert_vectors
 
-from vecsearch import compact, db, hnsw, recall
+from vecsearch import compact, db, hnsw, recall, server
+from vecsearch.config import Settings
 from vecsearch.limits import DIM
 
 CHEAP = {"m": 8, "ef_construction": 32}  # a small graph, where the test is not about recall
@@ -50,14 +51,44 @@ def ann_excluding(conn, q, image_id, k=10) -> list[int]:
 
 def hnsw_names(conn) -> list[str]:
     return [r[0] for r in conn.execute(
-        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-        "JOIN pg_am a ON a.oid = c.relam WHERE i.indrelid = 'images'::regclass AND a.amname = 'hnsw'")]
+        f"SELECT c.relname FROM {hnsw.HNSW_INDEXES} AND i.indrelid = 'images'::regclass")]
+
+
+LOW_RANK_TEMPLATE = "vs_template_low_rank"
+
+
+@pytest.fixture(scope="module")
+def low_rank_rows(pg_home) -> tuple[np.ndarray, list[int]]:
+    """A template database: the migrated one plus low_rank(2000, seed=7) and their full-width
+    HNSW index, built once for this module."""
+    vectors = low_rank(2000, seed=7)
+    running = server.ensure_running(pg_home)
+    with server.psql_connection(running) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {LOW_RANK_TEMPLATE}")
+        admin.execute(f"CREATE DATABASE {LOW_RANK_TEMPLATE} TEMPLATE {TEMPLATE}")
+    with db.connect(Settings(database_url=running.url(LOW_RANK_TEMPLATE), home=pg_home)) as c:
+        ids = insert_vectors(c, vectors)
+    return vectors, ids
 
 
 @pytest.fixture
-def rows(conn):
-    vectors = low_rank(2000, seed=7)
-    return vectors, insert_vectors(conn, vectors)
+def settings(pg_home, monkeypatch, request) -> Settings:
+    """conftest's `settings`, but a test that asks for `rows` gets a clone of the low-rank template."""
+    template = TEMPLATE
+    if "rows" in request.fixturenames:
+        request.getfixturevalue("low_rank_rows")
+        template = LOW_RANK_TEMPLATE
+    with fresh_database(pg_home, template) as url:
+        monkeypatch.setenv("VECSEARCH_DATABASE_URL", url)
+        monkeypatch.setenv("VECSEARCH_HOME", str(pg_home))
+        yield Settings(database_url=url, home=pg_home)
+
+
+@pytest.fixture
+def rows(settings, low_rank_rows) -> tuple[np.ndarray, list[int]]:
+    """2,000 low-rank rows and their HNSW index in this test's own database (a clone)."""
+    vectors, ids = low_rank_rows
+    return vectors.copy(), list(ids)
 
 
 def test_reindex_dims_fits_stores_and_versions_a_projection_that_sql_and_numpy_agree_on(conn, rows):
