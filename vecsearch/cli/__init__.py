@@ -17,7 +17,7 @@ import typer
 from .. import __version__, db
 from ..config import Settings
 from ..errors import InvalidInput, VecsearchError, database_failure
-from ..limits import DEFAULT_K, WEB_MAX_UPLOAD_MB, WEB_PORT
+from ..limits import DEFAULT_EF_SEARCH, DEFAULT_K, MAX_EF_SEARCH, MAX_K, WEB_MAX_UPLOAD_MB, WEB_PORT
 from ..output import printable
 from .common import (
     BATCH_HELP,
@@ -99,11 +99,12 @@ def serve_command(
 
 # -- queries: similar, search, db reader -----------------------------------------------------
 
-_K = Annotated[int, typer.Option("--k", "-k", help="How many neighbours (1-1000).")]
+_K = Annotated[int, typer.Option("--k", "-k", help=f"How many neighbours (1-{MAX_K}).")]
 _EF_SEARCH = Annotated[int | None, typer.Option(
-    "--ef-search", help="HNSW candidates per query, 1-1000 (default: the database's own, "
-    "`vecsearch db recall --tune`, else 200), raised to max(k + 10, 2k) when smaller (the candidates "
-    "the exact re-rank needs): higher is slower and closer to exact.", show_default=False)]
+    "--ef-search", help=f"HNSW candidates per query, 1-{MAX_EF_SEARCH} (default: the database's own, "
+    f"`vecsearch db recall --tune`, else {DEFAULT_EF_SEARCH}), raised to max(k + 10, 2k) when "
+    "smaller (the candidates the exact re-rank needs): higher is slower and closer to exact.",
+    show_default=False)]
 _EXACT = Annotated[bool, typer.Option(
     "--exact", help="Exact scan instead of the HNSW index (slow on large tables).")]
 _UNDER = Annotated[Path | None, typer.Option(
