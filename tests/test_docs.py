@@ -66,3 +66,37 @@ def test_the_module_map_lists_every_module_and_only_those():
     present = {str(p.relative_to(package)) for p in package.rglob("*.py")} - {"__init__.py"}
     assert present - listed == set(), "modules missing from docs/development.md's layout table"
     assert listed - present == set(), "docs/development.md lists modules that do not exist"
+
+
+def test_no_import_cycle_and_no_private_attribute_of_another_module():
+    """docs/development.md's layers hold only if no module imports one that imports it back
+    (imports inside functions count too) and none reads another's `_private` attribute."""
+    import ast
+
+    package = ROOT / "vecsearch"
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in package.rglob("*.py")}
+    imports: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        here = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = here.split(".")[:len(here.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                found |= {t for t in [target, *(f"{target}.{a.name}" for a in node.names)]
+                          if t in modules and not name.startswith(t)}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names if a.name in modules}
+            elif (isinstance(node, ast.Attribute) and node.attr.startswith("_")
+                  and not node.attr.startswith("__") and isinstance(node.value, ast.Name)
+                  and node.value.id not in {"self", "cls", "sys", "os"}):
+                raise AssertionError(f"{path.name}:{node.lineno} reads {node.value.id}.{node.attr}")
+        imports[name] = found
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(m == goal or (m not in seen and not seen.add(m) and reaches(m, goal, seen))
+                   for m in imports[start])
+
+    cycles = sorted(m for m in modules if reaches(m, m, set()))
+    assert not cycles, f"modules in an import cycle: {cycles}"

@@ -328,7 +328,7 @@ def test_upload_search_loads_the_recorded_model_once_and_lazily(web_gallery, emb
         body = first.json()
         with db.connect(web_gallery.settings) as conn:
             # The same library path as `vecsearch search`: embed with the recorded model, similar_to.
-            from vecsearch.models import file_embedder
+            from vecsearch.embed import file_embedder
 
             expected = similar_to(conn, file_embedder(conn, embedder=embedder)(query), k=3)
         assert [r["id"] for r in body["results"]] == [n.id for n in expected]

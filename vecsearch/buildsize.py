@@ -61,6 +61,23 @@ FROM (SELECT has_function_privilege('pg_read_file(text, bigint, bigint, boolean)
                   OR pg_has_role(current_user, 'pg_read_server_files', 'MEMBER')) AS ok) r"""
 
 
+def has_citus(conn: psycopg.Connection) -> bool:
+    return conn.execute("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')").fetchone()[0]
+
+
+def is_distributed(conn: psycopg.Connection) -> bool:
+    """Whether `images` is a Citus distributed table."""
+    if not has_citus(conn):
+        return False
+    return conn.execute("SELECT EXISTS (SELECT FROM pg_dist_partition "
+                        "WHERE logicalrelid = 'images'::regclass AND partmethod = 'h')").fetchone()[0]
+
+
+def shard_count(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM pg_dist_shard "
+                        "WHERE logicalrelid = 'images'::regclass").fetchone()[0]
+
+
 @dataclass
 class Facts:
     """What a node reported about itself."""

@@ -13,6 +13,9 @@ import time
 import psycopg
 
 from . import hnsw, sessions
+
+# Defined with the build sizing (which hnsw needs them for), used here as Citus facts.
+from .buildsize import has_citus, is_distributed, shard_count  # noqa: F401
 from .errors import DatabaseBusy, InvalidInput, first_line
 from .progress import Progress
 
@@ -20,23 +23,6 @@ from .progress import Progress
 # decisions), where they exist.
 REFERENCE_TABLES = ("embedding_model", "vecsearch_projection", "vecsearch_dupe_decisions")
 SHARDS_PER_WORKER = 2  # the default: parallel across workers, and room to rebalance onto new ones
-
-
-def has_citus(conn: psycopg.Connection) -> bool:
-    return conn.execute("SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'citus')").fetchone()[0]
-
-
-def is_distributed(conn: psycopg.Connection) -> bool:
-    """Whether `images` is a Citus distributed table."""
-    if not has_citus(conn):
-        return False
-    return conn.execute("SELECT EXISTS (SELECT FROM pg_dist_partition "
-                        "WHERE logicalrelid = 'images'::regclass AND partmethod = 'h')").fetchone()[0]
-
-
-def shard_count(conn: psycopg.Connection) -> int:
-    return conn.execute("SELECT count(*) FROM pg_dist_shard "
-                        "WHERE logicalrelid = 'images'::regclass").fetchone()[0]
 
 
 def distribute(conn: psycopg.Connection, shards: int | None = None, report: Progress | None = None) -> str:

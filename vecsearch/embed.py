@@ -13,12 +13,14 @@ import functools
 import os
 import socket
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 from PIL import Image
 
 from . import engine, models
@@ -446,3 +448,67 @@ def _drain(iterator: Iterator[list]) -> Iterator[list]:
         yield from iterator
     finally:
         del iterator  # the last reference: its workers shut down now, also on an early exit
+
+
+# -- the embedder of the recorded model, built on first use and kept --------------------------
+
+
+def embed_images_with(embedder: Embedder) -> models.EmbedImages:
+    """An EmbedImages (record, decoded images -> vectors) of one built embed.Embedder, refusing
+    a database whose vectors another model made (Embedders.embed_images is the other kind)."""
+
+    def embed_images(record: models.ModelRecord, images: Sequence[Any]) -> np.ndarray:
+        if embedder.record != record:
+            raise SchemaMismatch(models.mismatch_message(record, embedder.record))
+        return embedder.embed_images(images)
+
+    return embed_images
+
+
+def file_embedder(conn: psycopg.Connection, weights: str | None = None, *, embedder: Any = None,
+                  device: str = "auto", precision: str = "auto", home: Path | None = None
+                  ) -> Callable[[Path], np.ndarray]:
+    """A function embedding image files with the recorded model: `embedder`'s, else this
+    process's Embedders for `weights` and the engine (built on first use, then cached)."""
+    embed_images = (embed_images_with(embedder) if embedder is not None
+                    else embedders(weights, device, precision, home).embed_images)
+
+    def embed_file(path: Path) -> np.ndarray:
+        if not Path(path).is_file():
+            raise NotFound(f"no such image file: {path}")
+        record = models.require_recorded(conn)
+        return embed_images(record, [open_image(Path(path))])[0]
+
+    return embed_file
+
+
+class Embedders:
+    """The embedder of the model a database records, built on first use (torch is imported then,
+    and building takes seconds) and kept. One forward pass at a time: a ResNet50 forward already
+    uses every core. A database re-embedded with another model meanwhile gets that model on the
+    next call. `weights`: where the recorded model's weights come from (None: its own source);
+    `device`, `precision`, `home`: its engine (embed.Embedder's).
+    """
+
+    def __init__(self, weights: str | None = None, device: str = "auto", precision: str = "auto",
+                 home: Path | None = None) -> None:
+        self.weights = weights
+        self.engine = {"device": device, "precision": precision, "home": home}
+        self._lock = threading.Lock()
+        self._record: Any = None
+        self._embedder: Any = None
+
+    def embed_images(self, record: Any, images: Sequence[Any]) -> np.ndarray:
+        """Decoded images (images.open_image) -> n x 2048 vectors of the model `record` names."""
+        with self._lock:
+            if self._embedder is None or record != self._record:
+                self._embedder = Embedder.from_record(record, weights=self.weights, **self.engine)
+                self._record = record
+            return self._embedder.embed_images(images)
+
+
+@functools.lru_cache(maxsize=4)
+def embedders(weights: str | None = None, device: str = "auto", precision: str = "auto",
+              home: Path | None = None) -> Embedders:
+    """This process's Embedders for a weights source and engine (the CLI's; the web app keeps its own)."""
+    return Embedders(weights, device, precision, home)

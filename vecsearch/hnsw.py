@@ -407,15 +407,15 @@ def _build(conn: psycopg.Connection, build, report: Progress, m: int = 16,
     """Run `build` (the CREATE INDEX and what goes with it) in one transaction, with the memory and
     parallel workers each building node decided for itself (vecsearch/buildsize.py); again without
     workers if those fail. Seconds taken."""
-    from . import buildsize, citus, compact
+    from . import buildsize, compact
 
     per_row = element_bytes or compact.element_bytes(None, m)
-    distributed = citus.is_distributed(conn)
+    distributed = buildsize.is_distributed(conn)
     if distributed:
         nodes = buildsize.cluster_plans(conn, per_row, workers)
         plans = [n.plan for n in nodes]
         rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
-        report.message(f"building the HNSW index on {rows} rows in {citus.shard_count(conn)} shards, "
+        report.message(f"building the HNSW index on {rows} rows in {buildsize.shard_count(conn)} shards, "
                        "each worker's shards one after another, the workers at once; each worker's "
                        "settings from what it reports about itself:")
     else:

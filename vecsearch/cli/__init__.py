@@ -147,7 +147,7 @@ def neighbours_command(
         "--precision", help=PRECISION_HELP + " Only used to embed image files.")] = "auto",
 ) -> None:
     """`vecsearch similar QUERY` and `vecsearch search FILE`: one command, two readings of QUERY."""
-    from .. import catalogue, expr, models, query
+    from .. import catalogue, expr, query
     from ..limits import check_query
 
     fmt = output_format(fmt)
@@ -169,7 +169,12 @@ def neighbours_command(
             return
         terms = expr.parse(query_text)
         check_query(k, ef_search)
-        embed = models.file_embedder(conn, weights, **engine)
+
+        def embed(path: Path):  # numpy, Pillow and the model load only when an expression names a file
+            from ..embed import file_embedder
+
+            return file_embedder(conn, weights, **engine)(path)
+
         neighbours, _ = expr.neighbours_of_terms(conn, terms, k, embed, **options)
         title = f"neighbours of {query_text}"
         if fmt == "table" and expr.is_single_id(terms):

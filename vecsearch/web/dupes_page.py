@@ -176,7 +176,7 @@ def store(conn: psycopg.Connection, search: Search, threshold: float, selected: 
 def add_pages(app: FastAPI, state, templates: Jinja2Templates) -> None:
     """GET /duplicates (the review) and POST /duplicates (store decisions, then back to it); the
     same as JSON: GET /api/duplicates and POST /api/duplicates/decisions."""
-    cache = SearchCache(state._url)
+    cache = SearchCache(state.url)
 
     def search_key(threshold: float, under: str | None, k: int, ef_search: int) -> tuple:
         return (threshold, under or None, k, ef_search)

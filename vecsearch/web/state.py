@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import psycopg
 
-from .. import db, expr, models, query, server
+from .. import db, embed, expr, query, server
 from ..catalogue import count_images, get_image, list_images
 from ..config import Settings
 from ..errors import DatabaseUnavailable, InvalidInput, NotFound, UnreadableImage, database_failure
@@ -42,7 +42,7 @@ class State:
     def __init__(self, settings: Settings, weights: str | None, max_upload_bytes: int,
                  pool_size: int):
         self.settings = settings
-        self.model = models.Embedders(weights, home=settings.home)  # its engine measurement, if any
+        self.model = embed.Embedders(weights, home=settings.home)  # its engine measurement, if any
         self.max_upload_bytes = max_upload_bytes
         self.pool_size = pool_size
         self.pool = None
@@ -66,7 +66,7 @@ class State:
             self.pool.close()
             self.pool = None
 
-    def _url(self) -> str:
+    def url(self) -> str:
         """Where the database is now. The embedded server's socket moves with its port (`db start
         --tcp --port`), so it is read from its postmaster.pid on each request (a stat and a read)."""
         if self.settings.database_url:
@@ -80,7 +80,7 @@ class State:
     def _pool(self, fresh: bool = False):
         from psycopg_pool import ConnectionPool
 
-        url = self._url()
+        url = self.url()
         with self._pool_lock:
             if fresh or self.pool is None or self.pool_url != url:
                 old, self.pool_url = self.pool, url
