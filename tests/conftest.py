@@ -195,7 +195,6 @@ def invoke_cli(*args: str, env: dict | None = None, check: bool = False) -> subp
 
     For commands whose process is not what is tested; kills, signals, what a process imports,
     servers it starts and races between processes stay with run_cli / cli_command."""
-    import functools
     import io
     import traceback
     import warnings
@@ -203,7 +202,7 @@ def invoke_cli(*args: str, env: dict | None = None, check: bool = False) -> subp
     import click
     from rich.console import Console
 
-    from vecsearch import cli, models, query
+    from vecsearch import cli, embed
     from vecsearch.cli import common
 
     saved_env, saved_streams, saved_argv = dict(os.environ), (sys.stdout, sys.stderr), sys.argv
@@ -216,8 +215,7 @@ def invoke_cli(*args: str, env: dict | None = None, check: bool = False) -> subp
     try:
         for c, _ in consoles:  # as vecsearch/cli/common.py makes them at import
             vars(c).update(vars(Console(stderr=c.stderr, highlight=False, soft_wrap=True)))
-        for module in (query, models):  # the CLI's embedder cache (query.py's, later models.py's)
-            getattr(module, "embedders", functools.lru_cache(lambda: None)).cache_clear()
+        embed.embedders.cache_clear()  # the CLI's embedder cache: a fresh process has none
         with warnings.catch_warnings(), one_seeded_network(), pytest.MonkeyPatch.context() as patch:
             # click names the program after sys.modules["__main__"], here pytest's
             patch.setattr(click.core, "_detect_program_name", lambda *a, **k: "vecsearch")

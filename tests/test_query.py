@@ -349,6 +349,17 @@ def test_search_file_refuses_another_model(photos, embedder):
             conn.execute("UPDATE embedding_model SET weights = %s", [embedder.record.weights])
 
 
+def test_cli_arithmetic_with_a_file_term_embeds_it_with_the_recorded_model(photos, embedder):
+    """`similar "'FILE' + ID"`: the CLI embeds the file term (loaded only then) as the library does."""
+    ids, vectors = photos["ids"], photos["vectors"]
+    text = f"'{photos['outside']}' + {ids[3]}*0.5"
+    result = invoke_cli("similar", text, "-k", "4", "--exact", "-f", "paths", env=photos["env"], check=True)
+    reference = embedder.embed_file(photos["outside"]).astype(np.float64) + 0.5 * vectors[3]
+    expected = exact_neighbours(vectors, ids, reference, 4, exclude=[ids[3]])
+    paths = {i: str(f) for i, f in zip(ids, photos["files"], strict=True)}
+    assert result.stdout.split() == [paths[i] for i, _ in expected]
+
+
 def test_cli_search_file(photos):
     result = invoke_cli("search", str(photos["outside"]), "-k", "2", "-f", "paths", env=photos["env"],
                      check=True)
