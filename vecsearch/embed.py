@@ -465,13 +465,21 @@ def embed_images_with(embedder: Embedder) -> models.EmbedImages:
     return embed_images
 
 
+def recorded_model_embedder(weights: str | None = None, *, embedder: Any = None, device: str = "auto",
+                            precision: str = "auto", home: Path | None = None) -> models.EmbedImages:
+    """The EmbedImages of the recorded model: `embedder`'s (it must be that model), else this
+    process's Embedders for `weights` and the engine (built on first use, then cached)."""
+    if embedder is not None:
+        return embed_images_with(embedder)
+    return embedders(weights, device, precision, home).embed_images
+
+
 def file_embedder(conn: psycopg.Connection, weights: str | None = None, *, embedder: Any = None,
                   device: str = "auto", precision: str = "auto", home: Path | None = None
                   ) -> Callable[[Path], np.ndarray]:
-    """A function embedding image files with the recorded model: `embedder`'s, else this
-    process's Embedders for `weights` and the engine (built on first use, then cached)."""
-    embed_images = (embed_images_with(embedder) if embedder is not None
-                    else embedders(weights, device, precision, home).embed_images)
+    """A function embedding image files with the recorded model (recorded_model_embedder's)."""
+    embed_images = recorded_model_embedder(weights, embedder=embedder, device=device,
+                                           precision=precision, home=home)
 
     def embed_file(path: Path) -> np.ndarray:
         if not Path(path).is_file():

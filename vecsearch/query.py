@@ -165,12 +165,12 @@ def search_file(conn: psycopg.Connection, path: str | Path, k: int = 10, *, weig
     `precision`, `home`: its engine, embed.Embedder's). A row for the very same file (same
     absolute path) is left out: the query never finds itself.
     """
-    from .embed import embed_images_with, embedders
+    from .embed import recorded_model_embedder
     from .images import open_image
 
     file = absolute(path)
-    embed_images = (embed_images_with(embedder) if embedder is not None
-                    else embedders(weights, device, precision, home).embed_images)
+    embed_images = recorded_model_embedder(weights, embedder=embedder, device=device,
+                                           precision=precision, home=home)
 
     check_query(k, options.get("ef_search"))
     if not file.is_file():
