@@ -7,7 +7,7 @@ import numpy as np
 import psycopg
 from conftest import clustered, exact_neighbours, insert_vectors, invoke_cli
 
-from vecsearch import compact, query, recall
+from vecsearch import compact, hnsw, query, recall
 from vecsearch import eval as evaluation
 from vecsearch.limits import DEFAULT_EF_SEARCH
 
@@ -15,22 +15,28 @@ from vecsearch.limits import DEFAULT_EF_SEARCH
 def test_recall_is_measured_against_exact_and_tune_sets_the_database_default(settings, conn):
     vectors = clustered(3000, seed=31, clusters=3, noise=3.0)  # hard: few huge, noisy clusters
     ids = insert_vectors(conn, vectors)
+    # A deliberately sparse graph: with the default m 16 this table's recall at the candidate floor
+    # comes out at 0.995 to 1.0 from one build to the next, which leaves nothing to measure or tune.
+    hnsw.reindex(conn, 8, 32)
     sample = recall.sample(conn, 40, seed=1)
     assert len(set(sample)) == 40 and recall.sample(conn, 40, seed=1) == sample
     [measured] = recall.measure(conn, sample, 10, [1])
-    row = {image_id: i for i, image_id in enumerate(ids)}
+    # The same held-out-style queries (half the rows themselves, half moved off them), answered
+    # through the neighbour query and scored against numpy's exact answers.
+    asked = recall.queries(conn, sample)
+    assert len(asked) == 40 and sum(bool(exclude) for _, exclude in asked) == 20
 
-    def exact(q: int) -> set[int]:
-        return {i for i, _ in exact_neighbours(vectors, ids, vectors[row[q]], 10, exclude=[q])}
+    def exact(v: list[float], exclude: list[int]) -> set[int]:
+        return {i for i, _ in exact_neighbours(vectors, ids, np.asarray(v), 10, exclude=exclude)}
 
-    expected = np.mean([len({n.id for n in query.similar(conn, q, 10, ef_search=1)} & exact(q)) / 10
-                        for q in sample])
-    assert abs(measured.recall - expected) < 1e-9 and measured.recall < 1.0, measured
+    expected = np.mean([len({n.id for n in query.similar_to(conn, v, 10, exclude=ex, ef_search=1)}
+                            & exact(v, ex)) / 10 for v, ex in asked])
+    assert abs(measured.recall - expected) < 1e-9 and measured.recall < 0.9, measured
 
     chosen, steps = recall.tune(conn, sample)
     assert [m.ef_search for m in steps] == list(recall.STEPS[:len(steps)]) and chosen == steps[-1].ef_search
     assert steps[-1].recall >= recall.TARGET or chosen == recall.STEPS[-1]
-    assert all(m.recall < recall.TARGET for m in steps[:-1])
+    assert len(steps) >= 2 and all(m.recall < recall.TARGET for m in steps[:-1]), steps
     with psycopg.connect(settings.database_url) as other:  # every new session, readers included
         assert other.execute("SHOW vecsearch.ef_search").fetchone()[0] == str(chosen)
         # Callers that give no ef_search get the database's: at 1, the candidate floor (k + 10).

@@ -1,0 +1,132 @@
+"""The compact index's query cost against the server's shared_buffers, side by side in one run.
+
+    .venv/bin/python bench/buffers.py [--rows 1000000] [--data easy] [--dims 256]
+        [--shared-buffers 256MB,2GB] [--ef-search 100,200] [--queries 50] [--faiss-pca 256]
+
+A graph search touches a few thousand index pages. Once the graph outgrows shared_buffers (a
+compact graph of a million rows is about 1 GB; the embedded server's default is 256 MB) most
+of those touches are a read from the kernel's page cache and an eviction, not a memory access.
+This script builds one compact index (`db reindex --dims N`, m 32, ef_construction 128) on the
+embedded server, then for each shared_buffers restarts the server and measures the same queries
+twice: straight after the restart (as the first queries after a reboot see it) and again (a
+running server), next to numpy brute force and FAISS with the same reduction (PCA, HNSW32,
+the same exact re-rank) in the same run. Queries: by id and held out (bench/datasets.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import ann  # noqa: E402
+import common  # noqa: E402
+import datasets  # noqa: E402
+
+from vecsearch import db, hnsw, query, server  # noqa: E402
+from vecsearch.config import Settings  # noqa: E402
+
+K = 10
+
+
+def searches(conn, **options):
+    """by_id(row index) / held(vector) -> row indexes, through vecsearch's neighbour query."""
+    ids = np.array([r[0] for r in conn.execute("SELECT id FROM images ORDER BY path")])
+    index_of = {int(image_id): i for i, image_id in enumerate(ids)}
+    return (lambda q: [index_of[x.id] for x in query.similar(conn, int(ids[q]), K, **options)],
+            lambda v: [index_of[x.id] for x in query.similar_to(conn, v, K, **options)])
+
+
+def measure_postgres(run: ann.Run, settings, label: str, ef_searches: list[int], build: float,
+                     size: int) -> None:
+    with db.connect(settings) as conn:
+        buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
+        passes = [(ef_searches[0], "first pass after restart")] + [(ef, "second pass") for ef in ef_searches]
+        for ef, what in passes:
+            run.measure(f"vecsearch compact + re-rank, {what}",
+                        f"{label}, ef_search {ef}, shared_buffers {buffers}", *searches(conn, ef_search=ef),
+                        build=build, size_mb=size / 2**20, per_row=size / run.n)
+
+
+def bench_faiss_pca(run: ann.Run, dims: list[int], ef_searches: list[int]) -> None:
+    """FAISS PCA{d},HNSW32 (ef_construction 128) for ef_search candidates, re-ranked exactly in
+    numpy on the rows already in memory (IndexRefineFlat would hold a second copy of them)."""
+    import faiss
+
+    rows = run.data.rows
+    for d in dims:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        idx = faiss.index_factory(ann.DIM, f"PCA{d},HNSW32", faiss.METRIC_INNER_PRODUCT)
+        faiss.downcast_index(idx.index).hnsw.efConstruction = 128
+        t = time.perf_counter()
+        idx.train(rows[np.random.default_rng(0).choice(len(rows), min(20000, len(rows)), replace=False)])
+        idx.add(rows)
+        build = time.perf_counter() - t
+        faiss.omp_set_num_threads(1)
+        for ef in ef_searches:
+            faiss.downcast_index(idx.index).hnsw.efSearch = ef
+
+            def nearest(v: np.ndarray, skip: int = -1, idx=idx, ef=ef) -> list[int]:
+                found = idx.search(v[None, :], ef)[1][0]
+                found = found[(found >= 0) & (found != skip)]
+                return found[np.argsort(-(rows[found] @ v))][:K].tolist()
+
+            run.measure("FAISS PCA + HNSW + re-rank", f"PCA{d},HNSW32 ef_c 128, ef_search {ef}",
+                        lambda q, f=nearest: f(rows[q], q), nearest, build=build)
+        del idx
+
+
+def restart_with(settings, buffers: str) -> None:
+    with db.connect(settings) as conn:
+        conn.execute(f"ALTER SYSTEM SET shared_buffers = '{buffers}'")
+    server.stop(settings.home)
+    server.ensure_running(settings.home)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--data", default="easy", choices=datasets.NAMES)
+    parser.add_argument("--dims", type=int, default=256, help="the compact index's dims")
+    parser.add_argument("--shared-buffers", default="256MB,2GB", help="values, each after a restart")
+    parser.add_argument("--ef-search", default="100,200")
+    parser.add_argument("--queries", type=int, default=50, help="queries of each kind")
+    parser.add_argument("--exact-queries", type=int, default=2, help="of each kind, for the exact scan")
+    parser.add_argument("--faiss-pca", default=None, help="FAISS PCA dims [default: --dims]; '' for none")
+    args = parser.parse_args()
+    ef_searches = [int(e) for e in args.ef_search.split(",")]
+    started = time.perf_counter()
+    with common.throwaway_home("buffers") as home:
+        settings = Settings(database_url=None, home=home)
+        print(f"throwaway embedded server in {home}; {common.load_average()}", flush=True)
+        print(f"\n== {args.data}, {args.rows:,} rows ==", flush=True)
+        run = ann.Run(datasets.make(args.data, args.rows, args.queries), args.queries, args.exact_queries)
+        with db.connect(settings) as conn:
+            hnsw.drop(conn)
+            print(f"  COPY {args.rows / common.copy_vectors(conn, run.data.rows):,.0f} rows/s", flush=True)
+            conn.execute("VACUUM ANALYZE images")
+            done = hnsw.reindex(conn, 32, 128, dims=args.dims)
+            size = conn.execute("SELECT pg_relation_size('images_reduced_hnsw')").fetchone()[0]
+            conn.execute("VACUUM ANALYZE images")
+            print(f"  reindex --dims {args.dims}: {done.seconds:.0f} s, {size / 2**20:.0f} MB", flush=True)
+        for buffers in args.shared_buffers.split(","):
+            restart_with(settings, buffers)
+            measure_postgres(run, settings, f"{args.dims} dims, m 32, ef_c 128", ef_searches,
+                             done.seconds, size)
+        with db.connect(settings) as conn:
+            run.measure("exact scan in PostgreSQL", "", *searches(conn, exact=True), few=args.exact_queries)
+        ann.bench_numpy(run)
+        pca = args.faiss_pca if args.faiss_pca is not None else str(args.dims)
+        bench_faiss_pca(run, [int(d) for d in pca.split(",") if d], ef_searches)
+        ann.print_table(args.data, args.rows, run)
+    print(f"\ntotal {time.perf_counter() - started:.0f} s; {common.load_average()}")
+
+
+if __name__ == "__main__":
+    main()
