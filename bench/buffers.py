@@ -16,7 +16,6 @@ the same exact re-rank) in the same run. Queries: by id and held out (bench/data
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -52,34 +51,6 @@ def measure_postgres(run: ann.Run, settings, label: str, ef_searches: list[int],
             run.measure(f"vecsearch compact + re-rank, {what}",
                         f"{label}, ef_search {ef}, shared_buffers {buffers}", *searches(conn, ef_search=ef),
                         build=build, size_mb=size / 2**20, per_row=size / run.n)
-
-
-def bench_faiss_pca(run: ann.Run, dims: list[int], ef_searches: list[int]) -> None:
-    """FAISS PCA{d},HNSW32 (ef_construction 128) for ef_search candidates, re-ranked exactly in
-    numpy on the rows already in memory (IndexRefineFlat would hold a second copy of them)."""
-    import faiss
-
-    rows = run.data.rows
-    for d in dims:
-        faiss.omp_set_num_threads(os.cpu_count() or 1)
-        idx = faiss.index_factory(ann.DIM, f"PCA{d},HNSW32", faiss.METRIC_INNER_PRODUCT)
-        faiss.downcast_index(idx.index).hnsw.efConstruction = 128
-        t = time.perf_counter()
-        idx.train(rows[np.random.default_rng(0).choice(len(rows), min(20000, len(rows)), replace=False)])
-        idx.add(rows)
-        build = time.perf_counter() - t
-        faiss.omp_set_num_threads(1)
-        for ef in ef_searches:
-            faiss.downcast_index(idx.index).hnsw.efSearch = ef
-
-            def nearest(v: np.ndarray, skip: int = -1, idx=idx, ef=ef) -> list[int]:
-                found = idx.search(v[None, :], ef)[1][0]
-                found = found[(found >= 0) & (found != skip)]
-                return found[np.argsort(-(rows[found] @ v))][:K].tolist()
-
-            run.measure("FAISS PCA + HNSW + re-rank", f"PCA{d},HNSW32 ef_c 128, ef_search {ef}",
-                        lambda q, f=nearest: f(rows[q], q), nearest, build=build)
-        del idx
 
 
 def restart_with(settings, buffers: str) -> None:
@@ -123,7 +94,7 @@ def main() -> None:
             run.measure("exact scan in PostgreSQL", "", *searches(conn, exact=True), few=args.exact_queries)
         ann.bench_numpy(run)
         pca = args.faiss_pca if args.faiss_pca is not None else str(args.dims)
-        bench_faiss_pca(run, [int(d) for d in pca.split(",") if d], ef_searches)
+        ann.bench_faiss_pca(run, [int(d) for d in pca.split(",") if d], 32, 128, ef_searches)
         ann.print_table(args.data, args.rows, run)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; {common.load_average()}")
 
