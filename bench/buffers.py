@@ -1,7 +1,8 @@
 """The compact index's query cost against the server's shared_buffers, side by side in one run.
 
     .venv/bin/python bench/buffers.py [--rows 1000000] [--data easy] [--dims 256]
-        [--shared-buffers 256MB,2GB] [--ef-search 100,200] [--queries 50] [--faiss-pca 256]
+        [--shared-buffers 256MB,2GB|auto] [--ef-search 100,200] [--rerank all,40]
+        [--queries 50] [--faiss-pca 256]
 
 A graph search touches a few thousand index pages. Once the graph outgrows shared_buffers (a
 compact graph of a million rows is about 1 GB; the embedded server's default is 256 MB) most
@@ -11,6 +12,9 @@ embedded server, then for each shared_buffers restarts the server and measures t
 twice: straight after the restart (as the first queries after a reboot see it) and again (a
 running server), next to numpy brute force and FAISS with the same reduction (PCA, HNSW32,
 the same exact re-rank) in the same run. Queries: by id and held out (bench/datasets.py).
+`auto` is the embedded server's own sizing (vecsearch/server.py); `--rerank` re-ranks only the
+nearest N of each ef_search candidates (vecsearch_projection.rerank, as `db recall --tune` sets
+it), each a TOASTed 8 KB read from a table that at a million rows outgrows any cache here.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import ann  # noqa: E402
 import common  # noqa: E402
 import datasets  # noqa: E402
 
-from vecsearch import db, hnsw, query, server  # noqa: E402
+from vecsearch import compact, db, hnsw, query, server  # noqa: E402
 from vecsearch.config import Settings  # noqa: E402
 
 K = 10
@@ -42,20 +46,26 @@ def searches(conn, **options):
             lambda v: [index_of[x.id] for x in query.similar_to(conn, v, K, **options)])
 
 
-def measure_postgres(run: ann.Run, settings, label: str, ef_searches: list[int], build: float,
-                     size: int) -> None:
+def measure_postgres(run: ann.Run, settings, label: str, ef_searches: list[int], depths: list[int | None],
+                     build: float, size: int) -> None:
     with db.connect(settings) as conn:
         buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
-        passes = [(ef_searches[0], "first pass after restart")] + [(ef, "second pass") for ef in ef_searches]
-        for ef, what in passes:
+        passes = [(ef_searches[0], depths[0], "first pass after restart")] + [
+            (ef, depth, "second pass") for ef in ef_searches for depth in depths]
+        for ef, depth, what in passes:
+            compact.set_rerank(conn, depth)
+            rerank = "" if depth is None else f", re-rank {depth}"
             run.measure(f"vecsearch compact + re-rank, {what}",
-                        f"{label}, ef_search {ef}, shared_buffers {buffers}", *searches(conn, ef_search=ef),
-                        build=build, size_mb=size / 2**20, per_row=size / run.n)
+                        f"{label}, ef_search {ef}{rerank}, shared_buffers {buffers}",
+                        *searches(conn, ef_search=ef), build=build, size_mb=size / 2**20,
+                        per_row=size / run.n)
+        compact.set_rerank(conn, None)
 
 
 def restart_with(settings, buffers: str) -> None:
     with db.connect(settings) as conn:
-        conn.execute(f"ALTER SYSTEM SET shared_buffers = '{buffers}'")
+        conn.execute("ALTER SYSTEM RESET shared_buffers" if buffers == "auto" else
+                     f"ALTER SYSTEM SET shared_buffers = '{buffers}'")
     server.stop(settings.home)
     server.ensure_running(settings.home)
 
@@ -67,11 +77,13 @@ def main() -> None:
     parser.add_argument("--dims", type=int, default=256, help="the compact index's dims")
     parser.add_argument("--shared-buffers", default="256MB,2GB", help="values, each after a restart")
     parser.add_argument("--ef-search", default="100,200")
+    parser.add_argument("--rerank", default="all", help="re-rank depths: all, or N")
     parser.add_argument("--queries", type=int, default=50, help="queries of each kind")
     parser.add_argument("--exact-queries", type=int, default=2, help="of each kind, for the exact scan")
     parser.add_argument("--faiss-pca", default=None, help="FAISS PCA dims [default: --dims]; '' for none")
     args = parser.parse_args()
     ef_searches = [int(e) for e in args.ef_search.split(",")]
+    depths = [None if d == "all" else int(d) for d in args.rerank.split(",")]
     started = time.perf_counter()
     with common.throwaway_home("buffers") as home:
         settings = Settings(database_url=None, home=home)
@@ -88,7 +100,7 @@ def main() -> None:
             print(f"  reindex --dims {args.dims}: {done.seconds:.0f} s, {size / 2**20:.0f} MB", flush=True)
         for buffers in args.shared_buffers.split(","):
             restart_with(settings, buffers)
-            measure_postgres(run, settings, f"{args.dims} dims, m 32, ef_c 128", ef_searches,
+            measure_postgres(run, settings, f"{args.dims} dims, m 32, ef_c 128", ef_searches, depths,
                              done.seconds, size)
         with db.connect(settings) as conn:
             run.measure("exact scan in PostgreSQL", "", *searches(conn, exact=True), few=args.exact_queries)

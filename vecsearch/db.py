@@ -241,7 +241,24 @@ def status(conn: psycopg.Connection, *, rows: bool = True) -> list[tuple[str, st
             for label, value in zip(labels, row, strict=True)] + [
         ("ef_search", f"{DEFAULT_EF_SEARCH} (the default; `vecsearch db recall` measures recall here)"
          if tuned is None else f"{tuned} (this database's: `vecsearch db recall --tune`)"),
-        ("index", describe(conn))]
+        ("index", describe(conn))] + ([("cache", cache(conn))] if rows else [])
+
+
+def cache(conn: psycopg.Connection) -> str:
+    """Whether this server's shared_buffers holds the HNSW graph, which every query walks."""
+    buffers, graph = conn.execute(f"""
+        SELECT pg_size_bytes(current_setting('shared_buffers')),
+               (SELECT pg_relation_size(x) FROM (SELECT {HNSW_INDEX} AS x) h WHERE x IS NOT NULL)
+    """).fetchone()
+    have = f"shared_buffers {_pretty(buffers)}"
+    if graph is None or graph <= buffers:
+        return have if graph is None else f"{have}, holds the {_pretty(graph)} index"
+    return (f"{have}, less than the {_pretty(graph)} index: each query reads the graph through the "
+            "OS cache, about 2.5x slower at a million rows (docs/scaling.md#memory says what to raise)")
+
+
+def _pretty(size: int) -> str:
+    return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{max(1, round(size / 2**20))} MB"
 
 
 def set_database_default(conn: psycopg.Connection, setting: str, value: str) -> None:
