@@ -12,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from conftest import clustered, insert_vectors, invoke_cli
+from conftest import clustered, invoke_cli
 
 from vecsearch import db, server
 from vecsearch.config import Settings
@@ -140,68 +140,6 @@ def test_recovers_after_sigkill_of_client_and_server(tmp_path):
     finally:
         server.stop(home)
     assert server.running(home) is None
-
-
-def test_shared_buffers_follows_the_data_and_keeps_a_users_own(tmp_path):
-    """The embedded server's shared_buffers is sized to its data at each start (256MB for a small
-    library, as before); ALTER SYSTEM, a line the user edited and an older home all behave."""
-    home, mb = tmp_path / "home", server.MB
-    data, conf = server.pgdata(home), server.pgdata(tmp_path / "home") / "postgresql.conf"
-
-    def restart() -> int:
-        server.stop(home)
-        with psycopg.connect(server.ensure_running(home).url()) as c:
-            return c.execute("SELECT pg_size_bytes(current_setting('shared_buffers'))").fetchone()[0]
-
-    def our_line(replacement: str) -> None:
-        text = conf.read_text()
-        line = next(x for x in text.splitlines() if x.startswith("shared_buffers = ") and server._SIZED in x)
-        conf.write_text(text.replace(line, replacement))
-
-    server.ensure_running(home)
-    try:
-        assert restart() == 256 * mb
-        # The cluster grows: a sparse file stands in for 600 MB of tables (pgsql_tmp: the server
-        # empties it at start, after the size was taken).
-        (data / "base" / "pgsql_tmp").mkdir(exist_ok=True)
-        with open(data / "base" / "pgsql_tmp" / "pgsql_tmp_standin", "wb") as standin:
-            standin.truncate(600 * mb)
-        expected = server.shared_buffers_for(data)
-        ceiling = max(256 * mb, server.machine_memory() // 8)
-        assert expected in (min(ceiling, 640 * mb), min(ceiling, 768 * mb))
-        assert restart() == expected
-        assert f"shared_buffers = {expected // mb}MB  {server._SIZED}" in conf.read_text()
-        # An older home's plain line under our header is ours: resized.
-        our_line("shared_buffers = 256MB")
-        (data / "base" / "pgsql_tmp" / "pgsql_tmp_standin").open("wb").truncate(600 * mb)
-        assert restart() == expected
-        # The user's ALTER SYSTEM wins; so does our line with its comment removed.
-        with psycopg.connect(server.running(home).url(), autocommit=True) as c:
-            c.execute("ALTER SYSTEM SET shared_buffers = '200MB'")
-        assert restart() == 200 * mb
-        with psycopg.connect(server.running(home).url(), autocommit=True) as c:
-            c.execute("ALTER SYSTEM RESET shared_buffers")
-        our_line("shared_buffers = 300MB")
-        assert restart() == 300 * mb
-        assert "shared_buffers = 300MB\n" in conf.read_text()
-    finally:
-        server.stop(home)
-
-
-def test_status_says_whether_shared_buffers_holds_the_graph(tmp_path):
-    home = tmp_path / "home"
-    settings = Settings(database_url=None, home=home)
-    try:
-        with db.connect(settings) as conn:
-            insert_vectors(conn, clustered(300, seed=5))
-            assert dict(db.status(conn))["cache"].startswith("shared_buffers 256 MB, holds the ")
-            conn.execute("ALTER SYSTEM SET shared_buffers = '1MB'")
-        server.stop(home)
-        with db.connect(settings) as conn:
-            line = dict(db.status(conn))["cache"]
-        assert line.startswith("shared_buffers 1 MB, less than the ") and "docs/scaling.md#memory" in line
-    finally:
-        server.stop(home)
 
 
 def test_database_url_points_vecsearch_at_another_server(settings, tmp_path):

@@ -253,8 +253,9 @@ def cache(conn: psycopg.Connection) -> str:
     have = f"shared_buffers {_pretty(buffers)}"
     if graph is None or graph <= buffers:
         return have if graph is None else f"{have}, holds the {_pretty(graph)} index"
-    return (f"{have}, less than the {_pretty(graph)} index: each query reads the graph through the "
-            "OS cache, about 2.5x slower at a million rows (docs/scaling.md#memory says what to raise)")
+    return (f"{have}, less than the {_pretty(graph)} index: queries read it through the OS cache, "
+            "slower; embedded: `vecsearch db stop` resizes it at the next start, else raise "
+            "shared_buffers (docs/scaling.md#memory)")
 
 
 def _pretty(size: int) -> str:

@@ -30,6 +30,7 @@ from importlib.util import find_spec
 from pathlib import Path
 from urllib.parse import quote
 
+from . import buffers
 from .errors import DatabaseUnavailable
 
 DBNAME = "vecsearch"
@@ -37,18 +38,13 @@ SUPERUSER = "postgres"
 START_TIMEOUT_S = 60
 # The uid the server sees when we run it as root inside a user namespace.
 _NAMESPACE_UID = 1000
-_CONF = """
-# vecsearch defaults (see vecsearch/server.py)
+_CONF = f"""
+{buffers.HEADER}
 listen_addresses = ''
 unix_socket_permissions = 0700
-shared_buffers = 256MB  {sized}
+{buffers.LINE}
 logging_collector = off
 """
-MB = 2**20
-SHARED_BUFFERS_FLOOR = 256 * MB
-# Marks the shared_buffers line that each start resizes; a line without it is the user's.
-_SIZED = "# vecsearch: sized to the data at each start (remove this comment to keep a value)"
-_CONF = _CONF.format(sized=_SIZED)
 
 
 @dataclass(frozen=True)
@@ -260,72 +256,28 @@ def _initdb(home: Path) -> None:
     scratch.rename(pgdata(home))
 
 
-def shared_buffers_for(data: Path) -> int:
-    """Bytes of shared_buffers for the cluster in `data`: its size on disk, at least 256MB, at
-    most 1/8 of this machine's memory. A graph search reads thousands of index pages, and once the
-    graph outgrows shared_buffers every one is a copy from the OS cache (docs/scaling.md#memory);
-    sizing to the data keeps a small library's server as small and as quick to start as before.
-    1/8, not PostgreSQL's usual 1/4: this server shares a laptop with everything else."""
-    on_disk = _bytes_under(data / "base")
-    ceiling = max(SHARED_BUFFERS_FLOOR, machine_memory() // 8)
-    return min(ceiling, max(SHARED_BUFFERS_FLOOR, -(-on_disk // (128 * MB)) * 128 * MB))
-
-
-def _bytes_under(path: Path) -> int:
-    """Bytes of the files under `path` (scandir: a quarter of rglob's time on a new cluster)."""
-    total = 0
-    with os.scandir(path) as entries:
-        for entry in entries:
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    total += _bytes_under(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
-            except FileNotFoundError:  # a temporary file removed meanwhile
-                continue
-    return total
-
-
-def machine_memory() -> int:
-    """Bytes of RAM this process may use: the machine's, or its cgroup's limit if lower."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit():
-            ram = min(ram, int(text))
-    return ram
-
-
-def _size_shared_buffers(data: Path) -> None:
-    """Rewrite our shared_buffers line of postgresql.conf for this start: the marked one, or an
-    older home's plain `256MB` under our header. A user's own line, a later one or ALTER SYSTEM
-    (postgresql.auto.conf, read after this file) is left to win."""
-    conf = data / "postgresql.conf"
-    lines = conf.read_text().splitlines(keepends=True)
-    header = _CONF.splitlines()[1]
-    ours = next((i for i, line in enumerate(lines) if line.startswith("shared_buffers = ")
-                 and (line.rstrip().endswith(_SIZED) or (line.strip() == "shared_buffers = 256MB"
-                                                         and header + "\n" in lines[:i]))), None)
-    if ours is None:
-        return
-    line = f"shared_buffers = {shared_buffers_for(data) // MB}MB  {_SIZED}\n"
-    if lines[ours] != line:
-        lines[ours] = line
-        scratch = conf.with_name("postgresql.conf.vecsearch")
-        scratch.write_text("".join(lines))
-        scratch.chmod(conf.stat().st_mode & 0o777)
-        scratch.replace(conf)  # a kill leaves the old file or the new, never half of one
-
-
 def _start(home: Path) -> Running:
     data = pgdata(home)
     _remove_stale_lock_files(data)
-    _size_shared_buffers(data)
+    sized = buffers.size(data)
+    try:
+        return _launch(home)
+    except _Exited:
+        if sized is None or sized <= buffers.FLOOR:
+            raise
+        buffers.size(data, ceiling=buffers.FLOOR)  # a host that cannot map that much: as before
+        return _launch(home)
+
+
+class _Exited(DatabaseUnavailable):
+    """The server process exited during start-up."""
+
+
+def _launch(home: Path) -> Running:
+    data = pgdata(home)
     log = home / "postgres.log"
     with open(os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as out:
+        written = out.tell()
         proc = subprocess.Popen(
             [*_as_server_user(), str(bin_path("postgres")), "-D", str(data),
              "-k", str(_socket_dir(data))],
@@ -338,10 +290,12 @@ def _start(home: Path) -> Running:
         if server is not None and server.pid == proc.pid:
             return server
         if proc.poll() is not None:
-            tail = log.read_text(errors="replace").strip().splitlines()[-1:]
-            raise DatabaseUnavailable(
-                f"the embedded PostgreSQL server did not start: {' '.join(tail)} (log: {log})"
-            )
+            with open(log, "rb") as written_log:
+                written_log.seek(written)
+                lines = written_log.read().decode(errors="replace").strip().splitlines()
+            # Its reason, not the "database system is shut down" that follows it.
+            why = [line for line in lines if "FATAL:" in line][-1:] or lines[-1:]
+            raise _Exited(f"the embedded PostgreSQL server did not start: {' '.join(why)} (log: {log})")
         time.sleep(0.05)
     raise DatabaseUnavailable(f"the embedded PostgreSQL server did not start in time (log: {log})")
 

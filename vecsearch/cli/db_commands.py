@@ -107,7 +107,8 @@ def db_restore(ctx: typer.Context, file: Annotated[Path, typer.Argument(
 
 @db_app.command("status")
 def db_status(ctx: typer.Context) -> None:
-    """Server state, versions, schema revision, image count and index size."""
+    """Server state, versions, schema revision, image count, index size and whether the server's
+    cache (shared_buffers) holds the index."""
     s = settings(ctx)
     if s.embedded:
         running = server.running(s.home)
