@@ -145,6 +145,6 @@ def test_status_says_whether_shared_buffers_holds_the_graph(tmp_path):
         server.stop(home)
         with db.connect(settings) as conn:
             line = dict(db.status(conn))["cache"]
-        assert line.startswith("shared_buffers 1 MB, less than the ") and "vecsearch db stop" in line
+        assert line.startswith("shared_buffers 1024 kB, less than the ") and "vecsearch db stop" in line
     finally:
         server.stop(home)

@@ -246,20 +246,18 @@ def status(conn: psycopg.Connection, *, rows: bool = True) -> list[tuple[str, st
 
 def cache(conn: psycopg.Connection) -> str:
     """Whether this server's shared_buffers holds the HNSW graph, which every query walks."""
-    buffers, graph = conn.execute(f"""
-        SELECT pg_size_bytes(current_setting('shared_buffers')),
-               (SELECT pg_relation_size(x) FROM (SELECT {HNSW_INDEX} AS x) h WHERE x IS NOT NULL)
+    buffers, graph, holds = conn.execute(f"""
+        SELECT pg_size_pretty(pg_size_bytes(current_setting('shared_buffers'))), pg_size_pretty(g),
+               g <= pg_size_bytes(current_setting('shared_buffers'))
+        FROM (SELECT (SELECT pg_relation_size(x) FROM (SELECT {HNSW_INDEX} AS x) h
+                      WHERE x IS NOT NULL) AS g) i
     """).fetchone()
-    have = f"shared_buffers {_pretty(buffers)}"
-    if graph is None or graph <= buffers:
-        return have if graph is None else f"{have}, holds the {_pretty(graph)} index"
-    return (f"{have}, less than the {_pretty(graph)} index: queries read it through the OS cache, "
+    have = f"shared_buffers {buffers}"
+    if graph is None or holds:
+        return have if graph is None else f"{have}, holds the {graph} index"
+    return (f"{have}, less than the {graph} index: queries read it through the OS cache, "
             "slower; embedded: `vecsearch db stop` resizes it at the next start, else raise "
             "shared_buffers (docs/scaling.md#memory)")
-
-
-def _pretty(size: int) -> str:
-    return f"{size / 2**30:.1f} GB" if size >= 2**30 else f"{max(1, round(size / 2**20))} MB"
 
 
 def set_database_default(conn: psycopg.Connection, setting: str, value: str) -> None:
