@@ -20,6 +20,11 @@ def _sparse(path: Path, size: int) -> None:
         f.truncate(size)
 
 
+def _library(data: Path) -> Path:
+    """The vecsearch database's directory (the only one not created by initdb)."""
+    return next(d for d in (data / "base").iterdir() if d.name.isdigit() and int(d.name) >= 16384)
+
+
 def _cgroup_tree(root: Path, groups: str, limits: dict[str, str]) -> Path:
     (root / "proc/self").mkdir(parents=True)
     (root / "proc/self/cgroup").write_text(groups)
@@ -50,7 +55,8 @@ def test_half_the_data_between_256mb_and_an_eighth_of_memory(tmp_path):
     data = tmp_path / "pg"
     (data / "base").mkdir(parents=True)
     assert buffers.shared_buffers_for(data, 64 * 2**30) == 256 * MB
-    _sparse(data / "base/5/16384", 1500 * MB)
+    _sparse(data / "base/16384/16385", 1500 * MB)
+    _sparse(data / "base/5/16385", 8000 * MB)  # the `postgres` database: never the library
     assert buffers.shared_buffers_for(data, 64 * 2**30) == 768 * MB  # 750 MB, up to 128 MB steps
     assert buffers.shared_buffers_for(data, 4 * 2**30) == 512 * MB  # 1/8 of 4 GB
     assert buffers.shared_buffers_for(data, 1 * 2**30) == 256 * MB  # never below the old default
@@ -83,7 +89,7 @@ def test_the_server_starts_with_it_and_keeps_a_users_own(tmp_path):
         assert restart() == 256 * MB  # a small library: as before
         # The library grows: a sparse file stands in for 1.2 GB of tables (a relation file no
         # catalog names, which the server never opens).
-        _sparse(data / "base/1/999999999", 1200 * MB)
+        _sparse(_library(data) / "999999999", 1200 * MB)
         expected = buffers.shared_buffers_for(data, buffers.machine_memory())
         assert expected == min(max(256 * MB, buffers.machine_memory() // 8 // MB * MB), 640 * MB)
         assert restart() == expected
@@ -113,7 +119,7 @@ def test_a_start_that_fails_says_why_and_falls_back_to_256mb(tmp_path):
     data = server.pgdata(home)
     server.ensure_running(home)
     server.stop(home)
-    _sparse(data / "base/1/999999999", 1200 * MB)
+    _sparse(_library(data) / "999999999", 1200 * MB)
     auto = data / "postgresql.auto.conf"
     good = auto.read_text()
     auto.write_text(good + "work_mem = 'lots'\n")

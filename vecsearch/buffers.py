@@ -25,6 +25,7 @@ HEADER = "# vecsearch defaults (see vecsearch/server.py; shared_buffers: vecsear
 OLD_HEADER = "# vecsearch defaults (see vecsearch/server.py)"
 MARK = "# vecsearch: sized to the data at each start (remove this comment to keep a value)"
 LINE = f"shared_buffers = 256MB  {MARK}"
+_FIXED = {"1", "4", "5", "pgsql_tmp"}
 
 
 def machine_memory(root: Path = Path("/")) -> int | None:
@@ -63,7 +64,9 @@ def machine_memory(root: Path = Path("/")) -> int | None:
 
 def shared_buffers_for(data: Path, memory: int | None) -> int:
     """Bytes of shared_buffers for the cluster in `data`, given the memory we may use."""
-    half = -(-_bytes_under(data / "base") // (2 * STEP)) * STEP
+    # Not the template databases and `postgres` (fixed OIDs 1, 4, 5): never the library.
+    on_disk = sum(_bytes_under(d) for d in (data / "base").iterdir() if d.name not in _FIXED)
+    half = -(-on_disk // (2 * STEP)) * STEP
     ceiling = FLOOR if memory is None else max(FLOOR, memory // 8 // MB * MB)
     return min(ceiling, max(FLOOR, half))
 
@@ -112,6 +115,8 @@ def _replace(path: Path, text: str) -> None:
 def _bytes_under(path: Path) -> int:
     """Bytes of the files under `path`, without the server's temporary files (a crashed sort's
     leftovers, removed at start)."""
+    if path.is_file():
+        return path.stat().st_size
     total = 0
     with os.scandir(path) as entries:
         for entry in entries:
