@@ -64,7 +64,8 @@ def machine_memory(root: Path = Path("/")) -> int | None:
 
 def shared_buffers_for(data: Path, memory: int | None) -> int:
     """Bytes of shared_buffers for the cluster in `data`, given the memory we may use."""
-    # Not the template databases and `postgres` (fixed OIDs 1, 4, 5): never the library.
+    # Not the template databases and `postgres` (fixed OIDs 1, 4, 5), never the library, nor the
+    # server's temporary files (a crashed sort's leftovers, removed at start).
     on_disk = sum(_bytes_under(d) for d in (data / "base").iterdir() if d.name not in _FIXED)
     half = -(-on_disk // (2 * STEP)) * STEP
     ceiling = FLOOR if memory is None else max(FLOOR, memory // 8 // MB * MB)
@@ -113,15 +114,14 @@ def _replace(path: Path, text: str) -> None:
 
 
 def _bytes_under(path: Path) -> int:
-    """Bytes of the files under `path`, without the server's temporary files (a crashed sort's
-    leftovers, removed at start)."""
+    """Bytes of the files under `path`."""
     if path.is_file():
         return path.stat().st_size
     total = 0
     with os.scandir(path) as entries:
         for entry in entries:
             try:
-                if entry.is_dir(follow_symlinks=False) and entry.name != "pgsql_tmp":
+                if entry.is_dir(follow_symlinks=False):
                     total += _bytes_under(Path(entry.path))
                 elif entry.is_file(follow_symlinks=False):
                     total += entry.stat(follow_symlinks=False).st_size
