@@ -1,6 +1,6 @@
 """The compact index's query cost against the server's shared_buffers, side by side in one run.
 
-    .venv/bin/python bench/buffers.py [--rows 1000000] [--data easy] [--dims 256]
+    .venv/bin/python bench/buffers.py [--rows 1000000] [--data easy] [--dims 256|auto]
         [--shared-buffers 256MB,2GB|auto] [--ef-search 100,200] [--rerank all,40]
         [--queries 50] [--faiss-pca 256]
 
@@ -12,6 +12,8 @@ shared_buffers restarts the server and measures the same queries twice: straight
 restart (as the first queries after a reboot see it) and again (a running server: each
 ef_search's candidates are read once before its depths are timed), next to numpy brute force
 and FAISS with the same reduction (PCA, HNSW32, the same exact re-rank) in the same run.
+With `--dims auto` the index is
+what `db reindex --dims auto` chooses, measured first at the ef_search and re-rank depth it set.
 Queries: by id and held out (bench/datasets.py). `auto` is the embedded server's own sizing
 (vecsearch/buffers.py); `--rerank` re-ranks only the nearest N of each ef_search's candidates
 (vecsearch_projection.rerank, as `db recall --tune` sets it), each a TOASTed 8 KB read from a
@@ -91,7 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--data", default="easy", choices=datasets.NAMES)
-    parser.add_argument("--dims", type=int, default=256, help="the compact index's dims")
+    parser.add_argument("--dims", default="256", help="the compact index's dims, or auto")
     parser.add_argument("--shared-buffers", default="256MB,2GB", help="values, each after a restart")
     parser.add_argument("--ef-search", default="100,200")
     parser.add_argument("--rerank", default="all", help="re-rank depths: all, or N")
@@ -101,6 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     ef_searches = [int(e) for e in args.ef_search.split(",")]
     depths = [None if d == "all" else int(d) for d in args.rerank.split(",")]
+    dims = args.dims if args.dims == "auto" else int(args.dims)
     started = time.perf_counter()
     with common.throwaway_home("buffers") as home:
         settings = Settings(database_url=None, home=home)
@@ -111,19 +114,28 @@ def main() -> None:
             hnsw.drop(conn)
             print(f"  COPY {args.rows / common.copy_vectors(conn, run.data.rows):,.0f} rows/s", flush=True)
             conn.execute("VACUUM ANALYZE images")
-            done = hnsw.reindex(conn, 32, 128, dims=args.dims)
-            size = conn.execute("SELECT pg_relation_size('images_reduced_hnsw')").fetchone()[0]
+            started_build = time.perf_counter()
+            done = hnsw.reindex(conn, 32, 128, dims=dims)
+            build = time.perf_counter() - started_build  # auto: with its screen and tune
+            (schema, name), _ = hnsw.hnsw_index(conn)
+            size = conn.execute("SELECT pg_relation_size(%s::regclass)", [f"{schema}.{name}"]).fetchone()[0]
+            label = f"{done.dims or 'full'} dims, m 32, ef_c 128"
+            if dims == "auto":
+                print(f"  {done.reason}", flush=True)
+                label = f"auto -> {label}"
+                tuned = compact.rerank(conn)
+                ef_searches = [done.ef_search] + [e for e in ef_searches if e != done.ef_search]
+                depths = [tuned] + [d for d in depths if d != tuned]
             conn.execute("VACUUM ANALYZE images")
-            print(f"  reindex --dims {args.dims}: {done.seconds:.0f} s, {size / 2**20:.0f} MB", flush=True)
+            print(f"  reindex --dims {args.dims}: {build:.0f} s, {size / 2**20:.0f} MB", flush=True)
         for buffers in args.shared_buffers.split(","):
             restart_with(settings, buffers)
-            measure_postgres(run, settings, f"{args.dims} dims, m 32, ef_c 128", ef_searches, depths,
-                             done.seconds, size)
+            measure_postgres(run, settings, label, ef_searches, depths, build, size)
         with db.connect(settings) as conn:
             run.measure("exact scan in PostgreSQL", "", *searches(conn, row_ids(conn), exact=True),
                         few=args.exact_queries)
         ann.bench_numpy(run)
-        pca = args.faiss_pca if args.faiss_pca is not None else str(args.dims)
+        pca = args.faiss_pca if args.faiss_pca is not None else str(done.dims or "")
         ann.bench_faiss_pca(run, [int(d) for d in pca.split(",") if d], 32, 128, ef_searches)
         ann.print_table(args.data, args.rows, run)
     print(f"\ntotal {time.perf_counter() - started:.0f} s; {common.load_average()}")

@@ -330,10 +330,9 @@ def test_the_screen_runs_over_the_whole_table_and_equals_numpy(conn, monkeypatch
     vectors = low_rank(1800, seed=21)
     ids = insert_vectors(conn, vectors)
     monkeypatch.setattr(compact, "PASS_ROWS", 500)  # several blocks, the last one short
-    monkeypatch.setattr(compact, "SCREEN_CANDIDATES", 30)
     sample_ids, sample = compact.sample(conn, 600)
     fitted = compact.fit(sample, 32)
-    got = compact.screen(conn, fitted, sample, sample_ids, dims=(4, 32), queries=40)
+    got = compact.screen(conn, fitted, sample, sample_ids, dims=(4, 32), queries=40, depths=(12, 30))
     # The same by brute force over all 1800 rows.
     rng = np.random.default_rng(0)
     picked = rng.choice(len(sample), size=40, replace=False)
@@ -342,15 +341,26 @@ def test_the_screen_runs_over_the_whole_table_and_equals_numpy(conn, monkeypatch
     own = [row_of[sample_ids[p]] for p in picked[:20]] + [None] * 20
     exact = 1 - q @ vectors.T / np.linalg.norm(vectors, axis=1)
     rx, rq = fitted.reduce(vectors).astype(np.float32), fitted.reduce(q).astype(np.float32)
-    for d, bound in got.items():
+    for (d, depth) in [(d, depth) for d in (4, 32) for depth in (12, 30)]:
         far = ((rq[:, None, :d] - rx[None, :, :d]) ** 2).sum(2)
         hits = 0
         for j in range(40):
             e, f = exact[j].copy(), far[j].copy()
             if own[j] is not None:
                 e[own[j]] = f[own[j]] = np.inf
-            candidates = np.argsort(f, kind="stable")[:30]
+            candidates = np.argsort(f, kind="stable")[:depth]
             found = candidates[np.argsort(e[candidates], kind="stable")[:10]]
             hits += len(set(found) & set(np.argsort(e, kind="stable")[:10]))
-        assert abs(bound - hits / 400) < 0.01, (d, bound, hits / 400)
-    assert got[4] < got[32]
+        assert abs(got[d][depth] - hits / 400) < 0.01, (d, depth, got[d][depth], hits / 400)
+    assert got[4][30] < got[32][30] and got[4][12] <= got[4][30]
+
+
+def test_auto_builds_the_d_that_needs_the_shallow_re_rank_before_a_smaller_one_that_needs_more():
+    bounds = {64: {100: 0.41, 400: 0.84}, 256: {100: 0.96, 400: 0.998},
+              512: {100: 0.999, 400: 1.0}, 1024: {100: 1.0, 400: 1.0}}
+    assert compact.screened(bounds) == [(512, 100), (1024, 100), (256, 400)]
+    assert compact.screened({128: {100: 0.9, 400: 0.996}, 256: {100: 0.99, 400: 1.0}}) == \
+        [(128, 400), (256, 400)]
+    assert compact.screened({128: {100: 0.5, 400: 0.9}}) == []
+    said = compact.describe_screen(bounds, 1000)
+    assert "nearest 100 / 400" in said and "256: 0.960 / 0.998" in said

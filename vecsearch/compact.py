@@ -26,7 +26,10 @@ AUTO_MIN_ROWS = 10_000  # below this the full index is small and fast: auto keep
 FIT_ROWS = 20_000  # rows sampled to fit the projection
 SCREEN_QUERIES = 200
 SCREEN_TARGET = 0.995  # the bound a d must reach before its graph is built (the graph loses some)
-SCREEN_CANDIDATES = 400  # candidates re-ranked per query on the whole table, for the screen
+# Re-rank depths the screen measures, shallowest first. Each re-ranked candidate is an 8 KB read,
+# and the graph must hand over that many (ef_search >= depth): a d that needs 400 costs a query
+# more than the next d up that needs 100 (docs/ann-frontier.md), so auto prefers the shallow one.
+SCREEN_DEPTHS = (100, 400)
 PASS_ROWS = 10_000  # rows per block of a pass over the table
 NEAR_COPY_NOISE = 0.15  # held-out-style queries: a row moved by this share of its length
 COMPACT_INDEX = "images_reduced_hnsw"
@@ -115,13 +118,14 @@ def held_out(rows: np.ndarray, seed: int = 0) -> np.ndarray:
 
 def screen(conn: psycopg.Connection, projection: Projection, sample_rows: np.ndarray,
            sample_ids: list[int], dims: tuple[int, ...] = DIMS, k: int = 10,
-           queries: int = SCREEN_QUERIES, seed: int = 0) -> dict[int, float]:
-    """{d: recall@k} of exact search in the first d axes, then the exact re-rank of the nearest
-    SCREEN_CANDIDATES there, over the whole table (one pass): the best any graph over that
-    reduction can do with that many candidates. Half the queries are sampled rows (themselves
-    excluded), half held-out near-copies of others. On the table itself, not on the sample: how
-    many rows outrank a true neighbour in the reduced space grows with the table, and no scaling
-    of a sample's depth says by how much."""
+           queries: int = SCREEN_QUERIES, seed: int = 0,
+           depths: tuple[int, ...] = SCREEN_DEPTHS) -> dict[int, dict[int, float]]:
+    """{d: {depth: recall@k}} of exact search in the first d axes, then the exact re-rank of the
+    nearest `depth` there, over the whole table (one pass): the best any graph over that reduction
+    can do with that many candidates. Half the queries are sampled rows (themselves excluded),
+    half held-out near-copies of others. On the table itself, not on the sample: how many rows
+    outrank a true neighbour in the reduced space grows with the table, and no scaling of a
+    sample's depth says by how much."""
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(sample_rows), size=min(queries, len(sample_rows)), replace=False)
     half = len(picked) // 2
@@ -132,7 +136,7 @@ def screen(conn: psycopg.Connection, projection: Projection, sample_rows: np.nda
     tried = [d for d in dims if d <= projection.dims]
     rq = projection.reduce(q).astype(np.float32)
     truth = TopK(len(q), k)
-    reduced = {d: TopK(len(q), SCREEN_CANDIDATES, extra=True) for d in tried}
+    reduced = {d: TopK(len(q), max(depths), extra=True) for d in tried}
     for ids, x in blocks(conn):
         exact = 1.0 - (x @ q.T).T / np.linalg.norm(x, axis=1)  # queries x block
         exact[own[:, None] == ids[None, :]] = np.inf  # a row is not its own neighbour
@@ -143,12 +147,33 @@ def screen(conn: psycopg.Connection, projection: Projection, sample_rows: np.nda
             far = (b ** 2).sum(1)[:, None] - 2 * b @ a.T + (a ** 2).sum(1)[None, :]
             far[~np.isfinite(exact)] = np.inf
             reduced[d].add(ids, far, exact)
-    out = {}
+    out: dict[int, dict[int, float]] = {}
     for d in tried:
-        found = reduced[d].rerank(k)
-        out[d] = float(np.mean([len(set(f) & set(t)) / k
-                                for f, t in zip(found, truth.ids, strict=True)]))
+        out[d] = {}
+        for depth in depths:  # the kept candidates are in reduced order: a depth is a prefix
+            found = reduced[d].rerank(k, depth)
+            out[d][depth] = float(np.mean([len(set(f) & set(t)) / k
+                                           for f, t in zip(found, truth.ids, strict=True)]))
     return out
+
+
+def screened(bounds: dict[int, dict[int, float]]) -> list[tuple[int, int]]:
+    """(d, depth) worth building, cheapest query first: the d whose shallowest depth reaches
+    SCREEN_TARGET (smallest first), then those that need a deeper re-rank."""
+    order: list[tuple[int, int]] = []
+    for depth in sorted({x for b in bounds.values() for x in b}):
+        order += [(d, depth) for d, b in sorted(bounds.items())
+                  if d not in {x for x, _ in order} and b.get(depth, 0.0) >= SCREEN_TARGET]
+    return order
+
+
+def describe_screen(bounds: dict[int, dict[int, float]], rows: int) -> str:
+    """What the screen measured, for auto's progress and reason."""
+    depths = sorted({x for b in bounds.values() for x in b})
+    return (f"recall@10 over the {rows} rows of exact search in d dims, then the exact re-rank of "
+            f"the nearest {' / '.join(map(str, depths))}: "
+            + ", ".join(f"{d}: " + " / ".join(f"{b[x]:.3f}" for x in depths)
+                        for d, b in sorted(bounds.items())))
 
 
 class TopK:
@@ -173,12 +198,13 @@ class TopK:
         return [[int(i) for i, d in zip(ids, ds, strict=True) if np.isfinite(d)]
                 for ids, ds in zip(self.ids, self.d, strict=True)]
 
-    def rerank(self, k: int) -> list[list[int]]:
-        """The k of the kept candidates nearest by the extra (exact) distance."""
-        order = np.lexsort((self.ids, self.e), axis=1)[:, :k]
-        return [[int(i) for i, e in zip(ids, es, strict=True) if np.isfinite(e)]
-                for ids, es in zip(np.take_along_axis(self.ids, order, 1),
-                                   np.take_along_axis(self.e, order, 1), strict=True)]
+    def rerank(self, k: int, depth: int | None = None) -> list[list[int]]:
+        """The k nearest by the extra (exact) distance of the first `depth` kept (default all)."""
+        ids, e = self.ids[:, :depth], self.e[:, :depth]
+        order = np.lexsort((ids, e), axis=1)[:, :k]
+        return [[int(i) for i, x in zip(row, es, strict=True) if np.isfinite(x)]
+                for row, es in zip(np.take_along_axis(ids, order, 1),
+                                   np.take_along_axis(e, order, 1), strict=True)]
 
 
 def blocks(conn: psycopg.Connection, size: int | None = None):

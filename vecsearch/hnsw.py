@@ -306,7 +306,8 @@ def _swap_in(conn: psycopg.Connection, projection, options: dict[str, int], repo
 
 def _auto(conn: psycopg.Connection, options: dict[str, int], report: Progress,
           swap_wait: float) -> Reindexed:
-    """The smallest compact index whose measured recall@10 reaches recall.TARGET, else full."""
+    """The compact index of the cheapest screened d (compact.screened) whose measured recall@10
+    reaches recall.TARGET, else full."""
     from . import compact, recall
 
     rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
@@ -317,29 +318,27 @@ def _auto(conn: psycopg.Connection, options: dict[str, int], report: Progress,
     sample_ids, sample = compact.sample(conn)
     fitted = compact.fit(sample, min(max(compact.DIMS), len(sample) - 1))
     bounds = compact.screen(conn, fitted, sample, sample_ids)
-    report.message(f"reduced-space screen (recall@10 of exact search in d dims + exact re-rank of "
-                   f"{compact.SCREEN_CANDIDATES}, over the {rows} rows): "
-                   + ", ".join(f"{d}: {b:.3f}" for d, b in bounds.items()))
+    screened = compact.describe_screen(bounds, rows)
+    report.message(f"screen: {screened}")
     queries = recall.sample(conn, min(recall.AUTO_QUERIES, rows), seed=1)
     truth = None
     tried = []
-    for d in [d for d, b in bounds.items() if b >= compact.SCREEN_TARGET][:2]:
+    for d, depth in compact.screened(bounds)[:2]:
         done = _swap_in(conn, fitted.first(d), options, report, swap_wait, "auto")
         truth = truth or recall.exact_answers(conn, queries)
         chosen, measured = recall.tune(conn, queries, truth=truth)
         best = measured[-1]
         tried.append(f"{d} dims: recall@10 {best.recall:.3f} at ef_search {best.ef_search}")
         if best.recall >= recall.TARGET:
-            depth = "" if best.rerank is None else f", re-ranking the nearest {best.rerank}"
-            done.reason = (f"auto: the smallest d whose screen reached {compact.SCREEN_TARGET} "
-                           f"({', '.join(f'{x}: {b:.3f}' for x, b in bounds.items())}); measured "
-                           f"recall@10 {best.recall:.3f} at ef_search {chosen}{depth} on {len(queries)} "
+            kept = "" if best.rerank is None else f", re-ranking the nearest {best.rerank}"
+            done.reason = (f"auto: {d} dims, the smallest whose screen reached {compact.SCREEN_TARGET} "
+                           f"re-ranking the nearest {depth} ({screened}); measured recall@10 "
+                           f"{best.recall:.3f} at ef_search {chosen}{kept} on {len(queries)} "
                            "held-out-style queries")
             conn.execute("UPDATE vecsearch_projection SET reason = %s WHERE in_use", [done.reason])
             done.recall, done.ef_search = best.recall, chosen
             return done
-    why = "; ".join(tried) or ("no d reached the screen's " + str(compact.SCREEN_TARGET) + " ("
-                               + ", ".join(f"{x}: {b:.3f}" for x, b in bounds.items()) + ")")
+    why = "; ".join(tried) or f"no d reached {compact.SCREEN_TARGET} in the screen: {screened}"
     done = _swap_in(conn, None, options, report, swap_wait,
                     f"auto: no reduction kept recall@10 >= {recall.TARGET} here ({why})")
     truth = truth or recall.exact_answers(conn, queries)
