@@ -190,6 +190,7 @@ def test_auto_keeps_a_compact_index_where_it_measures_well_and_full_where_it_doe
     done = hnsw.reindex(conn, dims="auto")
     assert done.dims in (16, 32, 64) and done.recall >= recall.TARGET, done.reason
     assert "measured recall@10" in done.reason and "compact" in compact.describe(conn)
+    assert f"{done.dims} dims, the smallest whose screen reached" in done.reason, done.reason
     assert db.database_ef_search(conn) == done.ef_search
 
     conn.execute("TRUNCATE images")
@@ -198,6 +199,21 @@ def test_auto_keeps_a_compact_index_where_it_measures_well_and_full_where_it_doe
     assert done.dims is None and "no reduction kept recall" in done.reason, done.reason
     assert hnsw_names(conn) == ["images_embedding_hnsw"]
     assert compact.describe(conn).startswith("full")
+
+
+def test_auto_prefers_a_larger_d_that_needs_a_shallow_re_rank_to_a_smaller_one_that_needs_a_deep_one(
+        conn, monkeypatch):
+    monkeypatch.setattr(compact, "AUTO_MIN_ROWS", 1000)
+    monkeypatch.setattr(compact, "DIMS", (8, 16, 32))
+    monkeypatch.setattr(compact, "SCREEN_DEPTHS", (12, 300))
+    monkeypatch.setattr(recall, "AUTO_QUERIES", 30)
+    insert_vectors(conn, low_rank(1500, seed=13))  # rank 24: 32 dims keep it all, 8 and 16 do not
+    sample_ids, sample = compact.sample(conn)
+    bounds = compact.screen(conn, compact.fit(sample, 32), sample, sample_ids)
+    assert bounds[16][300] >= compact.SCREEN_TARGET > bounds[16][12], bounds  # the data is as meant
+    assert bounds[32][12] >= compact.SCREEN_TARGET, bounds
+    done = hnsw.reindex(conn, dims="auto")
+    assert done.dims == 32 and "re-ranking the nearest 12 (" in done.reason, done.reason
 
 
 def test_auto_keeps_the_full_index_on_a_small_table(conn, rows):

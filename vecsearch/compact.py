@@ -3,9 +3,9 @@ own rows; the neighbour functions re-rank the candidates by the full vector (mig
 
 A full-width graph element is a 4 KB halfvec, one per 8 KB index page; a reduced one of d dims
 is 2d bytes, so the graph shrinks and every search step reads less. What the reduction loses is
-decided by measurement on this database, never assumed: `choose` screens the dimensions on a
-sample (exact search in the reduced space, then the exact re-rank: what any graph over it can at
-best recall), and `vecsearch db reindex --dims auto` then measures the built index through the
+decided by measurement on this database, never assumed: `screen` tries each d over the table
+(exact search in the reduced space, then the exact re-rank: what any graph over it can at best
+recall), and `vecsearch db reindex --dims auto` then measures the built index through the
 SQL function every caller uses, on held-out-style queries, and falls back to a larger d or to
 the full index when recall stays under the target.
 """
@@ -117,15 +117,16 @@ def held_out(rows: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def screen(conn: psycopg.Connection, projection: Projection, sample_rows: np.ndarray,
-           sample_ids: list[int], dims: tuple[int, ...] = DIMS, k: int = 10,
+           sample_ids: list[int], dims: tuple[int, ...] | None = None, k: int = 10,
            queries: int = SCREEN_QUERIES, seed: int = 0,
-           depths: tuple[int, ...] = SCREEN_DEPTHS) -> dict[int, dict[int, float]]:
+           depths: tuple[int, ...] | None = None) -> dict[int, dict[int, float]]:
     """{d: {depth: recall@k}} of exact search in the first d axes, then the exact re-rank of the
     nearest `depth` there, over the whole table (one pass): the best any graph over that reduction
     can do with that many candidates. Half the queries are sampled rows (themselves excluded),
     half held-out near-copies of others. On the table itself, not on the sample: how many rows
     outrank a true neighbour in the reduced space grows with the table, and no scaling of a
     sample's depth says by how much."""
+    dims, depths = dims or DIMS, depths or SCREEN_DEPTHS
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(sample_rows), size=min(queries, len(sample_rows)), replace=False)
     half = len(picked) // 2
