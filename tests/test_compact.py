@@ -213,7 +213,9 @@ def test_auto_prefers_a_larger_d_that_needs_a_shallow_re_rank_to_a_smaller_one_t
     assert bounds[16][300] >= compact.SCREEN_TARGET > bounds[16][12], bounds  # the data is as meant
     assert bounds[32][12] >= compact.SCREEN_TARGET, bounds
     done = hnsw.reindex(conn, dims="auto")
-    assert done.dims == 32 and "re-ranking the nearest 12 (" in done.reason, done.reason
+    assert done.dims == 32 and "with a 12-deep re-rank (" in done.reason, done.reason
+    assert " after " not in done.reason  # built first, not after 8 or 16 missed
+    assert conn.execute("SELECT max(version) FROM vecsearch_projection").fetchone()[0] == 1
 
 
 def test_auto_keeps_the_full_index_on_a_small_table(conn, rows):
@@ -377,6 +379,9 @@ def test_auto_builds_the_d_that_needs_the_shallow_re_rank_before_a_smaller_one_t
     assert compact.screened(bounds) == [(512, 100), (1024, 100), (256, 400)]
     assert compact.screened({128: {100: 0.9, 400: 0.996}, 256: {100: 0.99, 400: 1.0}}) == \
         [(128, 400), (256, 400)]
-    assert compact.screened({128: {100: 0.5, 400: 0.9}}) == []
+    assert compact.screened({128: {100: 0.5, 400: 0.9}}) == [] and compact.screened({}) == []
+    assert compact.screened({256: {400: 0.999}, 512: {100: 0.996}}) == [(512, 100), (256, 400)]
+    assert compact.describe_screen({}, 10) == "no d screened"
+    assert "256: - / 0.999" in compact.describe_screen({256: {400: 0.999}, 512: {100: 0.996}}, 10)
     said = compact.describe_screen(bounds, 1000)
     assert "nearest 100 / 400" in said and "256: 0.960 / 0.998" in said

@@ -126,7 +126,10 @@ def screen(conn: psycopg.Connection, projection: Projection, sample_rows: np.nda
     half held-out near-copies of others. On the table itself, not on the sample: how many rows
     outrank a true neighbour in the reduced space grows with the table, and no scaling of a
     sample's depth says by how much."""
-    dims, depths = dims or DIMS, depths or SCREEN_DEPTHS
+    dims = DIMS if dims is None else dims
+    depths = SCREEN_DEPTHS if depths is None else depths
+    if not depths:
+        raise ValueError("screen: at least one re-rank depth")
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(sample_rows), size=min(queries, len(sample_rows)), replace=False)
     half = len(picked) // 2
@@ -162,7 +165,7 @@ def screened(bounds: dict[int, dict[int, float]]) -> list[tuple[int, int]]:
     """(d, depth) worth building, cheapest query first: the d whose shallowest depth reaches
     SCREEN_TARGET (smallest first), then those that need a deeper re-rank."""
     order: list[tuple[int, int]] = []
-    for depth in sorted({x for b in bounds.values() for x in b}):
+    for depth in _depths(bounds):
         order += [(d, depth) for d, b in sorted(bounds.items())
                   if d not in {x for x, _ in order} and b.get(depth, 0.0) >= SCREEN_TARGET]
     return order
@@ -170,11 +173,17 @@ def screened(bounds: dict[int, dict[int, float]]) -> list[tuple[int, int]]:
 
 def describe_screen(bounds: dict[int, dict[int, float]], rows: int) -> str:
     """What the screen measured, for auto's progress and reason."""
-    depths = sorted({x for b in bounds.values() for x in b})
+    if not bounds:
+        return "no d screened"
+    depths = _depths(bounds)
     return (f"recall@10 over the {rows} rows of exact search in d dims, then the exact re-rank of "
             f"the nearest {' / '.join(map(str, depths))}: "
-            + ", ".join(f"{d}: " + " / ".join(f"{b[x]:.3f}" for x in depths)
+            + ", ".join(f"{d}: " + " / ".join("-" if x not in b else f"{b[x]:.3f}" for x in depths)
                         for d, b in sorted(bounds.items())))
+
+
+def _depths(bounds: dict[int, dict[int, float]]) -> list[int]:
+    return sorted({x for b in bounds.values() for x in b})
 
 
 class TopK:

@@ -205,7 +205,8 @@ def reindex(conn: psycopg.Connection, m: int | None = None, ef_construction: int
 
     dims: "full" (the graph over the whole vector), N (a compact graph over a PCA projection to N
     dims fitted on the table's rows, vecsearch/compact.py), "auto" (the smallest N that keeps
-    recall@10 >= 0.99 here, measured, else full), or None (the representation in use, refitted).
+    recall@10 >= 0.99 here with a short re-rank, else a deep one, measured; else full), or None
+    (the representation in use, refitted).
     The new index is built under another name and swapped in within one transaction that holds
     off writers (not readers): queries use the old index meanwhile, and a kill at any point leaves
     one complete index, old or new, with its projection. The swap never queues for long ahead of
@@ -306,8 +307,8 @@ def _swap_in(conn: psycopg.Connection, projection, options: dict[str, int], repo
 
 def _auto(conn: psycopg.Connection, options: dict[str, int], report: Progress,
           swap_wait: float) -> Reindexed:
-    """The compact index of the cheapest screened d (compact.screened) whose measured recall@10
-    reaches recall.TARGET, else full."""
+    """The compact index of the first screened d (compact.screened) whose measured recall@10
+    reaches recall.TARGET, trying at most two, the second larger than the first; else full."""
     from . import compact, recall
 
     rows = conn.execute("SELECT count(*) FROM images").fetchone()[0]
@@ -318,12 +319,17 @@ def _auto(conn: psycopg.Connection, options: dict[str, int], report: Progress,
     sample_ids, sample = compact.sample(conn)
     fitted = compact.fit(sample, min(max(compact.DIMS), len(sample) - 1))
     bounds = compact.screen(conn, fitted, sample, sample_ids)
-    screened = compact.describe_screen(bounds, rows)
-    report.message(f"screen: {screened}")
+    said = compact.describe_screen(bounds, rows)
+    report.message(f"screen: {said}")
     queries = recall.sample(conn, min(recall.AUTO_QUERIES, rows), seed=1)
     truth = None
     tried = []
-    for d, depth in compact.screened(bounds)[:2]:
+    candidates = compact.screened(bounds)
+    for _ in range(2):
+        if not candidates:
+            break
+        d, depth = candidates[0]
+        candidates = [c for c in candidates if c[0] > d]  # after a miss only a larger d can do better
         done = _swap_in(conn, fitted.first(d), options, report, swap_wait, "auto")
         truth = truth or recall.exact_answers(conn, queries)
         chosen, measured = recall.tune(conn, queries, truth=truth)
@@ -331,14 +337,15 @@ def _auto(conn: psycopg.Connection, options: dict[str, int], report: Progress,
         tried.append(f"{d} dims: recall@10 {best.recall:.3f} at ef_search {best.ef_search}")
         if best.recall >= recall.TARGET:
             kept = "" if best.rerank is None else f", re-ranking the nearest {best.rerank}"
+            before = "" if len(tried) == 1 else f" after {tried[0]}"
             done.reason = (f"auto: {d} dims, the smallest whose screen reached {compact.SCREEN_TARGET} "
-                           f"re-ranking the nearest {depth} ({screened}); measured recall@10 "
+                           f"with a {depth}-deep re-rank ({said}){before}; measured recall@10 "
                            f"{best.recall:.3f} at ef_search {chosen}{kept} on {len(queries)} "
                            "held-out-style queries")
             conn.execute("UPDATE vecsearch_projection SET reason = %s WHERE in_use", [done.reason])
             done.recall, done.ef_search = best.recall, chosen
             return done
-    why = "; ".join(tried) or f"no d reached {compact.SCREEN_TARGET} in the screen: {screened}"
+    why = "; ".join(tried) or f"no d reached {compact.SCREEN_TARGET} in the screen: {said}"
     done = _swap_in(conn, None, options, report, swap_wait,
                     f"auto: no reduction kept recall@10 >= {recall.TARGET} here ({why})")
     truth = truth or recall.exact_answers(conn, queries)

@@ -160,7 +160,8 @@ def db_reindex(
     dims: Annotated[str | None, typer.Option(
         "--dims", help="The graph's vectors: N (a compact graph over a PCA projection to N dims "
         "fitted on this table, every candidate re-ranked by the full vector), full (the whole "
-        "vector), or auto (the smallest N that keeps recall@10 >= 0.99 here, measured; else full) "
+        "vector), or auto (the smallest N that keeps recall@10 >= 0.99 here with a short re-rank, "
+        "else with a deep one, measured; else full) "
         "[default: the representation in use, refitted].", show_default=False)] = None,
 ) -> None:
     """Rebuild the HNSW index, with new build parameters or representation if given (parallel,
