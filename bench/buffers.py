@@ -41,14 +41,16 @@ from vecsearch.config import Settings  # noqa: E402
 K = 10
 
 
-def row_ids(conn) -> np.ndarray:
-    """The images' ids in the order of the dataset's rows (read once: a million of them)."""
-    return np.array([r[0] for r in conn.execute("SELECT id FROM images ORDER BY path")])
+def row_ids(conn) -> tuple[np.ndarray, dict[int, int]]:
+    """The images' ids in the order of the dataset's rows, and each id's row (read once: a
+    million of them)."""
+    ids = np.array([r[0] for r in conn.execute("SELECT id FROM images ORDER BY path")])
+    return ids, {int(image_id): i for i, image_id in enumerate(ids)}
 
 
-def searches(conn, ids: np.ndarray, **options):
+def searches(conn, rows: tuple[np.ndarray, dict[int, int]], **options):
     """by_id(row index) / held(vector) -> row indexes, through vecsearch's neighbour query."""
-    index_of = {int(image_id): i for i, image_id in enumerate(ids)}
+    ids, index_of = rows
     return (lambda q: [index_of[x.id] for x in query.similar(conn, int(ids[q]), K, **options)],
             lambda v: [index_of[x.id] for x in query.similar_to(conn, v, K, **options)])
 
@@ -57,7 +59,7 @@ def measure_postgres(run: ann.Run, settings, label: str, ef_searches: list[int],
                      build: float, size: int) -> None:
     with db.connect(settings) as conn:
         buffers = conn.execute("SHOW shared_buffers").fetchone()[0]
-        ids = row_ids(conn)
+        rows = row_ids(conn)
         passes = [(ef_searches[0], depths[0], "first pass after restart")] + [
             (ef, depth, "second pass") for ef in ef_searches for depth in depths]
         warmed = set()
@@ -66,7 +68,7 @@ def measure_postgres(run: ann.Run, settings, label: str, ef_searches: list[int],
                 # Every candidate of this ef_search read once, unmeasured: each depth is then
                 # timed on warm pages (else the first depth measured pays the others' reads).
                 compact.set_rerank(conn, None)
-                by_id, held = searches(conn, ids, ef_search=ef)
+                by_id, held = searches(conn, rows, ef_search=ef)
                 for q in run.by_id:
                     by_id(q)
                 for v in run.held:
@@ -76,7 +78,7 @@ def measure_postgres(run: ann.Run, settings, label: str, ef_searches: list[int],
             rerank = "" if depth is None else f", re-rank {depth}"
             run.measure(f"vecsearch compact + re-rank, {what}",
                         f"{label}, ef_search {ef}{rerank}, shared_buffers {buffers}",
-                        *searches(conn, ids, ef_search=ef), build=build, size_mb=size / 2**20,
+                        *searches(conn, rows, ef_search=ef), build=build, size_mb=size / 2**20,
                         per_row=size / run.n)
         compact.set_rerank(conn, None)
 

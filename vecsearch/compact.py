@@ -164,11 +164,9 @@ def screen(conn: psycopg.Connection, projection: Projection, sample_rows: np.nda
 def screened(bounds: dict[int, dict[int, float]]) -> list[tuple[int, int]]:
     """(d, depth) worth building, cheapest query first: the d whose shallowest depth reaches
     SCREEN_TARGET (smallest first), then those that need a deeper re-rank."""
-    order: list[tuple[int, int]] = []
-    for depth in _depths(bounds):
-        order += [(d, depth) for d, b in sorted(bounds.items())
-                  if d not in {x for x, _ in order} and b.get(depth, 0.0) >= SCREEN_TARGET]
-    return order
+    shallowest = {d: min((x for x, r in b.items() if r >= SCREEN_TARGET), default=None)
+                  for d, b in bounds.items()}
+    return sorted(((d, x) for d, x in shallowest.items() if x is not None), key=lambda c: (c[1], c[0]))
 
 
 def describe_screen(bounds: dict[int, dict[int, float]], rows: int) -> str:

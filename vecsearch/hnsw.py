@@ -337,8 +337,8 @@ def _auto(conn: psycopg.Connection, options: dict[str, int], report: Progress,
         tried.append(f"{d} dims: recall@10 {best.recall:.3f} at ef_search {best.ef_search}")
         if best.recall >= recall.TARGET:
             kept = "" if best.rerank is None else f", re-ranking the nearest {best.rerank}"
-            before = "" if len(tried) == 1 else f" after {tried[0]}"
-            done.reason = (f"auto: {d} dims, the smallest whose screen reached {compact.SCREEN_TARGET} "
+            which, before = ("the smallest", "") if len(tried) == 1 else ("the next", f" after {tried[0]}")
+            done.reason = (f"auto: {d} dims, {which} whose screen reached {compact.SCREEN_TARGET} "
                            f"with a {depth}-deep re-rank ({said}){before}; measured recall@10 "
                            f"{best.recall:.3f} at ef_search {chosen}{kept} on {len(queries)} "
                            "held-out-style queries")
